@@ -1,0 +1,42 @@
+# The README's two commands: `make smoke` (main job: local-smoke pipeline on CPU) and `make test`.
+# Both create/reuse .venv and install what they need; re-running is cheap (stamp file).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.mllm-installed
+DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
+TEST_ENV := TRITON_INTERPRET=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MLLM_DATA_DIR=$(DATA_DIR)
+PYTEST_ARGS ?=
+
+.PHONY: setup smoke test test-gpu bench build-ext clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	@[ -x $(VPY) ] || $(PY) -m venv $(VENV)
+	@# torch: the pinned CPU build on this machine's disk when none is importable; never an unpinned torch
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q setuptools wheel pybind11
+	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(VPY) setup.py -q build_ext --inplace
+	@touch $(STAMP)
+
+build-ext: setup
+	$(VPY) setup.py -q build_ext --inplace
+
+smoke: setup
+	$(TEST_ENV) TRITON_INTERPRET=0 $(VPY) scripts/run_pipeline.py --config local-smoke --stage all $(SMOKE_ARGS)
+
+test: setup
+	$(TEST_ENV) $(VPY) -m pytest $(PYTEST_ARGS)
+
+# on a CUDA machine from the source tree (no installs): kernels compiled, not interpreted
+test-gpu:
+	PYTHONPATH=. HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(PY) -m pytest tests/kernels $(PYTEST_ARGS)
+
+bench: setup
+	$(VPY) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info mllm/_C*.so .pytest_cache

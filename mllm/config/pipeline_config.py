@@ -1,0 +1,399 @@
+"""Typed pipeline configuration: dataclasses, two named presets, and overrides.
+
+    cfg = load_config("local-smoke", overrides=["model.n_layers=4", "pretrain.steps=50"], file=None)
+
+Presets: ``local-smoke`` (CPU, whole pipeline in minutes, tiny model, small real data slices) and
+``gpu-full`` (the reference run: 253M params, 40k pretraining steps on H100s).
+Every error names the offending key: unknown key, wrong type, impossible value.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type, or holds an impossible value."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    d_model: int = 1024
+    n_layers: int = 12
+    n_heads: int = 16
+    n_kv_heads: int = 16  # GQA: n_heads % n_kv_heads == 0; equal means MHA
+    ffn_dim: int = 4096  # SwiGLU hidden width (three matrices: gate, up, down)
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # attention sinks (see mllm_kernels.reference.attention for exact semantics)
+    learned_sinks: bool = False  # (a) gpt-oss: a learned per-head logit column without a value
+    n_sink_tokens: int = 0  # (b) StreamingLLM: first tokens of each document stay visible ...
+    window: Optional[int] = None  # ... to queries that otherwise see only the last `window` positions
+    kernel_backend: str = "eager"  # "eager" (reference) | "triton"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    # folder holding the real files (../shared/data layout); None -> MLLM_DATA_DIR, else the HF hub
+    data_dir: Optional[str] = None
+    tokenizer: str = "gpt2"  # "gpt2" | "byte"
+    tokenizer_path: Optional[str] = None  # folder with encoder.json + vocab.bpe; None -> <data_dir>/gpt2-tokenizer
+    cache_dir: str = ".cache/mllm"
+    pretrain_datasets: List[str] = field(default_factory=lambda: ["tinystories", "wikitext2"])
+    max_docs: Optional[int] = None  # per dataset, for small slices; None = all
+    val_fraction: float = 0.05
+    packing: bool = False
+    packing_algorithm: str = "bfd"  # "bfd" | "ffd"
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 32  # effective batch in sequences (all ranks, all accumulation steps)
+    micro_batch_size: int = 8  # per rank per forward
+    seq_len: int = 1024
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    eval_every: int = 500
+    eval_batches: int = 20
+    save_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    pass
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    gsm8k_weight: float = 0.3  # fraction of SFT examples drawn from GSM8K train
+    max_examples: Optional[int] = None
+    prompt_loss: bool = False  # train on prompt tokens too
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    beta: float = 0.1
+    reference: str = "precomputed"  # "precomputed" | "frozen"
+    max_pairs: Optional[int] = None
+    max_prompt_len: int = 768
+    heldout_pairs: int = 200
+
+
+@dataclass
+class VerifierConfig(StageConfig):
+    samples_per_question: int = 8  # K solutions sampled per train question
+    num_questions: Optional[int] = None
+    temperature: float = 0.7
+    max_new_tokens: int = 256
+    lm_loss_weight: float = 1.0
+    value_loss_weight: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    perplexity_context: int = 1024
+    perplexity_stride: Optional[int] = None  # None = context
+    perplexity_split: str = "test"
+    sst2_shots: int = 4
+    sst2_examples: Optional[int] = None
+    sst2_calibrate: bool = True
+    gsm8k_examples: Optional[int] = None
+    gsm8k_samples: int = 8  # N for majority vote / verifier best-of-N
+    gsm8k_temperature: float = 0.7
+    gsm8k_max_new_tokens: int = 256
+    baselines: List[str] = field(default_factory=lambda: ["gpt2", "distilgpt2"])
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "custom"
+    seed: int = 42
+    run_root: str = "experiments/runs"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    compile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_data_dir(self) -> Optional[str]:
+        return self.data.data_dir or os.environ.get("MLLM_DATA_DIR") or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------
+def _gpu_full() -> PipelineConfig:
+    return PipelineConfig(
+        name="gpu-full",
+        seed=42,
+        model=ModelConfig(),  # d_model 1024, 12 layers, 16 heads, ffn 4096, vocab 50257, seq 1024
+        data=DataConfig(pretrain_datasets=["wikitext103", "tinystories"], packing=True),
+        pretrain=PretrainConfig(steps=40_000, batch_size=128, micro_batch_size=8, seq_len=1024, lr=3e-4,
+                                warmup_steps=500, eval_every=1000, save_every=2000),
+        sft=SFTConfig(steps=5_000, batch_size=32, micro_batch_size=8, seq_len=1024, lr=1e-5, warmup_steps=100,
+                      eval_every=500, save_every=1000),
+        dpo=DPOConfig(steps=3_000, batch_size=16, micro_batch_size=4, seq_len=1024, lr=5e-6, warmup_steps=100,
+                      beta=0.1, eval_every=500, save_every=1000),
+        verifier=VerifierConfig(steps=3_000, batch_size=32, micro_batch_size=8, seq_len=512, lr=1e-4,
+                                warmup_steps=100, eval_every=500, save_every=1000, samples_per_question=16),
+        eval=EvalConfig(),
+    )
+
+
+def _local_smoke() -> PipelineConfig:
+    return PipelineConfig(
+        name="local-smoke",
+        seed=42,
+        device="cpu",
+        model=ModelConfig(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192,
+                          max_seq_len=128, n_sink_tokens=0, window=None),
+        data=DataConfig(pretrain_datasets=["tinystories", "wikitext2"], max_docs=400),
+        pretrain=PretrainConfig(steps=60, batch_size=16, micro_batch_size=8, seq_len=128, lr=3e-3,
+                                warmup_steps=6, eval_every=30, eval_batches=4, save_every=30, log_every=5),
+        sft=SFTConfig(steps=30, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3, warmup_steps=3,
+                      eval_every=15, eval_batches=2, save_every=15, log_every=5, max_examples=800),
+        dpo=DPOConfig(steps=20, batch_size=8, micro_batch_size=4, seq_len=128, lr=5e-4, warmup_steps=2,
+                      eval_every=10, eval_batches=2, save_every=10, log_every=5, max_pairs=400,
+                      max_prompt_len=96, heldout_pairs=64),
+        verifier=VerifierConfig(steps=20, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3,
+                                warmup_steps=2, eval_every=10, eval_batches=2, save_every=10, log_every=5,
+                                samples_per_question=4, num_questions=32, max_new_tokens=48),
+        eval=EvalConfig(perplexity_context=128, perplexity_split="validation", sst2_shots=2, sst2_examples=64,
+                        gsm8k_examples=16, gsm8k_samples=4, gsm8k_max_new_tokens=48, baselines=[]),
+    )
+
+
+PRESETS = {"local-smoke": _local_smoke, "gpu-full": _gpu_full}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Overrides and validation
+# ----------------------------------------------------------------------------------------------------
+def _field_types(obj) -> Dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from JSON/YAML or a ``--set`` string) to the annotated type, or raise naming key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin in (list, List):
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                value = json.loads(s)
+            else:
+                value = [v for v in s.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(key, v, args[0] if args else str) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _set_key(cfg: PipelineConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, p in enumerate(parts):
+        types = _field_types(obj)
+        here = ".".join(parts[: i + 1])
+        if p not in types:
+            valid = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key '{here}' (valid keys here: {valid})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, p)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{here}' is a section; set its fields ('{here}.<field>')")
+                for k2, v2 in value.items():
+                    _set_key(cfg, f"{here}.{k2}", v2)
+            else:
+                setattr(obj, p, _coerce(here, value, types[p]))
+        else:
+            obj = getattr(obj, p)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"config key '{here}' is not a section")
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: Sequence[str]) -> PipelineConfig:
+    """Apply ``key=value`` strings (``model.n_layers=4``). Values are parsed by the field's type."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value")
+        k, v = ov.split("=", 1)
+        _set_key(cfg, k.strip(), v.strip())
+    return cfg
+
+
+def apply_dict(cfg: PipelineConfig, data: Dict[str, Any], prefix: str = "") -> PipelineConfig:
+    for k, v in data.items():
+        _set_key(cfg, f"{prefix}{k}", v)
+    return cfg
+
+
+def load_file(path: str | os.PathLike) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - yaml is a dependency
+            raise ConfigError("reading YAML configs needs PyYAML (pip install pyyaml)") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of config keys")
+    return data
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    m = cfg.model
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        need(getattr(m, k) > 0, f"model.{k}", f"must be positive, got {getattr(m, k)}")
+    need(m.d_model % m.n_heads == 0, "model.d_model",
+         f"d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    need(m.n_heads % m.n_kv_heads == 0, "model.n_heads",
+         f"n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    need(m.head_dim % 2 == 0, "model.d_model", f"head_dim={m.head_dim} must be even for RoPE")
+    need(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    need(m.n_sink_tokens >= 0, "model.n_sink_tokens", "must be >= 0")
+    need(m.window is None or m.window > 0, "model.window", "must be positive or None")
+    need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
+         f"must be 'eager' or 'triton', got {m.kernel_backend!r}")
+    need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
+    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")
+    need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
+    for stage in ("pretrain", "sft", "dpo", "verifier"):
+        s = getattr(cfg, stage)
+        for k in ("steps", "batch_size", "micro_batch_size", "seq_len", "eval_batches", "keep_last",
+                  "log_every", "eval_every", "save_every"):
+            need(getattr(s, k) > 0, f"{stage}.{k}", f"must be positive, got {getattr(s, k)}")
+        need(s.lr > 0, f"{stage}.lr", "must be positive")
+        need(s.warmup_steps >= 0, f"{stage}.warmup_steps", "must be >= 0")
+        need(s.batch_size % s.micro_batch_size == 0, f"{stage}.batch_size",
+             f"batch_size={s.batch_size} must be a multiple of {stage}.micro_batch_size={s.micro_batch_size}")
+        need(s.seq_len <= m.max_seq_len, f"{stage}.seq_len",
+             f"seq_len={s.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    need(cfg.dpo.beta > 0, "dpo.beta", "must be positive")
+    need(cfg.dpo.reference in ("precomputed", "frozen"), "dpo.reference", "must be 'precomputed' or 'frozen'")
+    need(0.0 <= cfg.sft.gsm8k_weight <= 1.0, "sft.gsm8k_weight", "must be in [0, 1]")
+    need(cfg.verifier.samples_per_question > 0, "verifier.samples_per_question", "must be positive")
+    need(cfg.eval.perplexity_split in ("test", "validation"), "eval.perplexity_split", "must be test or validation")
+    return cfg
+
+
+def load_config(name: str = "local-smoke", overrides: Sequence[str] = (), file: Optional[str] = None) -> PipelineConfig:
+    """Preset ``name`` (or a JSON/YAML file path as name), then ``file`` keys, then ``overrides``; validated."""
+    if name in PRESETS:
+        cfg = PRESETS[name]()
+    elif Path(name).suffix in (".json", ".yaml", ".yml"):
+        data = load_file(name)
+        base = data.pop("preset", data.pop("name", "local-smoke"))
+        if base not in PRESETS:
+            raise ConfigError(f"{name}: 'preset' must be one of {sorted(PRESETS)}, got {base!r}")
+        cfg = apply_dict(PRESETS[base](), data)
+    else:
+        raise ConfigError(f"unknown config '{name}': valid presets are {', '.join(sorted(PRESETS))} "
+                          "(or a .json/.yaml file)")
+    if file:
+        apply_dict(cfg, load_file(file))
+    apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def config_from_dict(data: Dict[str, Any]) -> PipelineConfig:
+    """Rebuild a config saved with ``to_dict`` (e.g. a run's config.json)."""
+    cfg = PipelineConfig()
+    apply_dict(cfg, copy.deepcopy(data))
+    return validate(cfg)
