@@ -1,7 +1,15 @@
 """mllm_kernels: fused Triton kernels with eager references (``mllm_kernels.reference``).
 
-Depends on torch + triton only; never imports ``mllm``.
+Depends on torch + triton only; never imports ``mllm``. Functional API::
+
+    sequence_logprobs(hidden, weight, labels)     # chunked LM-head log-probs per sequence (DPO)
+    dpo_loss(pc, pr, rc, rr, beta)
+
+Dispatch: CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under the Triton
+interpreter when TRITON_INTERPRET=1, else the eager reference (``_common.last_path(op)`` tells which ran).
 """
 from . import reference  # noqa: F401
+from ._common import last_path  # noqa: F401
+from .dpo_logprobs import SequenceLogprobs, dpo_loss, sequence_logprobs  # noqa: F401
 
 __version__ = "0.1.0"
