@@ -1,0 +1,22 @@
+"""Benchmarks for the kernels, the packing extension and the training step.
+
+Run everything on the current device (CUDA if available, else CPU) with::
+
+    python -m benchmarks.run [--only NAME ...] [--out benchmarks/results/] [--quick]
+
+The bench-module contract (every ``benchmarks/bench_<name>.py``)
+-----------------------------------------------------------------
+* ``run(device: torch.device, quick: bool = False) -> list[dict]``: one dict ("row") per
+  (op, shape, dtype, mode, provider). Required keys: ``op`` (str) and ``provider`` (str), and either
+  ``ms`` (median time in milliseconds, a number) or ``error`` (str: this provider/shape failed) or
+  ``skipped`` (str: the reason it cannot run here, e.g. "needs CUDA"). Recognised optional keys:
+  ``shape`` (tuple/list of ints, a str such as ``"8x1024x1024"``, or a dict of named sizes), ``size``
+  (a number used as the plot's x value; default: the product of the shape's integers), ``dtype``,
+  ``mode`` (``fwd``/``bwd``/``fwd+bwd``/...), ``gbps``, ``tflops``, ``peak_mem_mb``, ``ms_p20``,
+  ``ms_p80``. Other keys are kept verbatim in the JSON.
+* ``quick=True`` asks for a few small shapes (CI / smoke); the default is the full sweep.
+* A CLI ``python -m benchmarks.bench_<name> --out DIR`` (each module's own).
+
+The runner (``benchmarks/run.py``) records a module that raises, cannot be imported, or returns rows
+that break the contract as one ``error`` row, runs the other modules, and exits non-zero at the end.
+"""

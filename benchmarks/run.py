@@ -1,0 +1,467 @@
+"""Run every ``benchmarks/bench_*.py`` on the current device and write JSON + Markdown + plots.
+
+    python -m benchmarks.run [--only NAME ...] [--out benchmarks/results/] [--quick] [--device auto|cpu|cuda]
+
+Per run this writes, under ``--out``:
+  * ``<stem>.json``: ``{"environment": {card, driver, CUDA, torch, triton, git commit, date, host, ...},
+    "args": {...}, "modules": {name: {"status", "seconds", "n_rows", "error"?}}, "rows": [...]}``;
+  * ``<stem>.md``: one Markdown table per bench module (plus failures and skips);
+  * ``<stem>_plots/<op>.png``: per kernel, median time (and GB/s or TFLOP/s when reported) vs size, one
+    line per provider, one column per (mode, dtype).
+``<stem>`` is ``<UTC date-time>_<device tag>``, so runs on different cards never overwrite each other.
+
+The bench-module contract is in ``benchmarks/__init__.py``. A module that fails to import, raises, or
+returns rows that break the contract becomes an ``error`` row; the others still run; the exit code is 1
+when any module or row failed, 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+
+# Columns of the Markdown table, in order; everything else stays in the JSON only.
+TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "gbps", "tflops", "peak_mem_mb")
+COLUMN_TITLES = {"ms": "ms (median)", "gbps": "GB/s", "tflops": "TFLOP/s", "peak_mem_mb": "peak MiB"}
+# A row's speed-up is reported against the first of these providers present for the same (op, shape,
+# dtype, mode): the eager PyTorch path is the baseline every kernel has to beat.
+BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment: everything needed to reproduce or compare a number
+# ----------------------------------------------------------------------------------------------------
+def _run_cmd(cmd: Sequence[str], cwd: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _nvidia_driver() -> Optional[str]:
+    out = _run_cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if out:
+        return out.splitlines()[0].strip()
+    try:  # the kernel module reports it even where nvidia-smi is not installed
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    m = re.search(r"Kernel Module\s+([\d.]+)", text)
+    return m.group(1) if m else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device=None) -> Dict[str, Any]:
+    """Card, driver, CUDA, torch/triton versions, git commit, date and host for a results file."""
+    import torch
+
+    dev = resolve_device(device)
+    env: Dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "device": str(dev),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - a missing/broken triton is itself worth recording
+        env["triton"] = None
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        env.update(
+            card=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            memory_gb=round(props.total_memory / 2**30, 1),
+            driver=_nvidia_driver(),
+        )
+    else:
+        env.update(card="cpu", capability=None, driver=None)
+    commit = _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    env["git_commit"] = commit
+    # uncommitted changes to tracked files make the commit hash an incomplete description of the code
+    status = _run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    env["git_dirty"] = None if status is None else bool(status)
+    return env
+
+
+def resolve_device(device=None):
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: not a device name (use 'auto', 'cpu' or 'cuda[:i]')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: only 'cpu', 'cuda[:i]' or 'auto' are supported")
+    return dev
+
+
+def device_tag(env: Dict[str, Any]) -> str:
+    """'nvidia-h100-80gb-hbm3' / 'cpu': a file-name-safe name of the card."""
+    name = str(env.get("card") or env.get("device") or "unknown").lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discovery and execution
+# ----------------------------------------------------------------------------------------------------
+def discover(bench_dir: Path = BENCH_DIR, only: Optional[Iterable[str]] = None) -> List[Tuple[str, Path]]:
+    """[(name, path)] for every ``bench_<name>.py`` in bench_dir, sorted; ``only`` filters by name.
+
+    ``only`` accepts ``rms_norm``, ``bench_rms_norm`` or ``bench_rms_norm.py``; an unknown name is a
+    ValueError listing the available ones (a typo must not silently run nothing)."""
+    bench_dir = Path(bench_dir)
+    if not bench_dir.is_dir():
+        raise ValueError(f"--bench-dir {bench_dir}: not a directory")
+    found = {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
+    if only is None:
+        return sorted(found.items())
+    wanted: List[str] = []
+    for item in only:
+        for name in str(item).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            name = name[:-3] if name.endswith(".py") else name
+            name = name[len("bench_"):] if name.startswith("bench_") else name
+            if name not in found:
+                avail = ", ".join(sorted(found)) or "(none)"
+                raise ValueError(f"--only {name!r}: no benchmarks/bench_{name}.py in {bench_dir}; available: {avail}")
+            if name not in wanted:
+                wanted.append(name)
+    return [(n, found[n]) for n in wanted]
+
+
+def load_module(name: str, path: Path):
+    """Import a bench module. Inside the ``benchmarks`` package it is imported as ``benchmarks.bench_<name>``
+    (so ``from benchmarks.common import ...`` and relative imports work); elsewhere (tests, --bench-dir)
+    from its file, with its folder on sys.path for sibling imports."""
+    path = Path(path).resolve()
+    if path.parent == BENCH_DIR:
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        return importlib.import_module(f"benchmarks.{path.stem}")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"_mllm_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_rows(name: str, rows) -> List[Dict[str, Any]]:
+    """Check the contract; raise ValueError naming the module, the row index and the problem."""
+    if not isinstance(rows, (list, tuple)):
+        raise ValueError(f"bench_{name}.run() must return a list of dicts, got {type(rows).__name__}")
+    if not rows:
+        raise ValueError(f"bench_{name}.run() returned no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"bench_{name}.run() row {i}: expected a dict, got {type(row).__name__}")
+        for key in ("op", "provider"):
+            if not isinstance(row.get(key), str) or not row.get(key):
+                raise ValueError(f"bench_{name}.run() row {i}: missing or non-string '{key}' ({row!r})")
+        if "error" in row or "skipped" in row:
+            continue
+        ms = row.get("ms")
+        if not _is_number(ms) or ms < 0:
+            raise ValueError(f"bench_{name}.run() row {i}: 'ms' must be a number >= 0, got {ms!r} ({row!r})")
+        for key in ("gbps", "tflops", "peak_mem_mb", "size"):
+            if row.get(key) is not None and not _is_number(row[key]):
+                raise ValueError(f"bench_{name}.run() row {i}: '{key}' must be a number, got {row[key]!r}")
+    out = [dict(r) for r in rows]
+    for r in out:
+        # a NaN/inf time is how some modules report an out-of-memory or failed shape: keep the row as a
+        # per-row failure instead of discarding the module's other measurements
+        if "error" not in r and "skipped" not in r and not math.isfinite(r["ms"]):
+            r["error"] = f"no valid time (ms={r['ms']})"
+    return out
+
+
+def _jsonable(x):
+    """Rows may carry torch dtypes, devices or tuples: make them JSON-friendly and readable."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    s = str(x)
+    return s[len("torch."):] if s.startswith("torch.") else s
+
+
+def _free_device_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_module(name: str, path: Path, device, quick: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Run one module; never raises. Returns (rows, summary) where a failure is one error row."""
+    t0 = time.perf_counter()
+    try:
+        module = load_module(name, path)
+        fn = getattr(module, "run", None)
+        if not callable(fn):
+            raise ValueError(f"{path}: no run(device, quick=False) function")
+        rows = validate_rows(name, fn(device, quick=quick))
+    except Exception as e:  # noqa: BLE001 - one broken benchmark must not stop the others
+        seconds = time.perf_counter() - t0
+        msg = f"{type(e).__name__}: {e}"
+        row = {"bench": name, "op": name, "provider": "-", "error": msg, "traceback": traceback.format_exc()}
+        return [row], {"status": "error", "seconds": round(seconds, 3), "n_rows": 0, "error": msg}
+    finally:
+        try:
+            _free_device_memory(device)
+        except Exception:  # noqa: BLE001 - a poisoned CUDA context shows up in the next module's error
+            pass
+    seconds = time.perf_counter() - t0
+    for r in rows:
+        r.setdefault("bench", name)
+    n_err = sum("error" in r for r in rows)
+    status = "ok" if n_err == 0 else "row_errors"
+    return rows, {"status": status, "seconds": round(seconds, 3), "n_rows": len(rows), "n_row_errors": n_err}
+
+
+def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, progress: bool = True):
+    from tqdm import tqdm
+
+    rows: List[Dict[str, Any]] = []
+    summary: Dict[str, Any] = {}
+    bar = tqdm(modules, desc="benchmarks", unit="module", disable=not progress)
+    for name, path in bar:
+        bar.set_postfix_str(name)
+        mrows, msum = run_module(name, path, device, quick)
+        rows.extend(mrows)
+        summary[name] = msum
+        if msum["status"] == "error":
+            tqdm.write(f"[benchmarks] bench_{name} FAILED: {msum['error']}")
+    return rows, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------------
+def format_shape(shape) -> str:
+    if shape is None:
+        return ""
+    if isinstance(shape, dict):
+        return ", ".join(f"{k}={v}" for k, v in shape.items())
+    if isinstance(shape, (list, tuple)):
+        return "x".join(str(s) for s in shape)
+    return str(shape)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        if x == 0 or 1e-3 <= abs(x) < 1e5:
+            return f"{x:.4g}" if abs(x) < 10 else f"{x:.1f}"
+        return f"{x:.3e}"
+    return _jsonable(x) if not isinstance(x, str) else x
+
+
+def _row_key(r) -> Tuple[str, str, str, str]:
+    return (r.get("op"), format_shape(r.get("shape")), str(_jsonable(r.get("dtype"))), str(r.get("mode")))
+
+
+def speedups(rows: Sequence[Dict[str, Any]]) -> List[Optional[float]]:
+    """baseline_ms / ms per row, the baseline being the first BASELINE_PROVIDERS entry timed for the same
+    (op, shape, dtype, mode); None where there is no baseline or the row is the baseline itself."""
+    base: Dict[Tuple, Tuple[int, float]] = {}
+    for r in rows:
+        if "ms" not in r or "error" in r or "skipped" in r or r.get("provider") not in BASELINE_PROVIDERS:
+            continue
+        rank = BASELINE_PROVIDERS.index(r["provider"])
+        k = _row_key(r)
+        if k not in base or rank < base[k][0]:
+            base[k] = (rank, float(r["ms"]))
+    out: List[Optional[float]] = []
+    for r in rows:
+        k = _row_key(r)
+        if "ms" not in r or "error" in r or "skipped" in r or k not in base or r.get("provider") in BASELINE_PROVIDERS:
+            out.append(None)
+        else:
+            out.append(base[k][1] / r["ms"] if r["ms"] > 0 else None)
+    return out
+
+
+def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary: Dict[str, Any],
+                    plots: Dict[str, str]) -> str:
+    lines = [f"# Benchmarks: {env.get('card')} ({env.get('date_utc')})", ""]
+    commit = (env.get("git_commit") or "unknown")[:12] + (" (dirty)" if env.get("git_dirty") else "")
+    lines += [
+        f"- device: `{env.get('device')}` ({env.get('card')}"
+        + (f", CC {env['capability']}, {env.get('sm_count')} SMs, {env.get('memory_gb')} GiB" if env.get("capability") else "")
+        + ")",
+        f"- driver {env.get('driver') or 'n/a'}, CUDA runtime {env.get('cuda_runtime') or 'n/a'}, torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, python {env.get('python')}",
+        f"- git {commit}, host `{env.get('host')}`, CPU {env.get('cpu')} ({env.get('cpu_count')} cores)",
+        "- `ms` is the median time; GB/s and TFLOP/s are the minimal bytes / FLOPs of the op (see "
+        "benchmarks/NOTES.md) over that time; `× base` = baseline-provider time / this time.",
+        "",
+    ]
+    spd = speedups(rows)
+    by_bench: Dict[str, List[int]] = {}
+    for i, r in enumerate(rows):
+        by_bench.setdefault(r.get("bench", r.get("op")), []).append(i)
+    for bench, idxs in by_bench.items():
+        timed = [i for i in idxs if "ms" in rows[i] and "error" not in rows[i] and "skipped" not in rows[i]]
+        st = summary.get(bench, {})
+        lines.append(f"## bench_{bench} ({st.get('status', '?')}, {st.get('seconds', '?')} s)")
+        lines.append("")
+        if timed:
+            # a column nobody in this module reports (e.g. TFLOP/s for a bandwidth-bound op) is left out
+            cols = [c for c in TABLE_COLUMNS if c in ("op", "provider", "ms")
+                    or any(rows[i].get(c) not in (None, "") for i in timed)]
+            has_spd = any(spd[i] is not None for i in timed)
+            header = [COLUMN_TITLES.get(c, c) for c in cols] + (["× base"] if has_spd else [])
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "---|" * len(header))
+            for i in timed:
+                r = rows[i]
+                cells = [format_shape(r.get(c)) if c == "shape" else _fmt(r.get(c)) for c in cols]
+                if has_spd:
+                    cells.append(f"{spd[i]:.2f}" if spd[i] is not None else "")
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            lines.append("")
+        for op in sorted({rows[i]["op"] for i in timed}):
+            if op in plots:
+                lines += [f"![{op}]({plots[op]})", ""]
+        for i in idxs:
+            r = rows[i]
+            if "error" in r:
+                lines.append(f"- **error** `{r['op']}` {format_shape(r.get('shape'))} {r.get('provider')}: {r['error']}")
+            elif "skipped" in r:
+                lines.append(f"- skipped `{r['op']}` {format_shape(r.get('shape'))} {r.get('provider')}: {r['skipped']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a run
+# ----------------------------------------------------------------------------------------------------
+def write_results(out_dir: Path, env: Dict[str, Any], rows: List[Dict[str, Any]], summary: Dict[str, Any],
+                  args: Dict[str, Any], make_plots: bool = True, stem: Optional[str] = None) -> Dict[str, Any]:
+    """Write <stem>.json, <stem>.md and <stem>_plots/*.png; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if stem is None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stem = f"{stamp}_{device_tag(env)}"
+    plot_paths: Dict[str, Path] = {}
+    if make_plots:
+        from benchmarks.plotting import plot_rows
+
+        plot_paths = plot_rows(rows, out_dir / f"{stem}_plots", title_suffix=str(env.get("card")))
+    rel_plots = {op: os.path.relpath(p, out_dir) for op, p in plot_paths.items()}
+    payload = {"environment": env, "args": args, "modules": summary, "plots": rel_plots, "rows": rows}
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown_report(env, rows, summary, rel_plots))
+    return {"json": json_path, "markdown": md_path, "plots": plot_paths}
+
+
+def any_failed(rows: Sequence[Dict[str, Any]]) -> bool:
+    return any("error" in r for r in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help="run only bench_NAME (repeatable or comma-separated)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: benchmarks/results/)")
+    p.add_argument("--quick", action="store_true", help="small sweep (each module's quick shapes)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda[:i]")
+    p.add_argument("--bench-dir", default=str(BENCH_DIR), help="folder holding bench_*.py (default: benchmarks/)")
+    p.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    p.add_argument("--list", action="store_true", help="list the bench modules and exit")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = p.parse_args(argv)
+
+    try:
+        modules = discover(Path(args.bench_dir), args.only)
+        device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    if args.list:
+        for name, path in modules:
+            print(f"{name}\t{path}")
+        return 0
+    if not modules:
+        p.error(f"no bench_*.py modules in {args.bench_dir}")
+
+    env = environment(device)
+    print(f"[benchmarks] {len(modules)} module(s) on {env['device']} ({env['card']}), quick={args.quick}")
+    rows, summary = run_all(modules, device, quick=args.quick, progress=not args.no_progress)
+    paths = write_results(Path(args.out), env, rows, summary, vars(args), make_plots=not args.no_plots)
+    print(f"[benchmarks] wrote {paths['json']}")
+    print(f"[benchmarks] wrote {paths['markdown']}")
+    for op, path in paths["plots"].items():
+        print(f"[benchmarks] plot  {path}")
+    failed = [n for n, s in summary.items() if s["status"] != "ok"]
+    if failed:
+        print(f"[benchmarks] FAILED: {', '.join(failed)} (see the error rows in {paths['markdown']})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
