@@ -1,0 +1,162 @@
+"""Generation tests (CPU, tiny model): the KV cache equals full recompute (with sinks and windows too), left
+padding is invisible, eos stops a row, seeded sampling reproduces, top-k / top-p restrict the support."""
+import pytest
+import torch
+
+from mllm.config import ModelConfig
+from mllm.models.generation import filter_logits, generate, sample_next
+from mllm.models.transformer import Transformer
+
+VARIANTS = {
+    "plain": {},
+    "sink_tokens_window": {"n_sink_tokens": 2, "window": 3},
+    "learned_sinks": {"learned_sinks": True},
+    "all": {"learned_sinks": True, "n_sink_tokens": 1, "window": 4},
+}
+PROMPTS = [[5, 9, 2, 33, 7], [1, 60], [8, 8, 3, 41, 12, 19, 4]]
+
+
+def tiny_model(seed=0, **kw) -> Transformer:
+    # init_std 0.3 spreads the logits, so greedy choices are far from ties and float noise cannot flip them
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=40,
+                      init_std=0.3, **kw)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attn.sinks is not None:
+                layer.attn.sinks.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cache_logits_equal_full_forward(variant):
+    """Prefill + one-token steps through the cache give the logits of a full forward at every position,
+    including a left-padded row (its padding is a separate document)."""
+    model = tiny_model(**VARIANTS[variant])
+    seq = torch.randint(0, 64, (12,))
+    full = model(seq[None])[0]  # [12, V]
+    pad = 3
+    ids = torch.cat([torch.zeros(pad, dtype=torch.long), seq])[None]
+    doc_start = torch.tensor([[0] * pad + [pad] * 12])
+    pos = torch.arange(15)[None] - doc_start
+    cache = model.new_kv_cache(doc_start)
+    with torch.no_grad():
+        got = [model.forward_with_cache(ids[:, :pad + 5], pos[:, :pad + 5], cache, last_only=False)[0, pad:]]
+        for t in range(pad + 5, pad + 12):
+            got.append(model.forward_with_cache(ids[:, t:t + 1], pos[:, t:t + 1], cache)[0])
+    torch.testing.assert_close(torch.cat(got), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == 15
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_greedy_equals_full_recompute(variant):
+    model = tiny_model(**VARIANTS[variant])
+    cached = generate(model, PROMPTS, max_new_tokens=12)
+    full = generate(model, PROMPTS, max_new_tokens=12, use_cache=False)
+    assert cached == full
+    assert [len(r) for r in cached] == [12, 12, 12]
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_batched_equals_each_prompt_alone(variant):
+    model = tiny_model(**VARIANTS[variant])
+    batched = generate(model, PROMPTS, max_new_tokens=10)
+    alone = [generate(model, [p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert batched == alone
+    assert generate(model, PROMPTS, max_new_tokens=10, batch_size=2) == batched
+
+
+def test_greedy_continuation_is_the_argmax_of_the_full_forward():
+    model = tiny_model()
+    new = generate(model, [PROMPTS[0]], max_new_tokens=6)[0]
+    seq = torch.tensor([PROMPTS[0] + new])
+    with torch.no_grad():
+        argmax = model(seq)[0].argmax(-1)
+    P = len(PROMPTS[0])
+    assert argmax[P - 1:P - 1 + 6].tolist() == new
+
+
+def test_eos_stops_only_its_row():
+    model = tiny_model()
+    free = generate(model, PROMPTS, max_new_tokens=10)
+    eos = free[0][3]
+    got = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos)
+    first = free[0].index(eos)
+    assert got[0] == free[0][:first + 1]  # ends with the eos token
+    for g, f in zip(got[1:], free[1:]):  # other rows run on until their own eos or the limit
+        assert g == (f[:f.index(eos) + 1] if eos in f else f)
+    # every row hitting eos at once ends the loop early
+    assert generate(model, [PROMPTS[0]], max_new_tokens=10, eos_id=free[0][0]) == [[free[0][0]]]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model()
+    kw = dict(max_new_tokens=15, temperature=1.5, seed=123)
+    a = generate(model, PROMPTS, **kw)
+    assert a == generate(model, PROMPTS, **kw)
+    assert a != generate(model, PROMPTS, **{**kw, "seed": 124})
+    assert a != generate(model, PROMPTS, max_new_tokens=15)  # not greedy
+    # top_k = 1 leaves only the argmax: sampling becomes greedy
+    assert generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=0) == \
+        generate(model, PROMPTS, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("kw, allowed", [(dict(top_k=3), 3), (dict(top_p=0.3), None)])
+def test_sampled_tokens_stay_in_the_filtered_support(kw, allowed):
+    model = tiny_model()
+    new = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=7, **kw)
+    for prompt, gen in zip(PROMPTS, new):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gen]))[0, len(prompt) - 1:-1]  # logits that produced gen
+        keep = torch.isfinite(filter_logits(logits, **kw))
+        if allowed is not None:
+            assert torch.all(keep.sum(-1) == allowed)
+        assert all(keep[t, tok] for t, tok in enumerate(gen))
+
+
+def test_filter_logits_top_k_and_top_p():
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    logits = probs.log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero().squeeze(-1).tolist()  # noqa: E731
+    assert kept(top_k=2) == [1, 3]
+    assert kept(top_p=0.3) == [1]
+    assert kept(top_p=0.6) == [1, 3]
+    assert kept(top_p=0.8) == [1, 2, 3]
+    assert kept(top_p=1.0) == [0, 1, 2, 3]
+    assert kept(top_k=2, top_p=0.9) == [1, 3]
+
+
+def test_sample_next_support_and_renormalisation():
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    logits = probs.log()[None].expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature=1.0, top_p=0.6, generator=gen)
+    counts = torch.bincount(draws, minlength=4).float() / 4000
+    assert counts[0] == 0 and counts[2] == 0
+    assert abs(counts[1].item() - 0.5 / 0.75) < 0.03  # renormalised over the nucleus {1, 3}
+    assert torch.equal(sample_next(logits[:3], temperature=0.0), torch.tensor([1, 1, 1]))
+
+
+def test_generation_argument_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
+        generate(model, [[1], []], 3)
+    with pytest.raises(ValueError, match="outside"):
+        generate(model, [[1, 64]], 3)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1] * 30], 11)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [[1]], 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], 3, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [[1]], 3, top_k=0)
+
+
+def test_zero_new_tokens_and_train_mode_restored():
+    model = tiny_model()
+    model.train()
+    assert generate(model, PROMPTS, 0) == [[], [], []]
+    generate(model, PROMPTS, 2)
+    assert model.training
