@@ -1,0 +1,116 @@
+"""Config tests: presets, typed overrides, errors that name the key, JSON / YAML files."""
+import json
+
+import pytest
+
+from mllm.config import ConfigError, PipelineConfig, config_from_dict, load_config
+
+
+def test_presets_load_and_validate():
+    for name in ("local-smoke", "gpu-full"):
+        cfg = load_config(name)
+        assert isinstance(cfg, PipelineConfig) and cfg.name == name
+
+
+def test_gpu_full_matches_the_reference_run():
+    c = load_config("gpu-full")
+    m = c.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.ffn_dim, m.vocab_size, m.max_seq_len, m.tie_embeddings) == \
+        (1024, 12, 16, 4096, 50257, 1024, True)
+    p = c.pretrain
+    assert (p.steps, p.batch_size, p.micro_batch_size, p.lr, p.warmup_steps) == (40_000, 128, 8, 3e-4, 500)
+    assert (c.sft.steps, c.sft.batch_size, c.sft.lr) == (5_000, 32, 1e-5)
+    assert (c.dpo.steps, c.dpo.batch_size, c.dpo.lr, c.dpo.beta) == (3_000, 16, 5e-6, 0.1)
+    assert (c.verifier.steps, c.verifier.batch_size, c.verifier.lr) == (3_000, 32, 1e-4)
+    assert c.seed == 42
+
+
+def test_local_smoke_is_small_and_never_uses_wikitext103():
+    c = load_config("local-smoke")
+    assert c.device == "cpu" and c.model.d_model <= 128 and c.pretrain.steps <= 200
+    assert "wikitext103" not in c.data.pretrain_datasets
+
+
+def test_overrides_coerce_types():
+    c = load_config("local-smoke", overrides=[
+        "model.n_layers=4", "pretrain.lr=1e-3", "model.learned_sinks=true", "model.window=16",
+        "model.n_sink_tokens=4", "data.pretrain_datasets=tinystories,wikitext2", "seed=7", "pretrain.steps=1_000",
+    ])
+    assert c.model.n_layers == 4 and isinstance(c.model.n_layers, int)
+    assert c.pretrain.lr == 1e-3 and isinstance(c.pretrain.lr, float)
+    assert c.model.learned_sinks is True
+    assert c.model.window == 16 and c.model.n_sink_tokens == 4
+    assert c.data.pretrain_datasets == ["tinystories", "wikitext2"]
+    assert c.seed == 7 and c.pretrain.steps == 1000
+    assert load_config("local-smoke", overrides=["model.window=none"]).model.window is None
+    assert load_config("local-smoke", overrides=["model.rope_theta=500000"]).model.rope_theta == 500000.0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_layer=4", "model.n_layer"),  # unknown field
+    ("modle.n_layers=4", "modle"),  # unknown section
+    ("model.n_layers=four", "model.n_layers"),  # wrong type
+    ("model.n_layers=2.5", "model.n_layers"),
+    ("model.learned_sinks=maybe", "model.learned_sinks"),
+    ("pretrain.lr=fast", "pretrain.lr"),
+    ("model.d_model=100", "model.d_model"),  # 100 % 4 heads == 0 but head_dim 25 is odd -> RoPE impossible
+    ("model.d_model=66", "model.d_model"),  # not divisible by n_heads=4
+    ("model.n_kv_heads=3", "model.n_heads"),  # n_heads=4 not divisible by 3
+    ("pretrain.micro_batch_size=3", "pretrain.batch_size"),  # 16 % 3 != 0
+    ("pretrain.seq_len=256", "pretrain.seq_len"),  # > model.max_seq_len=128
+    ("model.n_layers=0", "model.n_layers"),
+    ("model.kernel_backend=cuda", "model.kernel_backend"),
+    ("model.window=0", "model.window"),
+])
+def test_bad_overrides_raise_config_error_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("local-smoke", overrides=[override])
+    assert f"'{key}'" in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("local-smoke", overrides=["model.n_layers"])
+    with pytest.raises(ConfigError, match="unknown config 'tiny'"):
+        load_config("tiny")
+    with pytest.raises(ConfigError, match="'model' is a section"):
+        load_config("local-smoke", overrides=["model=3"])
+
+
+def test_json_and_yaml_file_overrides(tmp_path):
+    js = tmp_path / "o.json"
+    js.write_text(json.dumps({"model": {"n_layers": 3, "learned_sinks": True}, "pretrain.steps": 11}))
+    c = load_config("local-smoke", file=str(js))
+    assert (c.model.n_layers, c.model.learned_sinks, c.pretrain.steps) == (3, True, 11)
+    ym = tmp_path / "o.yaml"
+    ym.write_text("model:\n  n_heads: 2\n  n_kv_heads: 1\nsft:\n  lr: 2.0e-4\n")
+    c = load_config("local-smoke", file=str(ym), overrides=["model.n_heads=8", "model.n_kv_heads=8"])
+    assert (c.model.n_heads, c.model.n_kv_heads, c.sft.lr) == (8, 8, 2e-4)  # --set wins over the file
+    # a file can itself be the config, naming its base preset
+    full = tmp_path / "run.yaml"
+    full.write_text("preset: gpu-full\npretrain:\n  steps: 10\n")
+    c = load_config(str(full))
+    assert c.model.d_model == 1024 and c.pretrain.steps == 10
+
+
+def test_file_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "model": {"n_layers": 2,}\n}')
+    with pytest.raises(ConfigError, match="bad.json:2"):
+        load_config("local-smoke", file=str(bad))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  n_layers: many\n")
+    with pytest.raises(ConfigError, match="'model.n_layers'"):
+        load_config("local-smoke", file=str(wrong))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim:\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError, match="'optim.momentum'"):
+        load_config("local-smoke", file=str(unknown))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("local-smoke", file=str(tmp_path / "missing.json"))
+
+
+def test_round_trip_through_dict():
+    c = load_config("local-smoke", overrides=["model.window=8", "model.n_sink_tokens=2"])
+    assert config_from_dict(json.loads(json.dumps(c.to_dict()))) == c
