@@ -278,7 +278,7 @@ def get_tokenizer(kind: str = "gpt2", path: Optional[Union[str, Path]] = None) -
         raise TokenizerError(f"unknown tokenizer kind {kind!r}: expected 'gpt2' or 'byte' (config key data.tokenizer)")
     if path is not None:
         p = Path(path).expanduser().resolve()
-        return GPT2Tokenizer(_gpt2_encoding_from_folder(str(p if p.is_dir() else p.parent)), str(p))
+        return GPT2Tokenizer(_gpt2_encoding_from_folder(str(p.parent if p.is_file() else p)), str(p))
     looked = []
     data_dir = os.environ.get("MLLM_DATA_DIR")
     if data_dir:
