@@ -227,12 +227,12 @@ def validate_rows(name: str, rows) -> List[Dict[str, Any]]:
     return out
 
 
-def _jsonable(x):
+def jsonable(x):
     """Rows may carry torch dtypes, devices or tuples: make them JSON-friendly and readable."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if x is None or isinstance(x, (bool, int, str)):
         return x
     if isinstance(x, float):
@@ -314,11 +314,11 @@ def _fmt(x) -> str:
         if x == 0 or 1e-3 <= abs(x) < 1e5:
             return f"{x:.4g}" if abs(x) < 10 else f"{x:.1f}"
         return f"{x:.3e}"
-    return _jsonable(x) if not isinstance(x, str) else x
+    return jsonable(x) if not isinstance(x, str) else x
 
 
 def _row_key(r) -> Tuple[str, str, str, str]:
-    return (r.get("op"), format_shape(r.get("shape")), str(_jsonable(r.get("dtype"))), str(r.get("mode")))
+    return (r.get("op"), format_shape(r.get("shape")), str(jsonable(r.get("dtype"))), str(r.get("mode")))
 
 
 def speedups(rows: Sequence[Dict[str, Any]]) -> List[Optional[float]]:
@@ -413,7 +413,7 @@ def write_results(out_dir: Path, env: Dict[str, Any], rows: List[Dict[str, Any]]
     rel_plots = {op: os.path.relpath(p, out_dir) for op, p in plot_paths.items()}
     payload = {"environment": env, "args": args, "modules": summary, "plots": rel_plots, "rows": rows}
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    json_path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown_report(env, rows, summary, rel_plots))
     return {"json": json_path, "markdown": md_path, "plots": plot_paths}

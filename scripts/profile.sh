@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Profile the training step of scripts/bench_train.py.
+#
+#   scripts/profile.sh [--tool auto|nsys|ncu|torch] [--out DIR] [--backend NAME] [--steps N] [--warmup N]
+#                      [--kernels REGEX] [--ncu-count N] [-- extra scripts/bench_train.py arguments]
+#
+#   nsys : Nsight Systems timeline of the timed steps only: the capture starts when the NVTX range
+#          "timed_steps" opens (after warm-up, compilation and autotuning) and stops when it closes
+#          (--capture-range=nvtx --nvtx-capture=timed_steps --capture-range-end=stop). Writes
+#          OUT/nsys_<backend>.nsys-rep and OUT/nsys_<backend>_stats.txt (kernel and NVTX-range summaries).
+#   ncu  : Nsight Compute "--set full" of the kernels whose names match --kernels (a regex; default: this
+#          package's Triton kernels), launched inside the "timed_steps" range. Writes OUT/ncu_<backend>.ncu-rep.
+#   torch: torch.profiler Chrome trace of a few steps, with the same range names (step, data, forward,
+#          backward, optimizer from mllm/training/profiling.py). Writes OUT/torch/bench_train_<backend>_rank0.json
+#          and OUT/torch_summary.txt. Open the trace in https://ui.perfetto.dev or chrome://tracing.
+#   auto (default): nsys and ncu where installed and a GPU is present; where nsys is absent (or there is no
+#          GPU) it says so and falls back to the torch.profiler trace.
+#
+# Defaults: backend triton on CUDA, eager on CPU (bench_train's CPU default config is local-smoke);
+# steps 5, warm-up 3. See benchmarks/NOTES.md ("Profiling") for what to look at.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+TOOL=auto
+OUT="$ROOT/benchmarks/results/profile"
+BACKEND=""
+STEPS=5
+WARMUP=3
+NCU_COUNT=40
+RANGE=timed_steps
+# Liger-style kernel names (_<op>_fwd_kernel / _<op>_bwd_kernel, _attn_*): every Triton kernel of mllm_kernels
+KERNELS='(rms_norm|swiglu|rope|attn|attention|dpo|logprob)'
+EXTRA=()
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --tool) TOOL="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --backend) BACKEND="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    --warmup) WARMUP="$2"; shift 2 ;;
+    --kernels) KERNELS="$2"; shift 2 ;;
+    --ncu-count) NCU_COUNT="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "profile.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+case "$TOOL" in auto|nsys|ncu|torch) ;; *) echo "profile.sh: --tool must be auto, nsys, ncu or torch, got '$TOOL'" >&2; exit 2 ;; esac
+[[ "$STEPS" =~ ^[0-9]+$ && "$STEPS" -ge 2 ]] || { echo "profile.sh: --steps must be an integer >= 2, got '$STEPS'" >&2; exit 2; }
+[[ "$WARMUP" =~ ^[0-9]+$ && "$WARMUP" -ge 1 ]] || { echo "profile.sh: --warmup must be an integer >= 1, got '$WARMUP'" >&2; exit 2; }
+
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
+else PY="$(command -v python3 || command -v python)"; fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+have() { command -v "$1" >/dev/null 2>&1; }
+# a missing Nsight tool is reported before anything slow (importing torch) runs
+if [[ "$TOOL" == nsys || "$TOOL" == ncu ]] && ! have "$TOOL"; then
+  echo "profile.sh: $TOOL not found on PATH (use --tool torch for a torch.profiler trace)" >&2; exit 1
+fi
+
+# One probe for what this machine has. The NVTX ranges come from mllm/training/profiling.py: the `nvtx`
+# package puts them in domain "mllm", torch.cuda.nvtx in the default domain; nsys names a range
+# "range@domain", ncu "domain@range/".
+read -r HAS_CUDA NVTX_BACKEND < <("$PY" -c '
+import torch
+from mllm.training.profiling import NVTX_BACKEND
+print(int(torch.cuda.is_available()), NVTX_BACKEND)')
+[[ -n "${HAS_CUDA:-}" ]] || { echo "profile.sh: '$PY' cannot import torch and mllm (set PYTHON=...)" >&2; exit 1; }
+if [[ -z "$BACKEND" ]]; then
+  if [[ "$HAS_CUDA" == 1 ]]; then BACKEND=triton; else BACKEND=eager; fi
+fi
+TAG="${BACKEND//+/_}"
+mkdir -p "$OUT"
+if [[ "$NVTX_BACKEND" == nvtx ]]; then NSYS_RANGE="$RANGE@mllm"; NCU_RANGE="mllm@$RANGE/"
+else NSYS_RANGE="$RANGE"; NCU_RANGE="$RANGE/"; fi
+
+BENCH=("$PY" scripts/bench_train.py --backends "$BACKEND" --warmup "$WARMUP" --out "$OUT")
+
+run_nsys() {
+  echo "profile.sh: nsys: capture range NVTX '$NSYS_RANGE' ($BACKEND, $STEPS timed steps)"
+  # torch.cuda.nvtx pushes unregistered strings, which nsys only matches with this set to 0
+  NSYS_NVTX_PROFILER_REGISTER_ONLY=0 nsys profile \
+    --trace=cuda,nvtx,osrt,cublas --cuda-memory-usage=true \
+    --capture-range=nvtx --nvtx-capture="$NSYS_RANGE" --capture-range-end=stop \
+    --force-overwrite=true -o "$OUT/nsys_$TAG" \
+    "${BENCH[@]}" --steps "$STEPS" "${EXTRA[@]}"
+  local rep="$OUT/nsys_$TAG.nsys-rep"
+  if [[ -f "$rep" ]]; then
+    # report names changed in nsys 2023.x (gpukernsum -> cuda_gpu_kern_sum); try the new ones first
+    { nsys stats --report cuda_gpu_kern_sum,nvtx_sum,cuda_api_sum "$rep" 2>/dev/null \
+        || nsys stats --report gpukernsum,nvtxppsum,cudaapisum "$rep"; } > "$OUT/nsys_${TAG}_stats.txt" \
+      || echo "profile.sh: nsys stats failed; open $rep in the Nsight Systems GUI" >&2
+    echo "profile.sh: wrote $rep and $OUT/nsys_${TAG}_stats.txt"
+  else
+    echo "profile.sh: nsys wrote no report (did the '$NSYS_RANGE' range open? see the output above)" >&2
+    return 1
+  fi
+}
+
+run_ncu() {
+  echo "profile.sh: ncu: kernels matching regex '$KERNELS' inside NVTX '$NCU_RANGE' (first $NCU_COUNT launches)"
+  ncu --nvtx --nvtx-include "$NCU_RANGE" --kernel-name "regex:$KERNELS" --launch-count "$NCU_COUNT" \
+    --set full --import-source yes --force-overwrite -o "$OUT/ncu_$TAG" \
+    "${BENCH[@]}" --steps 2 "${EXTRA[@]}"
+  echo "profile.sh: wrote $OUT/ncu_$TAG.ncu-rep (ncu --import $OUT/ncu_$TAG.ncu-rep --page details | less)"
+}
+
+run_torch() {
+  echo "profile.sh: torch.profiler: Chrome trace of the timed steps ($BACKEND) with the mllm range names"
+  "${BENCH[@]}" --steps "$STEPS" --torch-profile "$OUT/torch" "${EXTRA[@]}"
+  local trace="$OUT/torch/bench_train_${TAG}_rank0.json"
+  [[ -f "$trace" ]] || { echo "profile.sh: torch.profiler wrote no trace at $trace" >&2; return 1; }
+  # per-range totals: the same breakdown the Nsight timeline shows under the NVTX rows
+  "$PY" - "$trace" > "$OUT/torch_summary.txt" <<'EOF'
+import collections, json, sys
+events = json.load(open(sys.argv[1]))
+events = events["traceEvents"] if isinstance(events, dict) else events
+ranges = ("step", "data", "forward", "backward", "optimizer")
+# user_annotation: the host-side record_function span; gpu_user_annotation: the same range on the GPU stream
+tot, cnt, kern = collections.Counter(), collections.Counter(), collections.Counter()
+for e in events:
+    if e.get("ph") != "X":
+        continue
+    if e.get("name") in ranges and e.get("cat") in ("user_annotation", "gpu_user_annotation"):
+        side = "gpu" if e["cat"] == "gpu_user_annotation" else "cpu"
+        tot[e["name"], side] += e.get("dur", 0) / 1e3
+        cnt[e["name"], side] += 1
+    elif e.get("cat") == "kernel":
+        kern[e["name"]] += e.get("dur", 0) / 1e3
+print(f"trace: {sys.argv[1]}")
+print("range      side   count   total ms   mean ms")
+for r in ranges:
+    for side in ("cpu", "gpu"):
+        if cnt[r, side]:
+            print(f"{r:<10} {side:<5} {cnt[r, side]:>6} {tot[r, side]:>10.2f} {tot[r, side] / cnt[r, side]:>9.2f}")
+if kern:
+    print("\ntop GPU kernels by total time (ms)")
+    for name, ms in kern.most_common(15):
+        print(f"{ms:>10.2f}  {name[:110]}")
+EOF
+  cat "$OUT/torch_summary.txt"
+  echo "profile.sh: wrote $trace (open in https://ui.perfetto.dev) and $OUT/torch_summary.txt"
+}
+
+case "$TOOL" in
+  nsys)
+    [[ "$HAS_CUDA" == 1 ]] || { echo "profile.sh: nsys needs a CUDA device (none visible)" >&2; exit 1; }
+    run_nsys ;;
+  ncu)
+    [[ "$HAS_CUDA" == 1 ]] || { echo "profile.sh: ncu needs a CUDA device (none visible)" >&2; exit 1; }
+    run_ncu ;;
+  torch) run_torch ;;
+  auto)
+    if [[ "$HAS_CUDA" != 1 ]]; then
+      echo "profile.sh: no CUDA device: Nsight Systems/Compute not used; falling back to torch.profiler"
+      run_torch
+    else
+      if have nsys; then run_nsys
+      else echo "profile.sh: nsys not found on PATH: falling back to a torch.profiler trace"; run_torch; fi
+      if have ncu; then run_ncu
+      else echo "profile.sh: ncu not found on PATH: no per-kernel Nsight Compute report (kernel times are in the trace above)"; fi
+    fi ;;
+esac

@@ -1,0 +1,115 @@
+"""scripts/bench_train.py on CPU with a tiny config, eager backend only (the triton backend would run the
+Triton interpreter here; its code path is exercised on the GPU)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", "local-smoke", "--set", "model.vocab_size=512", "--micro-batch", "2", "--seq-len", "32",
+        "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def bt():
+    spec = importlib.util.spec_from_file_location("bench_train_under_test", REPO / "scripts" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _report(out: Path):
+    (path,) = out.glob("bench_train_*_cpu.json")
+    assert path.with_suffix(".md").exists()
+    return json.loads(path.read_text()), path.with_suffix(".md").read_text()
+
+
+def test_eager_cpu_throughput_and_report(bt, tmp_path):
+    rc = bt.main(TINY + ["--backends", "eager", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    rep, md = _report(tmp_path)
+    (r,) = rep["results"]
+    assert r["backend"] == "eager" and "error" not in r
+    assert r["tokens_per_s"] > 0
+    # tokens/s is the timed tokens over the timed wall time
+    assert math.isclose(r["tokens_per_s"], 3 * 2 * 32 / r["wall_s"], rel_tol=1e-9)
+    assert r["mfu"] is None and rep["peak_flops"] is None  # CPU: no peak, MFU n/a
+    assert r["peak_mem_mb"] is None
+    # the phases tile each step exactly: data + forward + backward + optimizer = step
+    ph = r["phase_ms_all"]
+    assert len(ph["step"]) == 3
+    for i in range(3):
+        parts = sum(ph[p][i] for p in ("data", "forward", "backward", "optimizer"))
+        assert math.isclose(parts, ph["step"][i], rel_tol=1e-6)
+        assert ph["forward"][i] > 0 and ph["backward"][i] > 0 and ph["optimizer"][i] > 0
+    # MFU numerator uses the model's own 6N + 12·L·H·Q·T
+    from mllm.config.pipeline_config import load_config
+    from mllm.models.transformer import Transformer
+
+    model = Transformer(load_config("local-smoke", ["model.vocab_size=512"]).model)
+    assert r["flops_per_token"] == model.flops_per_token(32)
+    assert math.isfinite(r["loss_first"]) and abs(r["loss_first"] - math.log(512)) < 1.0  # ~uniform at init
+    env = rep["environment"]
+    assert env["card"] == "cpu" and env["torch"] == torch.__version__ and env["git_commit"]
+    assert "| eager | " in md and "n/a" in md
+
+
+def test_failing_backend_is_recorded_and_others_run(bt, tmp_path, monkeypatch):
+    real = bt.build_model
+
+    def build(cfg, kernel_backend, device, seed):
+        if kernel_backend == "triton":
+            raise RuntimeError("no kernels for you")
+        return real(cfg, kernel_backend, device, seed)
+
+    monkeypatch.setattr(bt, "build_model", build)
+    rc = bt.main(TINY + ["--backends", "triton,eager", "--steps", "2", "--warmup", "0", "--out", str(tmp_path)])
+    assert rc == 1
+    rep, md = _report(tmp_path)
+    tri, eag = rep["results"]
+    assert tri["backend"] == "triton" and "no kernels for you" in tri["error"]
+    assert eag["backend"] == "eager" and eag["tokens_per_s"] > 0
+    assert "| triton | error: RuntimeError: no kernels for you" in md
+
+
+def test_packed_batches_are_valid_documents(bt):
+    (b,) = bt.make_batches(1, batch=3, seq_len=16, vocab=50, docs_per_row=4, seed=1, pin=False)
+    cu = b["cu_seqlens"].long()
+    assert cu[0] == 0 and cu[-1] == 48 and len(cu) == 3 * 4 + 1 and bool((cu[1:] > cu[:-1]).all())
+    assert set(range(0, 48, 16)) <= set(cu.tolist())  # no document crosses a row
+    flat_pos = b["position_ids"].reshape(-1)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert flat_pos[s:e].tolist() == list(range(e - s))  # RoPE positions restart per document
+        assert b["labels"].reshape(-1)[e - 1] == -100  # no prediction across a document boundary
+    assert torch.equal(b["labels"][:, :-1][b["labels"][:, :-1] != -100],
+                       b["input_ids"][:, 1:][b["labels"][:, :-1] != -100])
+
+
+def test_packed_run_uses_cu_seqlens(bt, tmp_path):
+    rc = bt.main(TINY + ["--backends", "eager", "--steps", "1", "--warmup", "0", "--docs-per-row", "3",
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    rep, _ = _report(tmp_path)
+    assert rep["args"]["docs_per_row"] == 3 and rep["results"][0]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--backends", "eager,flash"], "unknown backend 'flash'"),
+    (["--seq-len", "4096"], "model.max_seq_len=128"),
+    (["--backends", "eager+compile", "--warmup", "0"], "compilation would be timed"),
+    (["--set", "model.n_heads=3"], "model.d_model"),
+])
+def test_bad_arguments_name_the_problem(bt, tmp_path, capsys, extra, msg):
+    assert bt.main(TINY + extra + ["--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
