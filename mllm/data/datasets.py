@@ -186,6 +186,7 @@ def _find_in_folder(folder: Path, dirs: Sequence[str], names: Sequence[str], loo
     ``folder/<name>`` (``folder`` is the dataset's own folder) unless ``layout_only`` (a data folder such as
     ``$MLLM_DATA_DIR``, whose root may hold generic names like ``train.jsonl`` of no particular dataset)."""
     bases = [folder / d for d in dirs if (folder / d).is_dir()] or ([folder / dirs[0]] if layout_only else [folder])
+    names = list(names) + [f"{n}.gz" for n in names if not n.endswith(".gz") and f"{n}.gz" not in names]
     for base in bases:
         for n in names:
             p = base / n
@@ -287,30 +288,30 @@ def file_format(path: PathLike) -> str:
     return fmt
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def iter_lines(path: PathLike) -> Iterator[Tuple[int, str]]:
     """(1-based line number, line with its newline) of a UTF-8 text file, gzip-compressed or not.
 
-    Undecodable bytes or a corrupt gzip stream raise :class:`DatasetError` with the file and line number.
-    ``\\r\\n`` is normalised to ``\\n``."""
+    Lines are split at ``\n`` only and decoded one by one, so undecodable bytes raise :class:`DatasetError`
+    with the exact line number (as does a corrupt gzip stream). ``\r\n`` is normalised to ``\n``."""
     path = Path(path)
     lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
                 if line.endswith("\r\n"):
                     line = line[:-2] + "\n"
                 yield lineno, line
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from e
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: file not found") from e
     except (OSError, EOFError, zlib.error) as e:
-        if isinstance(e, FileNotFoundError):
-            raise DatasetError(f"{path}: file not found") from e
         raise DatasetError(f"{path}:{lineno + 1}: cannot read ({type(e).__name__}: {e})") from e
 
 
