@@ -9,15 +9,17 @@ Backends: ``eager`` (mllm_kernels.reference ops, SDPA attention when no packing/
 ``eager+compile`` (the same under ``torch.compile``), ``triton`` (the fused kernels) and ``triton+compile``.
 Each backend gets a fresh model with the same seed and the same synthetic batches (uniform random tokens:
 throughput does not depend on the token values), then ``--warmup`` untimed steps (compilation, autotuning,
-allocator warm-up) and ``--steps`` timed steps of::
+allocator warm-up) and ``--steps`` timed optimizer steps of::
 
-    step ⊃ data (host→device copy) · forward (+ loss, autocast) · backward · optimizer (clip + AdamW)
+    step ⊃ [data (host→device copy) · forward (+ loss, autocast) · backward] × grad_accum · optimizer (clip + AdamW)
 
-with the range names of ``mllm.training.profiling`` (NVTX + ``record_function``), the timed steps inside one
+``--grad-accum`` defaults to the config's pretraining batch over the micro-batch (gpu-full: 128 / 8 = 16, the
+real optimizer step on one GPU); ``--grad-accum 1`` puts an optimizer step after every micro-batch. The range
+names are those of ``mllm.training.profiling`` (NVTX + ``record_function``); the timed steps sit inside one
 more range, ``timed_steps``, that ``scripts/profile.sh`` uses as the Nsight capture range.
 
 Reported per backend:
-  * tokens/s = steps · B · T / wall time of the timed steps (device synchronised at both ends);
+  * tokens/s = steps · grad_accum · B · T / wall time of the timed steps (device synchronised at both ends);
   * MFU = flops_per_token · tokens/s / peak, flops_per_token = 6N + 12·L·H·Q·T (PaLM/nanoGPT, N = parameters,
     L layers, H heads, Q head dim, T sequence length); the peak is the card's dense bf16 number
     (H100 SXM 989.4 TFLOP/s; ``--peak-tflops`` overrides); on CPU MFU is n/a;
@@ -83,10 +85,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="config override, e.g. --set model.n_layers=4 (repeatable)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all on CUDA, eager on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per backend (default 20 CUDA, 5 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 2 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per backend (default 10 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CUDA, 2 CPU)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default pretrain.micro_batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default pretrain.seq_len)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step (default: pretrain.batch_size / micro-batch, i.e. the "
+                        "config's optimizer step on one GPU; 1 = an optimizer step after every micro-batch)")
     p.add_argument("--docs-per-row", type=int, default=1,
                    help="packed documents per row (>1 passes cu_seqlens: the varlen attention path)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="autocast dtype (default bf16 CUDA, fp32 CPU)")
@@ -119,11 +124,13 @@ def resolve_args(args: argparse.Namespace):
             raise ValueError(f"--backends: unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
     if not backends:
         raise ValueError("--backends: empty list")
-    args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    args.steps = args.steps if args.steps is not None else (10 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     args.micro_batch = args.micro_batch or cfg.pretrain.micro_batch_size
     args.seq_len = args.seq_len or cfg.pretrain.seq_len
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.micro_batch >= 1 and args.grad_accum is None:
+        args.grad_accum = max(1, cfg.pretrain.batch_size // args.micro_batch)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.warmup < 0:
@@ -132,6 +139,8 @@ def resolve_args(args: argparse.Namespace):
         raise ValueError("--warmup must be >= 1 with a +compile backend, or compilation would be timed")
     if args.micro_batch < 1:
         raise ValueError(f"--micro-batch must be >= 1, got {args.micro_batch}")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {args.grad_accum}")
     if not 2 <= args.seq_len <= cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} must be in [2, model.max_seq_len={cfg.model.max_seq_len}]")
     if not 1 <= args.docs_per_row <= args.seq_len:
@@ -181,38 +190,40 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, docs_per_row: int
 # Timing
 # ----------------------------------------------------------------------------------------------------
 class PhaseTimer:
-    """Marks the boundaries between the phases of each step; CUDA events on the GPU (recorded in stream
-    order, read after one synchronisation at the end), perf_counter on the CPU."""
+    """Marks the end of each phase of each step; CUDA events on the GPU (recorded in stream order, read after
+    one synchronisation at the end), perf_counter on the CPU. A phase met several times in one step (data,
+    forward and backward once per micro-batch) is summed."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.steps: List[List[Any]] = []
+        self.steps: List[List[Any]] = []  # per step: [(None, t0), (phase, t_end), ...]
 
-    def start_step(self) -> None:
-        self.steps.append([])
-        self.mark()
-
-    def mark(self) -> None:
+    def _now(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            self.steps[-1].append(ev)
-        else:
-            self.steps[-1].append(time.perf_counter())
+            return ev
+        return time.perf_counter()
+
+    def start_step(self) -> None:
+        self.steps.append([(None, self._now())])
+
+    def mark(self, phase: str) -> None:
+        self.steps[-1].append((phase, self._now()))
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def phase_ms(self) -> Dict[str, List[float]]:
         """{phase: [ms per step]} plus 'step' (first mark to last)."""
         out: Dict[str, List[float]] = {p: [] for p in PHASES + ("step",)}
         for marks in self.steps:
-            if self.cuda:
-                d = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
-                total = marks[0].elapsed_time(marks[-1])
-            else:
-                d = [(marks[i + 1] - marks[i]) * 1e3 for i in range(len(marks) - 1)]
-                total = (marks[-1] - marks[0]) * 1e3
-            for p, v in zip(PHASES, d):
-                out[p].append(v)
-            out["step"].append(total)
+            per = dict.fromkeys(PHASES, 0.0)
+            for (_, t0), (phase, t1) in zip(marks[:-1], marks[1:]):
+                per[phase] += self._ms(t0, t1)
+            for p in PHASES:
+                out[p].append(per[p])
+            out["step"].append(self._ms(marks[0][1], marks[-1][1]))
         return out
 
 
@@ -286,30 +297,33 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
     timer = PhaseTimer(device)
 
+    accum = args.grad_accum
+
     def step(i: int, timed: bool) -> torch.Tensor:
-        hb = host_batches[i % len(host_batches)]
+        """One optimizer step over ``accum`` micro-batches (mean loss, as the trainer's accumulation)."""
+        mark = timer.mark if timed else (lambda phase: None)
+        total = None
         with trace_range("step"):
             if timed:
                 timer.start_step()
-            with trace_range("data"):
-                b = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in hb.items()}
-            if timed:
-                timer.mark()
-            with trace_range("forward"), autocast():
-                loss = fwd(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"])
-            if timed:
-                timer.mark()
-            with trace_range("backward"):
-                loss.backward()
-            if timed:
-                timer.mark()
+            for j in range(accum):
+                hb = host_batches[(i * accum + j) % len(host_batches)]
+                with trace_range("data"):
+                    b = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in hb.items()}
+                mark("data")
+                with trace_range("forward"), autocast():
+                    loss = fwd(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"]) / accum
+                mark("forward")
+                with trace_range("backward"):
+                    loss.backward()
+                mark("backward")
+                total = loss.detach() if total is None else total + loss.detach()
             with trace_range("optimizer"):
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if timed:
-                timer.mark()
-        return loss.detach()
+            mark("optimizer")
+        return total
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -343,7 +357,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
         first_step_s = timer.phase_ms()["step"][0] / 1e3
 
     phases = timer.phase_ms()
-    tokens = args.steps * args.micro_batch * args.seq_len
+    tokens = args.steps * accum * args.micro_batch * args.seq_len
     tps = tokens / wall
     fpt = flops_per_token(model, cfg, args.seq_len)
     loss_vals = [float(x) for x in torch.stack(losses).float().cpu()]
@@ -398,7 +412,8 @@ def markdown(report: Dict[str, Any]) -> str:
         f"# Training-step throughput: {env.get('card')} ({env.get('date_utc')})",
         "",
         f"config `{a['config']}` {' '.join('--set ' + o for o in a['overrides'])}; micro-batch {a['micro_batch']} × "
-        f"T {a['seq_len']} = {a['micro_batch'] * a['seq_len']} tokens/step, {a['docs_per_row']} doc(s)/row, "
+        f"T {a['seq_len']} × {a['grad_accum']} accumulation = {a['micro_batch'] * a['seq_len'] * a['grad_accum']:,} "
+        f"tokens per optimizer step, {a['docs_per_row']} doc(s)/row, "
         f"{a['dtype'] + ' autocast' if a['dtype'] != 'fp32' else 'fp32 (no autocast)'}, {a['warmup']} warm-up + {a['steps']} timed steps; torch {env.get('torch')}, "
         f"triton {env.get('triton')}, CUDA {env.get('cuda_runtime') or 'n/a'}, driver {env.get('driver') or 'n/a'}, "
         f"git {str(env.get('git_commit'))[:12]}{' (dirty)' if env.get('git_dirty') else ''}.",

@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "local-smoke", "--set", "model.vocab_size=512", "--micro-batch", "2", "--seq-len", "32",
-        "--threads", "1", "--device", "cpu"]
+        "--threads", "1", "--device", "cpu", "--grad-accum", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +35,18 @@ def _report(out: Path):
 
 
 def test_eager_cpu_throughput_and_report(bt, tmp_path):
-    rc = bt.main(TINY + ["--backends", "eager", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
+    rc = bt.main(TINY + ["--backends", "eager", "--steps", "3", "--warmup", "1", "--grad-accum", "2",
+                         "--out", str(tmp_path)])
     assert rc == 0
     rep, md = _report(tmp_path)
     (r,) = rep["results"]
     assert r["backend"] == "eager" and "error" not in r
     assert r["tokens_per_s"] > 0
-    # tokens/s is the timed tokens over the timed wall time
-    assert math.isclose(r["tokens_per_s"], 3 * 2 * 32 / r["wall_s"], rel_tol=1e-9)
+    # tokens/s is the timed tokens (steps x accumulation x B x T) over the timed wall time
+    assert math.isclose(r["tokens_per_s"], 3 * 2 * 2 * 32 / r["wall_s"], rel_tol=1e-9)
     assert r["mfu"] is None and rep["peak_flops"] is None  # CPU: no peak, MFU n/a
     assert r["peak_mem_mb"] is None
-    # the phases tile each step exactly: data + forward + backward + optimizer = step
+    # the phases tile each step exactly (data/forward/backward summed over the 2 micro-batches)
     ph = r["phase_ms_all"]
     assert len(ph["step"]) == 3
     for i in range(3):

@@ -13,7 +13,7 @@ from mllm.training.profiling import RANGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "profile.sh"
-TINY = ["--", "--set", "model.vocab_size=512", "--micro-batch", "2", "--seq-len", "32", "--threads", "1"]
+TINY = ["--", "--set", "model.vocab_size=512", "--micro-batch", "2", "--seq-len", "32", "--threads", "1", "--grad-accum", "1"]
 
 
 def _env():
