@@ -172,15 +172,15 @@ def _config(n_cols: int, block_cols: Optional[int] = None):
     """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of width n_cols.
 
     A tile holds ~4K elements on the GPU (enough bytes in flight per program; narrow rows are stacked several per
-    tile) and ~16K under the interpreter, whose cost is per program rather than per element. ``block_cols`` forces
+    tile) and ~64K under the interpreter, whose cost is mostly a Python overhead per program and per op. ``block_cols`` forces
     the column chunk (tests use it to drive the wide-row path at small widths)."""
     full = triton.next_power_of_2(max(n_cols, 1))
     if block_cols is None:
         block_cols = full if full <= MAX_SINGLE_PASS else WIDE_BLOCK_COLS
     block_cols = min(triton.next_power_of_2(block_cols), full)
     single = block_cols >= n_cols
-    target = 16384 if interpreting() else 4096
-    block_rows = max(1, min(64, target // block_cols)) if single else 1
+    target = 65536 if interpreting() else 4096
+    block_rows = max(1, min(64 if not interpreting() else 512, target // block_cols))
     tile = block_rows * block_cols
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
     return block_rows, block_cols, single, num_warps
