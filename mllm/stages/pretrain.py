@@ -1,0 +1,198 @@
+"""Pretraining stage: next-token prediction on real text (TinyStories, WikiText), through the shared Trainer.
+
+Data path (``cfg.data``):
+  1. each dataset in ``data.pretrain_datasets`` is loaded with its ``mllm.data.datasets`` loader from
+     ``data.data_dir`` / ``$MLLM_DATA_DIR`` (else the hub), one record per document, at most ``data.max_docs``;
+     the split is ``train`` when it is available, else the first split on disk (the shared folder only holds
+     validation files; the held-out set below keeps them honest);
+  2. documents are held out for validation with ``split_holdout(fraction=data.val_fraction, seed=cfg.seed)``
+     (deterministic per document, so evaluation code can carve the same set);
+  3. documents are tokenised without special tokens, and
+     * ``data.packing: false`` (GPT-2/nanoGPT baseline): joined into one stream with the end-of-text token after
+       every document and cut into windows of ``seq_len + 1`` (``TokenWindows``); attention crosses documents;
+     * ``data.packing: true``: documents (+ end-of-text) are bin-packed into rows of ``seq_len`` with
+       ``mllm.data.packing.build_rows`` (``data.packing_algorithm``); each row carries ``position_ids`` that
+       restart per document and the batch gets ``cu_seqlens``, so attention never crosses a document and no
+       label predicts across a boundary;
+  4. train rows are shuffled per epoch, disjoint per rank (``RowBatchSource``); validation rows are read in order.
+
+Loss: ``causal_lm_loss`` (mean over non-ignored labels), weighted by the number of target tokens.
+Output: ``checkpoints/pretrain/final`` -> the last step's checkpoint (model weights under ``"model"``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mllm.config.pipeline_config import ConfigError, PipelineConfig
+from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows
+from mllm.training.trainer import Trainer
+
+STAGE = "pretrain"
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------
+def _pick_split(name: str, data_dir) -> str:
+    from mllm.data.datasets import local_splits
+
+    if data_dir is None:
+        return "train"  # the hub has every split
+    on_disk = local_splits(name, data_dir)
+    if not on_disk:
+        return "train"  # the loader then says where it looked (or goes to the hub)
+    return "train" if "train" in on_disk else on_disk[0]
+
+
+def load_documents(cfg: PipelineConfig) -> Tuple[List[str], Dict[str, Any]]:
+    """Texts of all pretraining documents (``data.pretrain_datasets`` in order) and a description of the sources."""
+    from mllm.data.datasets import load_dataset
+
+    data_dir = cfg.resolved_data_dir()
+    texts: List[str] = []
+    sources: Dict[str, Any] = {}
+    for name in cfg.data.pretrain_datasets:
+        split = _pick_split(name, data_dir)
+        try:
+            recs = load_dataset(name, source=data_dir, split=split, max_rows=cfg.data.max_docs)
+        except TypeError as e:
+            raise ConfigError(f"config key 'data.pretrain_datasets': {name!r} is not a text dataset ({e})") from e
+        if recs and "text" not in recs[0]:
+            raise ConfigError(f"config key 'data.pretrain_datasets': {name!r} has no 'text' field "
+                              f"(fields: {', '.join(recs[0])}); pretraining needs text datasets")
+        docs = [r["text"] for r in recs if r["text"].strip()]
+        sources[name] = {"split": split, "documents": len(docs)}
+        texts.extend(docs)
+    if not texts:
+        raise ConfigError("config key 'data.pretrain_datasets': no documents were loaded")
+    return texts, sources
+
+
+def split_documents(texts: Sequence[str], fraction: float, seed: int) -> Tuple[List[str], List[str]]:
+    """(train, validation) documents, held out per document with ``split_holdout``."""
+    from mllm.data.datasets import split_holdout
+
+    train, val = split_holdout([{"text": t} for t in texts], fraction, seed=seed)
+    return [r["text"] for r in train], [r["text"] for r in val]
+
+
+def tokenize(texts: Sequence[str], tok) -> List[np.ndarray]:
+    """Token ids per document, special-token text treated as plain text (a document cannot fake a boundary)."""
+    ids = tok.encode_batch(list(texts), allow_special=False)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    return [np.asarray(x, dtype=dtype) for x in ids if len(x)]
+
+
+def concat_with_eot(docs: Sequence[np.ndarray], eot_id: int) -> np.ndarray:
+    """doc_0, eot, doc_1, eot, ... as one int64 stream."""
+    parts = []
+    for d in docs:
+        parts.append(np.asarray(d, dtype=np.int64))
+        parts.append(np.array([eot_id], dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class PackedRows(Sequence):
+    """Rows of ``mllm.data.packing.build_rows``: each item has input_ids, labels, position_ids [T] and that
+    row's own ``cu_seqlens`` (document starts = where position_ids is 0, then T), which ``collate_rows`` offsets
+    into batch-level FlashAttention-varlen boundaries."""
+
+    def __init__(self, rows: Dict[str, Any]):
+        self.input_ids = rows["input_ids"]
+        self.labels = rows["labels"]
+        self.position_ids = rows["position_ids"]
+        self.efficiency = float(rows.get("efficiency", 1.0))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+        pos = self.position_ids[i]
+        cu = np.append(np.flatnonzero(pos == 0), pos.shape[0]).astype(np.int64)
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": pos, "cu_seqlens": cu}
+
+
+def build_datasets(cfg: PipelineConfig, tok) -> Tuple[Sequence, Sequence, Dict[str, Any]]:
+    """(train rows, validation rows, info) for ``cfg`` (see the module docstring)."""
+    T = cfg.pretrain.seq_len
+    t0 = time.perf_counter()
+    texts, sources = load_documents(cfg)
+    train_txt, val_txt = split_documents(texts, cfg.data.val_fraction, cfg.seed)
+    train_docs, val_docs = tokenize(train_txt, tok), tokenize(val_txt, tok)
+    info: Dict[str, Any] = {"sources": sources, "train_documents": len(train_docs), "val_documents": len(val_docs),
+                            "train_tokens": int(sum(len(d) for d in train_docs)),
+                            "val_tokens": int(sum(len(d) for d in val_docs)), "packing": cfg.data.packing}
+    if cfg.data.packing:
+        from mllm.data.packing import build_rows
+
+        def rows(docs, seed):
+            if not docs:
+                return PackedRows({"input_ids": np.zeros((0, T), np.int64), "labels": np.zeros((0, T), np.int64),
+                                   "position_ids": np.zeros((0, T), np.int64)})
+            return PackedRows(build_rows(docs, T, pad_id=tok.eot_id, packing=True, eot_id=tok.eot_id,
+                                         algorithm=cfg.data.packing_algorithm, overflow="split", seed=seed))
+
+        train, val = rows(train_docs, cfg.seed), rows(val_docs, cfg.seed + 1)
+        info["packing_efficiency"] = train.efficiency
+        info["packing_algorithm"] = cfg.data.packing_algorithm
+    else:
+        train = TokenWindows(concat_with_eot(train_docs, tok.eot_id), T)
+        val = TokenWindows(concat_with_eot(val_docs, tok.eot_id), T)
+    info.update(train_rows=len(train), val_rows=len(val), data_time_s=time.perf_counter() - t0)
+    return train, val, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss
+# ----------------------------------------------------------------------------------------------------
+def lm_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
+    """Mean next-token cross-entropy over non-ignored labels; weight = number of target tokens."""
+    from mllm.models.transformer import causal_lm_loss
+
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
+    labels = batch["labels"]
+    return causal_lm_loss(logits, labels), {}, (labels != -100).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage entry point
+# ----------------------------------------------------------------------------------------------------
+def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
+    """Pretrain ``Transformer(cfg.model)`` for ``cfg.pretrain.steps`` steps; ``ctx`` is a ``StageContext``."""
+    from mllm.data.tokenizer import tokenizer_from_config
+    from mllm.models.transformer import Transformer
+
+    dist = ctx.dist
+    tok = tokenizer_from_config(cfg.data)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                          f"{tok.name} tokenizer's {tok.vocab_size} ids")
+    train_rows, val_rows, info = build_datasets(cfg, tok)
+    sc = cfg.pretrain
+    train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
+                               rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+    val_src = EvalBatches(val_rows, micro_batch_size=sc.micro_batch_size, rank=dist.rank,
+                          world_size=dist.world_size, max_batches=sc.eval_batches) if len(val_rows) else None
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model = Transformer(cfg.model)
+    trainer = Trainer(model, lm_loss, train_src, sc, cfg.optim, stage=STAGE, run_dir=ctx.run_dir, val_data=val_src,
+                      dist=dist, compile=cfg.compile, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
+                      config=cfg.to_dict())
+    del model  # the trainer holds the only reference, so close() really frees it
+    try:
+        trainer.log({"kind": "data", **info})
+        trainer.info(f"data: {info['train_rows']} train rows / {info['val_rows']} val rows of {sc.seq_len} tokens "
+                     f"({info['train_tokens']:,} / {info['val_tokens']:,} tokens, packing={cfg.data.packing}) "
+                     f"from {info['sources']}")
+        if ctx.resume:
+            trainer.resume()
+        summary = trainer.fit()
+        summary["data"] = info
+        return summary
+    finally:
+        trainer.close()

@@ -1,0 +1,146 @@
+"""Command-line driver behind ``scripts/run_pipeline.py``: config, run directory, process group, one stage.
+
+    python scripts/run_pipeline.py --config local-smoke --stage pretrain
+    torchrun --standalone --nproc_per_node=8 scripts/run_pipeline.py --config gpu-full --stage pretrain \\
+        --run-name full-1 [--resume]
+
+Run directory ``<cfg.run_root>/<run-name>/``: ``config.json`` (the resolved config), ``metrics.jsonl`` (every
+stage's records, tagged with ``stage``), ``checkpoints/<stage>/``, ``figures/<stage>_loss.png``, ``summary.json``
+(per-stage summaries) and, with ``--profile``, ``profile/<stage>_rank<r>.json``.
+
+``--run-name`` defaults to ``<config name>-<YYYYmmdd-HHMMSS>`` (chosen on rank 0 and broadcast). ``--resume``
+without ``--run-name`` picks the newest run directory of that config. Starting a stage that already has
+checkpoints in the run directory without ``--resume`` is refused (nothing is overwritten).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mllm.config.pipeline_config import ConfigError, PipelineConfig, load_config
+from mllm.training import checkpoint as ckpt
+from mllm.training.distributed import DistContext, init_distributed, shutdown_distributed
+
+
+def build_parser(stages: Sequence[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_pipeline.py", description="Run a stage of the mllm pipeline (under torchrun for several GPUs/nodes).",
+        epilog="Multi-node: torchrun --nnodes=N --nproc_per_node=G --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT "
+               "--rdzv_id=JOB scripts/run_pipeline.py ... (see scripts/slurm/pipeline.slurm).")
+    p.add_argument("--config", default="local-smoke", help="preset name (local-smoke, gpu-full) or a .json/.yaml file")
+    p.add_argument("--config-file", default=None, help="JSON/YAML file of keys applied on top of the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set pretrain.steps=100 (repeatable)")
+    p.add_argument("--stage", required=True, help=f"stage to run: {', '.join(stages)}")
+    p.add_argument("--run-name", default=None, help="run directory name under cfg.run_root")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler trace of a few steps")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def newest_run(run_root: Path, config_name: str) -> Optional[str]:
+    runs = [p for p in run_root.glob(f"{config_name}-*") if (p / "config.json").is_file()] if run_root.is_dir() else []
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime).name if runs else None
+
+
+def prepare_run_dir(cfg: PipelineConfig, run_dir: Path, stage: str, resume: bool) -> List[str]:
+    """Create the layout and write config.json (rank 0). Returns warnings (config changes on resume)."""
+    warnings: List[str] = []
+    stage_ckpts = ckpt.list_checkpoints(ckpt.stage_checkpoint_dir(run_dir, stage))
+    if stage_ckpts and not resume:
+        raise ConfigError(f"run directory {run_dir} already has '{stage}' checkpoints ({stage_ckpts[-1].name}): "
+                          "pass --resume to continue it, or choose another --run-name")
+    for sub in ("checkpoints", "figures"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.json"
+    new = cfg.to_dict()
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            diff = config_diff(old, new)
+            if diff:
+                warnings.append(f"config differs from {cfg_path}: " + "; ".join(diff))
+        except json.JSONDecodeError:
+            warnings.append(f"{cfg_path} was not valid JSON; rewritten")
+    _write_json_atomic(cfg_path, new)
+    return warnings
+
+
+def record_summary(run_dir: Path, stage: str, summary: Dict[str, Any]) -> Path:
+    path = run_dir / "summary.json"
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            data = {}
+    data[stage] = summary
+    _write_json_atomic(path, data)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mllm.stages import StageContext, get_stage, valid_stages
+
+    args = build_parser(valid_stages()).parse_args(argv)
+    ctx: Optional[DistContext] = None
+    try:
+        stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
+        cfg = load_config(args.config, args.overrides, args.config_file)
+        ctx = init_distributed(cfg.device)
+        run_root = Path(cfg.run_root)
+        name = args.run_name
+        if name is None and args.resume:
+            name = newest_run(run_root, cfg.name)
+            if name is None and ctx.is_main:
+                print(f"--resume: no earlier '{cfg.name}' run under {run_root}; starting a new one", file=sys.stderr)
+        if name is None:
+            name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = ctx.broadcast_object(name)
+        run_dir = run_root / name
+        if ctx.is_main:
+            for w in prepare_run_dir(cfg, run_dir, args.stage, args.resume):
+                print(f"warning: {w}", file=sys.stderr)
+        ctx.barrier()
+        sctx = StageContext(run_dir=run_dir, dist=ctx, resume=args.resume, profile=args.profile,
+                            progress=not args.no_progress)
+        summary = stage_fn(cfg, sctx)
+        if ctx.is_main:
+            path = record_summary(run_dir, args.stage, summary)
+            print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
+            print(f"run directory: {run_dir}  (config.json, metrics.jsonl, checkpoints/{args.stage}/, "
+                  f"figures/{args.stage}_loss.png, {path.name})")
+        return 0
+    except ConfigError as e:  # includes unknown stage / bad key: a message, not a traceback
+        if ctx is None or ctx.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed(ctx)
