@@ -21,9 +21,10 @@ namespace py = pybind11;
 namespace {
 
 // Hands a vector's buffer to numpy without copying: the capsule owns the vector.
-py::array_t<int64_t> to_numpy(std::vector<int64_t>&& v) {
-  auto* heap = new std::vector<int64_t>(std::move(v));
-  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
+py::array_t<int64_t> to_numpy(mllm_packing::Vec<int64_t>&& v) {
+  using V = mllm_packing::Vec<int64_t>;
+  auto* heap = new V(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<V*>(p); });
   return py::array_t<int64_t>({py::ssize_t(heap->size())}, {py::ssize_t(sizeof(int64_t))}, heap->data(), owner);
 }
 
