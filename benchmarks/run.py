@@ -115,10 +115,12 @@ def environment(device=None) -> Dict[str, Any]:
     else:
         env.update(card="cpu", capability=None, driver=None)
     commit = _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
-    env["git_commit"] = commit
-    # uncommitted changes to tracked files make the commit hash an incomplete description of the code
-    status = _run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
-    env["git_dirty"] = None if status is None else bool(status)
+    if commit:
+        # uncommitted changes to tracked files make the commit hash an incomplete description of the code
+        status = _run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+        env["git_commit"], env["git_dirty"] = commit, (None if status is None else bool(status))
+    else:  # a copy of the tree without .git (e.g. a GPU box): the caller may name the commit
+        env["git_commit"], env["git_dirty"] = os.environ.get("MLLM_GIT_COMMIT"), None
     return env
 
 
@@ -194,6 +196,21 @@ def load_module(name: str, path: Path):
     return module
 
 
+def describe_exception(e: BaseException) -> str:
+    """'Type: first line of the message', plus the root cause when the exception was raised from another
+    (Triton's CompilationError shows only a source excerpt; the reason is in its __cause__)."""
+    def one(x: BaseException) -> str:
+        lines = [ln for ln in str(x).splitlines() if ln.strip()]
+        return f"{type(x).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+
+    root, seen = e, set()
+    while root.__cause__ is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__
+    msg = one(e)
+    return msg if root is e else f"{msg} (caused by {one(root)})"
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -262,7 +279,7 @@ def run_module(name: str, path: Path, device, quick: bool) -> Tuple[List[Dict[st
         rows = validate_rows(name, fn(device, quick=quick))
     except Exception as e:  # noqa: BLE001 - one broken benchmark must not stop the others
         seconds = time.perf_counter() - t0
-        msg = f"{type(e).__name__}: {e}"
+        msg = describe_exception(e)
         row = {"bench": name, "op": name, "provider": "-", "error": msg, "traceback": traceback.format_exc()}
         return [row], {"status": "error", "seconds": round(seconds, 3), "n_rows": 0, "error": msg}
     finally:

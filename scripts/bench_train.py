@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a source checkout without install
 
 import torch  # noqa: E402
 
-from benchmarks.run import device_tag, environment, jsonable, resolve_device  # noqa: E402
+from benchmarks.run import describe_exception, device_tag, environment, jsonable, resolve_device  # noqa: E402
 from mllm.config.pipeline_config import ConfigError, load_config  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
 from mllm.training.profiling import StepProfiler, trace_range  # noqa: E402
@@ -494,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             res = bench_backend(name, cfg, args, device, host_batches, peak)
         except Exception as e:  # noqa: BLE001 - one backend failing (OOM, compile error) must not hide the others
-            res = {"backend": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            res = {"backend": name, "error": describe_exception(e), "traceback": traceback.format_exc()}
         results.append(res)
         msg = res.get("error") or (f"{res['tokens_per_s']:,.0f} tokens/s, MFU "
                                    f"{'n/a' if res['mfu'] is None else format(100 * res['mfu'], '.1f') + '%'}")

@@ -148,3 +148,14 @@ def test_cli_module_entry_point(bench_dir, tmp_path):
     res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--bench-dir", str(bench_dir), "--only", "zzz"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "available: broken, good, second" in res.stderr
+
+
+def test_describe_exception_reaches_the_root_cause():
+    try:
+        try:
+            raise TypeError("Inconsistent return types: fp32 and bf16")
+        except TypeError as inner:
+            raise RuntimeError("at 20:13:\n    q1, q2 = _load_rows(...)\n             ^") from inner
+    except RuntimeError as e:
+        msg = R.describe_exception(e)
+    assert msg == "RuntimeError: at 20:13: (caused by TypeError: Inconsistent return types: fp32 and bf16)"
