@@ -201,7 +201,7 @@ def describe_exception(e: BaseException) -> str:
     (Triton's CompilationError shows only a source excerpt; the reason is in its __cause__)."""
     def one(x: BaseException) -> str:
         lines = [ln for ln in str(x).splitlines() if ln.strip()]
-        return f"{type(x).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+        return f"{type(x).__name__}: {lines[0].strip()}" if lines else type(x).__name__
 
     root, seen = e, set()
     while root.__cause__ is not None and id(root) not in seen:
