@@ -48,15 +48,22 @@ py::dict pack_py(const py::array& lengths, int64_t row_len, const std::string& a
   const auto ovf = mllm_packing::parse_overflow(overflow);
   const auto sd = parse_seed(seed);
 
-  // A private contiguous copy: strided views work, and nothing can change it while the GIL is released.
+  // A contiguous array is read in place (`lengths` keeps it alive while the GIL is released, like numpy's
+  // own functions a concurrent writer is the caller's problem); a strided view is copied first.
   const auto view = lengths.unchecked<int64_t, 1>();
-  std::vector<int64_t> lens(size_t(view.shape(0)));
-  for (py::ssize_t i = 0; i < view.shape(0); ++i) lens[size_t(i)] = view(i);
+  const size_t n = static_cast<size_t>(view.shape(0));
+  std::vector<int64_t> copy;
+  const int64_t* data = static_cast<const int64_t*>(lengths.data());
+  if (n > 1 && lengths.strides(0) != py::ssize_t(sizeof(int64_t))) {
+    copy.resize(n);
+    for (size_t i = 0; i < n; ++i) copy[i] = view(py::ssize_t(i));
+    data = copy.data();
+  }
 
   mllm_packing::PackOutput out;
   {
     py::gil_scoped_release release;
-    out = mllm_packing::pack(lens.data(), lens.size(), row_len, algo, ovf, sd);
+    out = mllm_packing::pack(data, n, row_len, algo, ovf, sd);
   }
   py::dict d;
   d["doc"] = to_numpy(std::move(out.doc));

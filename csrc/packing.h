@@ -338,28 +338,42 @@ inline PackOutput pack(const int64_t* lengths, size_t n, int64_t row_len, Algori
     for (int64_t r = 0; r < B; ++r) row_of_bin[size_t(row_bin[size_t(r)])] = int32_t(r);
   }
 
-  // Step 5: a stable counting sort by row; within a bin, placement order is offset order.
+  // Step 5: a stable counting sort by row (within a bin, placement order is offset order). The random
+  // scatter writes one 16-byte record per item; a sequential pass then expands the records into the five
+  // output arrays (five random writes per item were ~2x slower).
+  struct Rec {
+    int32_t doc, chunk, len, offset;
+  };
   PackOutput out;
   out.n_rows = B;
   out.n_dropped = it.n_dropped;
   out.row_ptr.assign(size_t(B) + 1, 0);
   for (size_t k = 0; k < N; ++k) out.row_ptr[size_t(row_of_bin[size_t(bin[k])]) + 1] += 1;
   for (int64_t r = 0; r < B; ++r) out.row_ptr[size_t(r) + 1] += out.row_ptr[size_t(r)];
-  Vec<int64_t> next(out.row_ptr.begin(), out.row_ptr.end() - 1);
+  Vec<Rec> rec(N);
+  {
+    Vec<int32_t> next(static_cast<size_t>(B));  // int32: N < 2**31 (checked in make_sorted_items)
+    for (int64_t r = 0; r < B; ++r) next[size_t(r)] = int32_t(out.row_ptr[size_t(r)]);
+    for (size_t k = 0; k < N; ++k) {
+      const size_t p = size_t(next[size_t(row_of_bin[size_t(bin[k])])]++);
+      rec[p] = Rec{it.doc[k], it.chunk[k], it.len[k], offset[k]};
+    }
+  }
   out.doc.resize(N);
   out.start.resize(N);
   out.length.resize(N);
   out.row.resize(N);
   out.offset.resize(N);
-  for (size_t k = 0; k < N; ++k) {
-    const int64_t r = row_of_bin[size_t(bin[k])];
-    const size_t p = size_t(next[size_t(r)]++);
-    out.doc[p] = it.doc[k];
-    out.start[p] = int64_t(it.chunk[k]) * L;
-    out.length[p] = it.len[k];
-    out.row[p] = r;
-    out.offset[p] = offset[k];
-    out.n_tokens += it.len[k];
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t p = out.row_ptr[size_t(r)]; p < out.row_ptr[size_t(r) + 1]; ++p) {
+      const Rec& x = rec[size_t(p)];
+      out.doc[size_t(p)] = x.doc;
+      out.start[size_t(p)] = int64_t(x.chunk) * L;
+      out.length[size_t(p)] = x.len;
+      out.row[size_t(p)] = r;
+      out.offset[size_t(p)] = x.offset;
+      out.n_tokens += x.len;
+    }
   }
   return out;
 }

@@ -216,6 +216,15 @@ def test_int32_and_list_inputs_accepted():
     assert_same(a, P.pack(strided, 4))
 
 
+@needs_ext
+def test_cpp_reads_strided_views():
+    base = np.arange(1, 41, dtype=np.int64)
+    for view in (base[::3], base[::-1], base[5:6]):
+        got, want = P._C.pack(view, 16, "bfd", "split", 1), P._C.pack(view.copy(), 16, "bfd", "split", 1)
+        for f in FIELDS:
+            np.testing.assert_array_equal(got[f], want[f])
+
+
 # ----------------------------------------------------------------------------------------------- errors
 BAD_PLANS = [
     (dict(lengths=np.ones((2, 3), dtype=np.int64)), "1-D"),
