@@ -1,0 +1,297 @@
+"""Fused attention kernel (``mllm_kernels.attention``) vs the eager reference (``reference.attention``).
+
+Accuracy rule (FlashAttention's): for every output and gradient X in {out, lse, dq, dk, dv, dsinks},
+    max|X_kernel − X_fp64| ≤ 2 · max|X_eager(dtype) − X_fp64| + ATOL[dtype] · max(1, max|X_fp64|),
+where X_fp64 is the reference run in float64 on the same (dtype-rounded) inputs and X_eager(dtype) the
+reference at the test dtype. The loss is Σ out·g_out + Σ lse·g_lse with random g's, so the lse gradient
+path (folded into Δ) is checked too.
+
+Grid (interpreter tiles are 64×64, see ``attention.INTERPRETER_CONFIG``):
+  * ``test_grid``: every combination of {packed documents, window + sink tokens, learned sinks} ×
+    GQA ratio {1, 2, 4} × head dim {64, 128} × {fp32, bf16}, causal, on one tiny shape B=1, T=80 — two
+    query blocks, the second one partial (T not a multiple of the block).
+  * ``test_non_causal``: the mask-feature combinations without the causal mask.
+  * ``test_larger``: a few bigger shapes (several documents per row, several kv heads, T = 1, 3, 256).
+  * options: no RoPE, custom softmax scale, large explicit positions, strided q/k/v, the in-loop
+    ("fused") RoPE of the streamed operand, no lse gradient.
+  * validation errors, dispatch paths, ``torch.library.opcheck`` and ``torch.compile`` on a tiny shape.
+On CUDA the same tests run compiled (bf16 tensor-core operands), plus ``test_gpu_long``.
+"""
+import math
+
+import pytest
+import torch
+
+from mllm_kernels import attention as A
+from mllm_kernels import reference as R
+from mllm_kernels._common import last_path
+
+ATOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
+
+
+def _make_case(B, T, HQ, HKV, D, *, docs, sinks, seed, positions="doc"):
+    """fp32 CPU inputs: q, k, v, position_ids, cu_seqlens (or None), sinks (or None), g_out, g_lse."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, HQ, D, generator=g)
+    k = torch.randn(B, T, HKV, D, generator=g)
+    v = torch.randn(B, T, HKV, D, generator=g)
+    cu = None
+    doc_start = torch.zeros(B, T, dtype=torch.long)
+    if docs:
+        bounds = [0]
+        for b in range(B):
+            n_cuts = min(T - 1, int(torch.randint(1, 4, (1,), generator=g)))
+            cuts = sorted(set(torch.randint(1, T, (n_cuts,), generator=g).tolist())) if T > 1 else []
+            bounds += [b * T + c for c in cuts] + [(b + 1) * T]
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        doc_start = R.doc_start_from_cu_seqlens(cu, B, T, "cpu").long()
+    if positions == "doc":  # positions restart at 0 in every document, as packed rows do
+        pos = torch.arange(T)[None].expand(B, T) - doc_start
+    else:
+        pos = None
+    s = (torch.randn(HQ, generator=g) + 1.0) if sinks else None
+    g_out = torch.randn(B, T, HQ, D, generator=g)
+    g_lse = torch.randn(B, HQ, T, generator=g)
+    return q, k, v, pos, cu, s, g_out, g_lse
+
+
+def _run(fn, q, k, v, pos, cu, s, g_out, g_lse, dtype, device, kw):
+    """Forward + backward of fn at ``dtype`` (sinks stay fp32, fp64 for the fp64 run)."""
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v)]
+    sink = None
+    if s is not None:
+        sink = s.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    pos_d = pos.to(device) if pos is not None else None
+    cu_d = cu.to(device) if cu is not None else None
+    out, lse = fn(*leaves, pos_d, cu_seqlens=cu_d, sinks=sink, return_lse=True, **kw)
+    loss = (out.double() * g_out.to(device, dtype).double()).sum()
+    if g_lse is not None:
+        loss = loss + (lse.double() * g_lse.to(device).double()).sum()
+    wrt = leaves + ([sink] if sink is not None else [])
+    grads = torch.autograd.grad(loss, wrt)
+    res = [out, lse] + list(grads) + ([None] if sink is None else [])
+    return [None if r is None else r.detach().double().cpu() for r in res]
+
+
+def _check(B, T, HQ, HKV, D, dtype, *, causal=True, docs=False, window=None, n_sink_tokens=0, sinks=False,
+           seed=0, positions="doc", lse_grad=True, **kw):
+    q, k, v, pos, cu, s, g_out, g_lse = _make_case(B, T, HQ, HKV, D, docs=docs, sinks=sinks, seed=seed,
+                                                   positions=positions)
+    if not lse_grad:
+        g_lse = None
+    # round the inputs to the test dtype once, so that all three runs see identical values
+    q, k, v = (x.to(dtype).float() for x in (q, k, v))
+    g_out = g_out.to(dtype).float()
+    opts = dict(causal=causal, window=window, n_sink_tokens=n_sink_tokens, **kw)
+    ref = _run(R.attention, q, k, v, pos, cu, s, g_out, g_lse, torch.float64, "cpu", opts)
+    eager = _run(R.attention, q, k, v, pos, cu, s, g_out, g_lse, dtype, "cpu", opts)
+    kern = _run(A.attention, q, k, v, pos, cu, s, g_out, g_lse, dtype, DEVICE, opts)
+    assert last_path("attention") == ("triton" if DEVICE == "cuda" else "interpreter")
+    for name, kx, ex, rx in zip(NAMES, kern, eager, ref):
+        if rx is None:
+            assert kx is None
+            continue
+        assert kx.shape == rx.shape, name
+        assert torch.isfinite(kx).all(), f"{name}: non-finite values"
+        k_err = (kx - rx).abs().max().item()
+        e_err = (ex - rx).abs().max().item()
+        bound = 2 * e_err + ATOL[dtype] * max(1.0, rx.abs().max().item())
+        assert k_err <= bound, f"{name}: kernel err {k_err:.3e} > {bound:.3e} (eager {dtype} err {e_err:.3e}, seed {seed})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# accuracy
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("sinks", [False, True], ids=["nosinks", "sinks"])
+@pytest.mark.parametrize("window", [None, 16], ids=["nowin", "win16+3sink"])
+@pytest.mark.parametrize("docs", [False, True], ids=["1doc", "docs"])
+def test_grid(docs, window, sinks, group, D, dtype):
+    seed = hash((docs, window, sinks, group, D, str(dtype))) % 10_000
+    _check(1, 80, group, 1, D, dtype, docs=docs, window=window, n_sink_tokens=3 if window else 0, sinks=sinks,
+           seed=seed)
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["nosinks", "sinks"])
+@pytest.mark.parametrize("window", [None, 20], ids=["nowin", "win20+2sink"])
+@pytest.mark.parametrize("docs", [False, True], ids=["1doc", "docs"])
+def test_non_causal(docs, window, sinks):
+    _check(1, 100, 2, 1, 64, torch.float32, causal=False, docs=docs, window=window,
+           n_sink_tokens=2 if window else 0, sinks=sinks, seed=7)
+
+
+@pytest.mark.parametrize(
+    "B,T,HQ,HKV,D,dtype,opts",
+    [
+        (2, 200, 4, 2, 64, torch.float32, dict(docs=True, window=40, n_sink_tokens=4, sinks=True)),
+        (2, 200, 4, 2, 128, torch.bfloat16, dict(docs=True, window=40, n_sink_tokens=4, sinks=True)),
+        (1, 256, 2, 2, 64, torch.bfloat16, dict(docs=True, sinks=True)),
+        (2, 130, 4, 1, 64, torch.float32, dict(causal=False, docs=True, sinks=True)),
+        (1, 1, 2, 1, 64, torch.float32, dict(sinks=True)),
+        (2, 3, 2, 2, 128, torch.float32, dict(docs=True, window=1, n_sink_tokens=1)),
+    ],
+    ids=["B2T200-gqa2-all-fp32", "B2T200-d128-all-bf16", "T256-docs-bf16", "T130-noncausal-docs", "T1", "T3-win1"],
+)
+def test_larger(B, T, HQ, HKV, D, dtype, opts):
+    _check(B, T, HQ, HKV, D, dtype, seed=B * 1000 + T, **opts)
+
+
+def test_no_rope_and_custom_scale():
+    _check(1, 100, 2, 1, 64, torch.float32, docs=True, sinks=True, rope_theta=None, softmax_scale=0.3, seed=11)
+
+
+def test_large_positions_rope_theta():
+    """Positions far beyond T (e.g. a later chunk of a long document) and another θ: the fp64-turns angle
+    reduction must keep fp32 accuracy there."""
+    q, k, v, _, _, s, g_out, g_lse = _make_case(1, 70, 2, 1, 64, docs=False, sinks=True, seed=5)
+    pos = torch.arange(70)[None] + 123_457
+    opts = dict(rope_theta=500_000.0, window=32, n_sink_tokens=2)
+    ref = _run(R.attention, q, k, v, pos, None, s, g_out, g_lse, torch.float64, "cpu", opts)
+    kern = _run(A.attention, q, k, v, pos, None, s, g_out, g_lse, torch.float32, DEVICE, opts)
+    for name, kx, rx in zip(NAMES, kern, ref):
+        assert (kx - rx).abs().max().item() <= 5e-5 * max(1.0, rx.abs().max().item()), name
+
+
+def test_stream_rope_fused(monkeypatch):
+    """The in-loop rotation of the streamed operand (no pre-rotated temporary) gives the same results."""
+    monkeypatch.setattr(A, "STREAM_ROPE", "fused")
+    _check(2, 100, 4, 2, 64, torch.float32, docs=True, window=24, n_sink_tokens=2, sinks=True, seed=3)
+    _check(1, 80, 2, 1, 128, torch.bfloat16, docs=True, sinks=True, seed=4)
+
+
+def test_without_lse_grad_and_default_positions():
+    _check(2, 90, 2, 1, 64, torch.float32, docs=True, sinks=True, positions=None, lse_grad=False, seed=9)
+
+
+def test_strided_inputs():
+    """q/k/v as views of one packed projection [B, T, Hq + 2·Hkv, D] (non-contiguous heads)."""
+    B, T, HQ, HKV, D = 2, 70, 2, 1, 64
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, HQ + 2 * HKV, D, generator=g).to(DEVICE)
+    q, k, v = qkv.split([HQ, HKV, HKV], dim=2)
+    assert not q.is_contiguous()
+    out = A.attention(q, k, v, window=20, n_sink_tokens=1)
+    ref = R.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), window=20, n_sink_tokens=1)
+    assert (out.cpu().double() - ref).abs().max().item() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation, dispatch, torch.library
+# ----------------------------------------------------------------------------------------------------
+def _valid_args(D=64):
+    q = torch.randn(2, 8, 4, D, device=DEVICE)
+    k = torch.randn(2, 8, 2, D, device=DEVICE)
+    v = torch.randn(2, 8, 2, D, device=DEVICE)
+    return q, k, v
+
+
+BAD_CASES = [
+    (lambda q, k, v: ((q[0], k, v), {}), "q must have 4 dimensions"),
+    (lambda q, k, v: ((q, k.half(), v), {}), "share a dtype"),
+    (lambda q, k, v: ((q.long(), k, v), {}), "q has dtype int64"),
+    (lambda q, k, v: ((q, k, v[:, :, :1]), {}), "same shape"),
+    (lambda q, k, v: ((q, k[:, :4], v[:, :4]), {}), r"must be \[B, T, Hkv, D\]"),
+    (lambda q, k, v: ((q[:, :, :3], k, v), {}), "multiple of the kv heads"),
+    (lambda q, k, v: ((q[..., :32], k[..., :32], v[..., :32]), {}), r"head dim D=32 is not supported.*\(64, 128\)"),
+    (lambda q, k, v: ((q, k, v, torch.zeros(2, 7, dtype=torch.long, device=q.device)), {}), "position_ids shape"),
+    (lambda q, k, v: ((q, k, v, torch.zeros(2, 8, device=q.device)), {}), "position_ids has dtype float32"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([0, 8, 16], device=q.device).float())), "cu_seqlens has dtype"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([[0, 8, 16]], device=q.device))), "cu_seqlens must have 1"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([1, 8, 16], device=q.device))), "start at 0"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([0, 8, 15], device=q.device))), "end at B\\*T"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([0, 5, 5, 8, 16], device=q.device))), "strictly increasing"),
+    (lambda q, k, v: ((q, k, v), dict(cu_seqlens=torch.tensor([0, 5, 10, 16], device=q.device))), r"row start.*missing \[8\]"),
+    (lambda q, k, v: ((q, k, v), dict(window=0)), "window must be a positive int"),
+    (lambda q, k, v: ((q, k, v), dict(window=2.5)), "window must be a positive int"),
+    (lambda q, k, v: ((q, k, v), dict(window=4, n_sink_tokens=-1)), "n_sink_tokens must be an int >= 0"),
+    (lambda q, k, v: ((q, k, v), dict(sinks=torch.zeros(3, device=q.device))), r"sinks must have shape \[Hq\] = \[4\]"),
+    (lambda q, k, v: ((q, k, v), dict(sinks=torch.zeros(4, dtype=torch.long, device=q.device))), "sinks has dtype"),
+    (lambda q, k, v: ((q, k, v), dict(rope_theta=-1.0)), "rope_theta must be a positive"),
+    (lambda q, k, v: ((q, k, v), dict(softmax_scale=float("nan"))), "softmax_scale must be a finite"),
+]
+
+
+@pytest.mark.parametrize("make,match", BAD_CASES, ids=[m for _, m in BAD_CASES])
+def test_validation_errors(make, match):
+    args, kw = make(*_valid_args())
+    with pytest.raises(ValueError, match=match):
+        A.attention(*args, **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch():
+    q, k, v = _valid_args()
+    with pytest.raises(ValueError, match="position_ids is on cpu"):
+        A.attention(q, k, v, torch.zeros(2, 8, dtype=torch.long))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU dispatch rule")
+def test_dispatch_eager_without_interpreter(monkeypatch):
+    q, k, v = _valid_args(D=32)  # the eager path has no head-dim restriction
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = A.attention(q, k, v, window=3, n_sink_tokens=1)
+    assert last_path("attention") == "eager"
+    torch.testing.assert_close(out, R.attention(q, k, v, window=3, n_sink_tokens=1), rtol=0, atol=0)
+
+
+def test_return_probs_is_eager_debug_path():
+    q, k, v = _valid_args()
+    sinks = torch.zeros(4, device=DEVICE)
+    out, probs = A.attention(q, k, v, sinks=sinks, return_probs=True)
+    assert last_path("attention") == "eager"
+    assert probs.shape == (2, 4, 8, 8)
+    # with a sink column the kept probabilities sum to 1 − P_sink < 1
+    assert (probs.sum(-1) < 1).all()
+    torch.testing.assert_close(out, A.attention(q, k, v, sinks=sinks), rtol=1e-4, atol=1e-5)
+
+
+def _op_args(requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    B, T, HQ, HKV, D = 1, 20, 2, 1, 64
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(DEVICE).requires_grad_(requires_grad) for h in (HQ, HKV, HKV))
+    pos = torch.arange(T, device=DEVICE)[None]
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    sinks = torch.randn(HQ, generator=g).to(DEVICE).requires_grad_(requires_grad)
+    return (q, k, v, pos, cu, sinks, True, 6, 2, 10000.0, 0.125)
+
+
+def test_opcheck():
+    torch.library.opcheck(A._attention_op, _op_args())
+
+
+def test_torch_compile_aot_eager():
+    q, k, v, pos, cu, sinks = _op_args()[:6]
+
+    def f(q, k, v, sinks):
+        return A.attention(q, k, v, pos, cu_seqlens=cu, window=6, n_sink_tokens=2, sinks=sinks).float().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
+    want = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_with_learned_sinks():
+    m = A.Attention(4, window=5, n_sink_tokens=1, learned_sinks=True).to(DEVICE)
+    q, k, v = _valid_args()
+    with torch.no_grad():
+        m.sinks.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    m(q, k, v).float().square().sum().backward()
+    sinks = m.sinks.detach().clone().requires_grad_()
+    R.attention(q, k, v, window=5, n_sink_tokens=1, sinks=sinks).square().sum().backward()
+    torch.testing.assert_close(m.sinks.grad, sinks.grad, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only: realistic lengths
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_long(D):
+    _check(2, 1100, 8, 2, D, torch.bfloat16, docs=True, window=300, n_sink_tokens=4, sinks=True, seed=D)
+    _check(1, 2048, 4, 4, D, torch.bfloat16, sinks=True, seed=D + 1)
