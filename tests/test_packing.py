@@ -408,6 +408,21 @@ def test_materialize_subset_and_cu_seqlens_from_positions():
     np.testing.assert_array_equal(full["cu_seqlens"], P.cu_seqlens_from_position_ids(full["position_ids"]))
 
 
+def test_iter_batches_cover_all_rows_in_order():
+    rng = np.random.default_rng(9)
+    docs = random_docs(rng, 60, 20)
+    full = P.build_packed_rows(docs, 16, pad_id=0, eot_id=3, seed=5)
+    batches = list(P.iter_batches(full["plan"], docs, 4, pad_id=0, eot_id=3))
+    assert [b["input_ids"].shape[0] for b in batches][:-1] == [4] * (len(batches) - 1)
+    for k in ("input_ids", "labels", "position_ids"):
+        np.testing.assert_array_equal(np.concatenate([b[k] for b in batches]), full[k])
+    dropped = list(P.iter_batches(full["plan"], docs, 4, pad_id=0, eot_id=3, drop_last=True, start_row=2))
+    assert all(b["input_ids"].shape[0] == 4 for b in dropped) and len(dropped) == (full["plan"].n_rows - 2) // 4
+    np.testing.assert_array_equal(dropped[0]["input_ids"], full["input_ids"][2:6])
+    with pytest.raises(ValueError, match="batch_rows"):
+        next(P.iter_batches(full["plan"], docs, 0, pad_id=0))
+
+
 @pytest.mark.parametrize("call,msg", [
     (lambda: P.build_packed_rows([np.array([1, 2]), np.array([[1, 2]])], 8, 0), r"docs\[1\]"),
     (lambda: P.build_packed_rows([np.array([1.0, 2.0])], 8, 0), r"docs\[0\]"),

@@ -9,8 +9,9 @@ Two layers:
    checks it). ``plan_unpacked`` is the one-piece-per-row counterpart.
 2. **Materialising** rows of tokens from a plan: ``materialize_rows(plan, docs, rows, ...)`` builds
    ``input_ids``, ``labels``, ``position_ids`` [R, row_len] and ``cu_seqlens`` for any subset of rows (a loader
-   can plan once and build each batch on demand). ``build_packed_rows`` / ``build_unpacked_rows`` plan and build
-   all rows at once; ``build_rows(..., packing=True|False)`` switches between them.
+   can plan once and build each batch on demand: ``iter_batches``). ``build_packed_rows`` /
+   ``build_unpacked_rows`` plan and build all rows at once; ``build_rows(..., packing=True|False)`` switches
+   between them.
 
 The planning specification (csrc/packing.h says the same):
 
@@ -420,6 +421,22 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
         "input_ids": ids, "labels": labels, "position_ids": pos, "doc_index": doc_index, "cu_seqlens": cu,
         "efficiency": plan.efficiency, "batch_efficiency": n_real / (R * L) if R else 0.0,
     }
+
+
+def iter_batches(plan: PackResult, docs: Sequence, batch_rows: int, *, pad_id: int, ignore_index: int = -100,
+                 loss_masks: Optional[Sequence] = None, eot_id: Optional[int] = None, drop_last: bool = False,
+                 start_row: int = 0):
+    """Yield ``materialize_rows`` dicts of ``batch_rows`` consecutive rows of a plan (rows are already shuffled
+    when the plan was made with a seed), from ``start_row`` on (to resume). The last, smaller batch is
+    dropped with ``drop_last``. Builds only the batch being yielded, so memory stays O(batch_rows · L)."""
+    batch_rows = _check_int("batch_rows", batch_rows, 1)
+    start_row = _check_int("start_row", start_row, 0)
+    for lo in range(start_row, plan.n_rows, batch_rows):
+        hi = min(lo + batch_rows, plan.n_rows)
+        if drop_last and hi - lo < batch_rows:
+            return
+        yield materialize_rows(plan, docs, np.arange(lo, hi), pad_id=pad_id, ignore_index=ignore_index,
+                               loss_masks=loss_masks, eot_id=eot_id)
 
 
 def build_packed_rows(docs: Sequence, row_len: int, pad_id: int, ignore_index: int = -100,
