@@ -39,8 +39,8 @@ REPO_ROOT = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results"
 
 # Columns of the Markdown table, in order; everything else stays in the JSON only.
-TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "gbps", "tflops", "peak_mem_mb")
-COLUMN_TITLES = {"ms": "ms (median)", "gbps": "GB/s", "tflops": "TFLOP/s", "peak_mem_mb": "peak MiB"}
+TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "gbps", "tflops", "pct_copy_bw", "peak_mem_mb")
+COLUMN_TITLES = {"ms": "ms (median)", "gbps": "GB/s", "tflops": "TFLOP/s", "pct_copy_bw": "% copy BW", "peak_mem_mb": "peak MiB"}
 # A row's speed-up is reported against the first of these providers present for the same (op, shape,
 # dtype, mode): the eager PyTorch path is the baseline every kernel has to beat.
 BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch")
@@ -401,12 +401,19 @@ def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary
         for op in sorted({rows[i]["op"] for i in timed}):
             if op in plots:
                 lines += [f"![{op}]({plots[op]})", ""]
+        skipped: Dict[str, Dict[str, int]] = {}
         for i in idxs:
             r = rows[i]
             if "error" in r:
-                lines.append(f"- **error** `{r['op']}` {format_shape(r.get('shape'))} {r.get('provider')}: {r['error']}")
+                where = " ".join(str(x) for x in (format_shape(r.get("shape")), r.get("dtype"), r.get("mode"))
+                                 if x not in (None, ""))
+                lines.append(f"- **error** `{r['op']}` {where} {r.get('provider')}: {r['error']}")
             elif "skipped" in r:
-                lines.append(f"- skipped `{r['op']}` {format_shape(r.get('shape'))} {r.get('provider')}: {r['skipped']}")
+                # one line per reason: a CPU run skips every GPU provider at every shape and mode
+                key = f"{r['op']}/{r.get('provider')}"
+                skipped.setdefault(str(r["skipped"]), {})[key] = skipped.get(str(r["skipped"]), {}).get(key, 0) + 1
+        for reason, items in skipped.items():
+            lines.append(f"- skipped ({reason}): " + ", ".join(f"`{k}` ×{n}" for k, n in items.items()))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

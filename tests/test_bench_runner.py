@@ -93,7 +93,7 @@ def test_main_writes_json_markdown_plots_and_records_failure(bench_dir, tmp_path
     assert "| fake_norm | 4x1024 | bfloat16 | fwd | triton | 0.256 |" in md
     assert "4.00" in md  # triton speed-up over the eager baseline: (1024/1000) / (1024/4000)
     assert "**error** `broken`" in md and "kernel exploded" in md
-    assert "skipped `fake_norm` 4x8192 triton: needs CUDA" in md
+    assert "- skipped (needs CUDA): `fake_norm/triton` ×1" in md
 
     plots = sorted(p.name for p in (out / json_path.name.replace(".json", "_plots")).glob("*.png"))
     assert plots == ["fake_norm.png", "fake_pack.png"]
