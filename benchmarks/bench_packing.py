@@ -177,7 +177,7 @@ def run(device=None, quick: bool = False) -> list[dict]:
         rows.append({**common, "provider": f"cpp-{algo}", **full, "efficiency": res.efficiency,
                      "n_rows": res.n_rows, "pieces": res.n_segments, "subset_docs": py_subset,
                      "subset_ms": small["ms"], "subset_cpu_ms": small["cpu_ms"]})
-        py = _time(lambda: P.pack_reference(subset, ROW_LEN, algo, "split", 0), max(1, repeats // 2))
+        py = _time(lambda: P.pack_reference(subset, ROW_LEN, algo, "split", 0), repeats)
         ref = py.pop("result")
         scale = n_docs / py_subset
         same = ref.n_rows == small["result"].n_rows and np.array_equal(ref.doc, small["result"].doc)
