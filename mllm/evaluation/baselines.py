@@ -22,7 +22,12 @@ import torch.nn as nn
 
 
 class BaselineUnavailable(RuntimeError):
-    """The baseline's weights (or transformers itself) are not available; str(e) starts with "skipped:"."""
+    """The baseline's weights (or transformers itself) are not available; str(e) starts with "skipped:" and
+    ``detail`` holds the underlying error, if any."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
 
 
 def _offline() -> bool:
@@ -127,7 +132,7 @@ def load_baseline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
         where = (f"local folder {local} has no loadable weights" if is_dir else
                  "not available offline (no local weights in the Hugging Face cache; HF_HUB_OFFLINE=1)"
                  if _offline() else "could not be downloaded from the Hugging Face hub")
-        raise BaselineUnavailable(f"skipped: {name_or_path} {where} ({type(e).__name__}: {str(e)[:160]})") from e
+        raise BaselineUnavailable(f"skipped: {name_or_path} {where}", f"{type(e).__name__}: {str(e)[:300]}") from e
     model = HFCausalLM(hf.to(device), name=Path(name_or_path).name if is_dir else name_or_path)
     if tokenizer is None:
         try:
@@ -142,6 +147,10 @@ def load_baseline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
     return model, tokenizer
 
 
-def skip_record(name: str, reason: str) -> dict:
-    """The results-JSON record of a baseline that did not run; the report prints ``reason``."""
-    return {"name": name, "status": "skipped", "reason": reason if reason.startswith("skipped") else f"skipped: {reason}"}
+def skip_record(name: str, reason: str, detail: str = "") -> dict:
+    """The results-JSON record of a baseline that did not run; the report prints ``reason`` (and ``detail``, the
+    underlying error, in its baselines section)."""
+    rec = {"name": name, "status": "skipped", "reason": reason if reason.startswith("skipped") else f"skipped: {reason}"}
+    if detail:
+        rec["detail"] = detail
+    return rec

@@ -14,10 +14,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def model_device(model) -> torch.device:
@@ -51,10 +50,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def command_line() -> str:
-    """The command that is running, as one shell-quoted line (for traceability in results JSONs)."""
-    argv = [Path(sys.argv[0]).as_posix()] + sys.argv[1:] if sys.argv and sys.argv[0] else ["python"]
-    return "python " + " ".join(shlex.quote(a) for a in argv)
+def command_line(script: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> str:
+    """A shell-quoted ``python <script> <args>`` line for results JSONs: ``script``/``argv`` when given (a script's
+    ``main(argv)`` called in-process), else this process's ``sys.argv``."""
+    if script is None:
+        script = sys.argv[0] if sys.argv and sys.argv[0] else "-"
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "python " + " ".join(shlex.quote(a) for a in [Path(script).as_posix()] + args)
 
 
 def write_result(path: str | os.PathLike, result: Dict[str, Any], command: Optional[str] = None,
@@ -96,6 +98,3 @@ def read_result(path: str | os.PathLike) -> Dict[str, Any]:
         raise ValueError(f"{path}: not a results JSON (needs a top-level 'result' key)")
     return doc
 
-
-def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1)

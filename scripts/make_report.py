@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Write report/REPORT.md from a run's results JSONs, metrics and figures.
+
+    python scripts/make_report.py --run experiments/runs/<run>/ [--results DIR] [--out report/REPORT.md]
+
+--results defaults to <run>/results (written by scripts/evaluation/evaluate_tasks.py). Every number in the
+report is read from those JSONs or from <run>/metrics.jsonl; missing ones are printed as "not run: <why>".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    from mllm.evaluation.report import build_report
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default=None, help="run directory (metrics.jsonl, config.json, figures/)")
+    ap.add_argument("--results", default=None, help="results folder (default: RUN/results)")
+    ap.add_argument("--out", default="report/REPORT.md")
+    args = ap.parse_args(argv)
+    if args.run is None and args.results is None:
+        ap.error("give --run RUN (and/or --results DIR)")
+    results = Path(args.results) if args.results else Path(args.run) / "results"
+    try:
+        build_report(results, args.run, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The report generator on a small fake results folder: no placeholder left, numbers match the JSONs, missing
+results say why; and the evaluate_tasks -> make_report path end to end on a tiny checkpoint."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm.evaluation.common import write_result
+from mllm.evaluation.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CMD = "python scripts/evaluation/evaluate_tasks.py --stage-checkpoints RUN"
+
+
+def _script(name, rel):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ppl(tok_ppl, word_ppl, bpb):
+    conv = "token-level perplexity, sliding window (HF perplexity guide): context=128, stride=128"
+    return {"token": {"perplexity": tok_ppl, "context": 128, "stride": 128, "n_tokens": 5000, "convention": conv},
+            "rolling": {"word_perplexity": word_ppl, "byte_perplexity": 2.5, "bits_per_byte": bpb,
+                        "convention": "lm-eval-harness rolling loglikelihood"},
+            "detokenized": True, "source": "wikitext-2 validation"}
+
+
+def _sst2(z, zc, k, kc):
+    def one(acc, n=40):
+        c = round(acc * n)
+        return {"accuracy": acc, "correct": c, "n": n,
+                "confusion": {"negative": {"negative": c // 2, "positive": 20 - c // 2},
+                              "positive": {"negative": 20 - (c - c // 2), "positive": c - c // 2}}}
+    return {"source": "SST-2 dev carve",
+            "zero_shot": {"uncalibrated": one(z), "calibrated": one(zc), "shots": 0, "seed": 1,
+                          "majority_class_accuracy": 0.55},
+            "k_shot": {"uncalibrated": one(k), "calibrated": one(kc), "shots": 2, "seed": 1,
+                       "majority_class_accuracy": 0.55}}
+
+
+def _gsm(g, m, v=None):
+    acc = lambda c: {"accuracy": c / 8, "correct": c, "n": 8}  # noqa: E731
+    return {"greedy": acc(g), "majority": {**acc(m), "n_samples": 4},
+            "verifier": {**acc(v), "n_samples": 4} if v is not None else {"not_run": "no verifier score function given"},
+            "oracle": {**acc(max(g, m) + 1), "n_samples": 4}, "n_samples": 4, "temperature": 0.7,
+            "max_new_tokens": 48, "source": "GSM8K held-out carve",
+            "taxonomy": {"counts": {"correct": g, "extraction": 8 - g - 2, "arithmetic": 1, "reasoning": 1},
+                         "n_wrong": 8 - g, "n": 8,
+                         "examples": {"extraction": [{"question": "How many eggs?", "solution": "eggs eggs",
+                                                      "predicted": None, "gold": "7", "wrong_step": None}],
+                                      "arithmetic": [{"question": "Sum?", "solution": "2 + 2 = 5\n#### 5",
+                                                      "predicted": "5", "gold": "4",
+                                                      "wrong_step": "2 + 2 = 5 (actually 4)"}],
+                                      "reasoning": []}}}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    run = tmp_path / "runs" / "smoke-1"
+    res = run / "results"
+    (run).mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"name": "local-smoke"}))
+    write_result(res / "environment.json", {"hardware": {"cpu": "Test CPU", "cpu_cores": 2, "gpus": [], "gpu_count": 0,
+                                                         "cuda": None, "platform": "Linux"},
+                                            "software": {"python": "3.11", "torch": "2.13.0", "triton": "3.9.0",
+                                                         "transformers": None}}, CMD, model="environment")
+    meta = dict(command=CMD)
+    write_result(res / "pretrain" / "perplexity.json", _ppl(812.3456, 2345.678, 2.71828), **meta, model="pretrain")
+    write_result(res / "sft" / "perplexity.json", _ppl(701.25, 2001.5, 2.5), **meta, model="sft")
+    write_result(res / "pretrain" / "sst2.json", _sst2(0.5, 0.525, 0.55, 0.6), **meta, model="pretrain")
+    write_result(res / "sft" / "sst2.json", _sst2(0.575, 0.6, 0.625, 0.675), **meta, model="sft")
+    write_result(res / "pretrain" / "gsm8k.json", _gsm(0, 1), **meta, model="pretrain")
+    write_result(res / "sft" / "gsm8k.json", _gsm(1, 2, 3), **meta, model="sft")
+    write_result(res / "dpo" / "perplexity.json", {"not_run": "WikiText-2 test not available"}, **meta, model="dpo")
+    write_result(res / "baseline-gpt2" / "status.json",
+                 {"name": "gpt2", "status": "skipped", "reason": "skipped: gpt2 not available offline",
+                  "detail": "OSError: no cache"}, **meta, model="baseline-gpt2")
+    write_result(res / "pretrain" / "attention.json",
+                 {"layers": [{"layer": 0, "mean_first_mass": 0.61, "mean_local_mass": 0.2, "mean_self_mass": 0.1,
+                              "mean_entropy": 1.234, "mean_mean_distance": 5.5, "heads": []}],
+                  "observations": ["Sink heads (> 50% of attention on the first token): 1 of 2: L0H1 (91%)."],
+                  "figures": ["pretrain/attention/layer_0.png"]}, **meta, model="pretrain")
+    recs = [{"stage": "pretrain", "step": 0, "kind": "start", "device": "cpu", "world_size": 1, "params": 123456},
+            {"stage": "pretrain", "step": 0, "kind": "val", "val_loss": 10.5},
+            {"stage": "pretrain", "step": 5, "kind": "train", "loss": 9.0, "tokens_per_s": 1000.0, "mfu": None},
+            {"stage": "pretrain", "step": 10, "kind": "train", "loss": 8.0, "tokens_per_s": 1100.0, "mfu": None},
+            {"stage": "pretrain", "step": 10, "kind": "val", "val_loss": 8.25},
+            {"stage": "pretrain", "step": 10, "kind": "end", "steps": 10, "tokens_seen": 20480, "train_time_s": 16.0,
+             "wall_s": 20.5, "final_train_loss": 8.0},
+            {"stage": "dpo", "step": 0, "kind": "val", "val_loss": 0.69, "val_reward_acc": 0.5, "val_margin": 0.0},
+            {"stage": "dpo", "step": 20, "kind": "val", "val_loss": 0.6, "val_reward_acc": 0.6875, "val_margin": 0.1234}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return run
+
+
+def test_report_from_fake_results(fake, tmp_path):
+    out = tmp_path / "report" / "REPORT.md"
+    md = build_report(fake / "results", fake, out)
+    assert out.read_text() == md
+    assert "(fill)" not in md.lower() and "todo" not in md.lower() and "nan" not in md.split()
+    # numbers formatted from the JSONs
+    for s in ["812.35", "701.25", "2345.68", "2001.50", "2.7183", "128/128",           # perplexity
+              "50.0%", "52.5%", "55.0%", "60.0%", "67.5%", "55.0%",                      # SST-2
+              "0.0% (0/8)", "12.5% (1/8)", "25.0% (2/8)", "37.5% (3/8)",                 # GSM8K
+              "-111.10", "+7.5 pp", "+12.5 pp",                                          # deltas
+              "+25.0 pp", "+12.5 pp",                                                    # verifier − greedy / − majority
+              "| sft | 7/8 | 5 | 1 | 1 |", "2 + 2 = 5 (actually 4)",                     # taxonomy
+              "20,480", "16.0", "20.5", "1,280", "8.0000", "8.2500",                       # training (20480/16 = 1280 tok/s)
+              "0.6875", "0.1234",                                                         # DPO val records
+              "Test CPU (2 cores)", "123,456", "L0H1 (91%)", "61%"]:
+        assert s in md, s
+    # missing results say why
+    assert "not run: WikiText-2 test not available" in md
+    assert "not run: skipped: gpt2 not available offline" in md and "OSError: no cache" in md
+    assert "not run: no ../runs/smoke-1/results/verifier/perplexity.json" in md
+    assert "not run: no 'sft' records in" in md
+    assert "not run: no verifier score function given" in md
+    # traceability: each table names JSONs and the command
+    assert md.count(f"by `{CMD}`") >= 8 and "results/sft/gsm8k.json" in md and "metrics.jsonl" in md
+    assert "run_pipeline.py --config local-smoke --stage pretrain --run-name smoke-1" in md
+    # a loss curve was plotted from metrics.jsonl
+    assert (out.parent / "figures" / "pretrain_loss.png").is_file() and "figures/pretrain_loss.png" in md
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ValueError, match="results folder not found"):
+        build_report(tmp_path / "none", None, tmp_path / "r.md")
+    (tmp_path / "res" / "x").mkdir(parents=True)
+    (tmp_path / "res" / "x" / "sst2.json").write_text("{bad")
+    with pytest.raises(ValueError, match="sst2.json:1: invalid JSON"):
+        build_report(tmp_path / "res", None, tmp_path / "r.md")
+
+
+def test_evaluate_tasks_then_make_report(tmp_path, data_dir):
+    """The two scripts on a tiny checkpoint: every stage found is evaluated, missing ones are reported."""
+    from mllm.config import load_config
+    from mllm.models import Transformer
+    from mllm.training.checkpoint import save_checkpoint
+
+    cfg = load_config("local-smoke", ["model.vocab_size=257", "model.d_model=32", "model.n_layers=1",
+                                      "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=32",
+                                      "data.tokenizer=byte", "eval.sst2_examples=4", "eval.sst2_shots=1",
+                                      "eval.gsm8k_examples=2", "eval.gsm8k_samples=2", "eval.gsm8k_max_new_tokens=8",
+                                      "eval.perplexity_context=64"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoints" / "pretrain", 2, {"model": Transformer(cfg.model).state_dict(),
+                                                          "config": cfg.to_dict(), "stage": "pretrain", "step": 2},
+                    final=True)
+    ev = _script("evaluate_tasks", "scripts/evaluation/evaluate_tasks.py")
+    assert ev.main(["--stage-checkpoints", str(run), "--max-docs", "1", "--no-progress", "--device", "cpu",
+                    "--baseline", "mllm-test/no-such-model", "--stages", "pretrain,sft"]) == 0
+    ppl = json.loads((run / "results" / "pretrain" / "perplexity.json").read_text())
+    assert ppl["step"] == 2 and "evaluate_tasks.py" in ppl["command"] and ppl["result"]["token"]["perplexity"] > 1
+    assert json.loads((run / "results" / "sft" / "status.json").read_text())["result"]["status"] == "not run"
+    rep = _script("make_report", "scripts/make_report.py")
+    out = tmp_path / "report" / "REPORT.md"
+    assert rep.main(["--run", str(run), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert f"{ppl['result']['token']['perplexity']:.2f}" in md
+    assert "not run: no sft checkpoint in the run" in md
+    assert "skipped: mllm-test/no-such-model not available offline" in md
+    assert ev.main(["--stage-checkpoints", str(tmp_path / "nope")]) == 2
