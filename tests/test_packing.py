@@ -225,6 +225,21 @@ def test_cpp_reads_strided_views():
             np.testing.assert_array_equal(got[f], want[f])
 
 
+@needs_ext
+def test_cpp_concurrent_calls_agree_with_serial():
+    # the GIL is released while packing: calls from several threads must not share state
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(10)
+    inputs = [rng.integers(1, 3000, size=20000) for _ in range(4)]
+    serial = [P.pack(x, 1024, "bfd" if i % 2 else "ffd", "split", i) for i, x in enumerate(inputs)]
+    with ThreadPoolExecutor(4) as ex:
+        parallel = list(ex.map(lambda ix: P.pack(ix[1], 1024, "bfd" if ix[0] % 2 else "ffd", "split", ix[0]),
+                               enumerate(inputs)))
+    for a, b in zip(serial, parallel):
+        assert_same(a, b)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 BAD_PLANS = [
     (dict(lengths=np.ones((2, 3), dtype=np.int64)), "1-D"),

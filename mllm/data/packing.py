@@ -201,8 +201,10 @@ def _place_bfd(lens: list[int], L: int):
 def _place_ffd(lens: list[int], L: int):
     """First fit: leftmost bin with room, by descending a max segment tree over bin numbers in which bins not
     opened yet have capacity L (so the descent always ends at an open bin or at the next one to open)."""
+    # bins <= 2·tokens/L + 1 (no two bins end at most half full), and <= items: as in csrc/packing.h
+    bound = min(len(lens), 2 * sum(lens) // L + 1)
     P = 1
-    while P < len(lens):
+    while P < bound:
         P *= 2
     tree = [L] * (2 * P)
     bins, offsets, n_bins = [], [], 0
