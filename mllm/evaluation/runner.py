@@ -170,8 +170,10 @@ def _load(loader: Callable[[], Dict], cache: Dict, key: str):
 def evaluate_model(model, tokenizer, name: str, cfg, out_dir: str | Path, tasks: Sequence[str] = TASKS,
                    score_fn=None, meta: Optional[Dict] = None, data_cache: Optional[Dict] = None,
                    batch_size: int = 8, max_documents: Optional[int] = None, command: Optional[str] = None,
-                   progress: bool = True) -> Dict[str, Path]:
-    """Run ``tasks`` for one model and write ``<out_dir>/<name>/<task>.json``; returns {task: path}."""
+                   progress: bool = True, gen_batch_size: int = 32) -> Dict[str, Path]:
+    """Run ``tasks`` for one model and write ``<out_dir>/<name>/<task>.json``; returns {task: path}.
+    ``batch_size``: sequences per scoring forward (perplexity, SST-2); ``gen_batch_size``: prompts per
+    generation call (GSM8K)."""
     from .gsm8k import evaluate_gsm8k
     from .perplexity import evaluate_perplexity
     from .sst2 import evaluate_sst2
@@ -222,7 +224,7 @@ def evaluate_model(model, tokenizer, name: str, cfg, out_dir: str | Path, tasks:
             res = evaluate_gsm8k(model, tokenizer, d["rows"], n_samples=ev.gsm8k_samples,
                                  temperature=ev.gsm8k_temperature, max_new_tokens=ev.gsm8k_max_new_tokens,
                                  seed=cfg.seed, score_fn=score_fn, template=gsm8k_template(), max_len=max_len,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=gen_batch_size, progress=progress)
             save("gsm8k", {**res, "source": d["source"], "test_unavailable": d["test_unavailable"]})
     if "attention" in tasks:
         from .attention_maps import analyze
@@ -254,7 +256,7 @@ def verifier_scorer(checkpoint: Path, device):
 def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, stages: Optional[Sequence[str]] = None,
                  baselines: Sequence[str] = (), tasks: Sequence[str] = TASKS, device: str = "auto",
                  batch_size: int = 8, max_documents: Optional[int] = None, command: Optional[str] = None,
-                 progress: bool = True) -> Dict[str, Dict[str, Path]]:
+                 progress: bool = True, gen_batch_size: int = 32) -> Dict[str, Dict[str, Path]]:
     """Evaluate every stage checkpoint found in ``run_dir`` and each baseline; write ``environment.json``.
     Returns {model name: {task: results path}}."""
     from .baselines import BaselineUnavailable, load_baseline, skip_record
@@ -283,7 +285,7 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
         meta = {**meta, "kind": "stage", "device": str(dev),
                 **({"verifier": why_no_verifier} if score_fn is None else {"verifier": str(found["verifier"])})}
         written[stage] = evaluate_model(model, tok, stage, cfg, out, tasks, score_fn, meta, cache, batch_size,
-                                        max_documents, command, progress)
+                                        max_documents, command, progress, gen_batch_size)
         del model
     for name in baselines:
         label = f"baseline-{Path(name).name}"
@@ -295,7 +297,7 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
             continue
         meta = {"kind": "baseline", "source": name, "device": str(dev)}
         written[label] = evaluate_model(model, tok, label, cfg, out, [t for t in tasks if t != "attention"], None,
-                                        meta, cache, batch_size, max_documents, command, progress)
+                                        meta, cache, batch_size, max_documents, command, progress, gen_batch_size)
         del model
     return written
 

@@ -130,16 +130,16 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], label_words: Sequen
         inp = torch.full((len(chunk), T), pad, dtype=torch.long)
         for r, (_, _, ids, _) in enumerate(chunk):
             inp[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logp = torch.log_softmax(model_logits(model, inp.to(dev)), dim=-1).double().cpu()
+        logits = model_logits(model, inp.to(dev))  # [b, T, V]; only a few positions are read (on device)
         for r, (i, l, ids, tgt) in enumerate(chunk):
             if single:
-                last = logp[r, len(ids) - 1]
-                for l2, wids in enumerate(word_ids):
-                    out[i, l2] = last[wids[0]]
+                lp = torch.log_softmax(logits[r, len(ids) - 1].double(), dim=-1)
+                first = torch.tensor([w[0] for w in word_ids], device=dev)
+                out[i] = lp[first].cpu()
             else:
                 n = len(tgt)
-                pos = torch.arange(len(ids) - n, len(ids))
-                out[i, l] = logp[r, pos, torch.tensor(tgt)].sum()
+                lp = torch.log_softmax(logits[r, len(ids) - n:len(ids)].double(), dim=-1)
+                out[i, l] = lp[torch.arange(n, device=dev), torch.tensor(tgt, device=dev)].sum().cpu()
     return out
 
 

@@ -3,7 +3,7 @@
 
     python scripts/evaluation/evaluate_tasks.py --stage-checkpoints experiments/runs/<run>/ [--include-baselines]
         [--baseline gpt2] [--config NAME] [--set eval.gsm8k_examples=50] [--tasks perplexity,sst2,gsm8k,attention]
-        [--out DIR] [--max-docs N] [--device auto|cpu|cuda] [--batch-size 8]
+        [--out DIR] [--max-docs N] [--device auto|cpu|cuda] [--batch-size 8] [--gen-batch-size 32]
 
 Stages: checkpoints/{pretrain,sft,dpo,verifier}/ (final, else latest). Config: the run's config.json (or
 --config, a preset or file) with --set overrides; its ``eval`` section sets the task sizes. Baselines:
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default: RUN_DIR/results)")
     ap.add_argument("--max-docs", type=int, default=None, help="only the first N WikiText articles")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's device)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward (perplexity, SST-2)")
+    ap.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation call (GSM8K)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     command = command_line("scripts/evaluation/evaluate_tasks.py", sys.argv[1:] if argv is None else argv)
     written = evaluate_run(run, cfg, args.out, stages, list(dict.fromkeys(baselines)), tasks,
                            args.device or cfg.device, args.batch_size, args.max_docs, command,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, gen_batch_size=args.gen_batch_size)
     for name, files in written.items():
         print(f"{name}: " + ", ".join(str(p) for p in files.values()))
     return 0
