@@ -175,8 +175,9 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     sc = cfg.pretrain
     train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
-    val_src = EvalBatches(val_rows, micro_batch_size=sc.micro_batch_size, rank=dist.rank,
-                          world_size=dist.world_size, max_batches=sc.eval_batches) if len(val_rows) else None
+    # eval_batches micro-batches in total, spread over the ranks: the same validation rows for any world size
+    val_src = EvalBatches(val_rows, micro_batch_size=sc.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
+                          max_examples=sc.eval_batches * sc.micro_batch_size) if len(val_rows) else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = Transformer(cfg.model)

@@ -159,28 +159,34 @@ class RowBatchSource:
 
 
 class EvalBatches:
-    """A fixed, re-iterable list of validation micro-batches for this rank.
+    """A fixed, re-iterable set of validation micro-batches, the same examples for any world size.
 
-    Batch ``j`` of rank ``r`` holds examples ``[(j·world + r)·mb, (j·world + r + 1)·mb)`` in dataset order; every
-    rank gets the same number ``min(max_batches, len // (mb·world))`` of full batches.
+    The examples are the first ``N = min(len(dataset), max_examples)`` in dataset order, cut into micro-batches
+    ``j = 0, 1, ...`` of ``micro_batch_size`` (the last one may be short); rank ``r`` reads batches
+    ``j ≡ r (mod world_size)``. A token-weighted mean over all ranks therefore covers exactly these N examples.
     """
 
     def __init__(self, dataset: Sequence, *, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                 max_batches: Optional[int] = None, collate: Callable[[List[Any]], Batch] = collate_rows):
+                 max_examples: Optional[int] = None, collate: Callable[[List[Any]], Batch] = collate_rows):
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.dataset = dataset
         self.mb = micro_batch_size
         self.rank = rank
         self.world_size = world_size
-        n = len(dataset) // (micro_batch_size * world_size)
-        self.n_batches = n if max_batches is None else min(n, max_batches)
+        self.n_examples = len(dataset) if max_examples is None else min(len(dataset), max_examples)
         self.collate = collate
 
+    def _batch_ids(self) -> range:
+        n_batches = -(-self.n_examples // self.mb)
+        return range(self.rank, n_batches, self.world_size)
+
     def __len__(self) -> int:
-        return self.n_batches
+        return len(self._batch_ids())
 
     def __iter__(self) -> Iterator[Batch]:
-        for j in range(self.n_batches):
-            start = (j * self.world_size + self.rank) * self.mb
-            yield self.collate([self.dataset[i] for i in range(start, start + self.mb)])
+        for j in self._batch_ids():
+            start = j * self.mb
+            yield self.collate([self.dataset[i] for i in range(start, min(start + self.mb, self.n_examples))])

@@ -162,8 +162,10 @@ def load_checkpoint(path_or_dir: str | Path, map_location: str | torch.device = 
         if found is None:
             raise CheckpointError(f"no checkpoint in {p} (expected {LATEST} or step_*.pt files)")
         p = found
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint in {p}: no such file or folder")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint file not found: {p}")
+        raise CheckpointError(f"checkpoint {p} is not a file")
     try:
         return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated/corrupt file: say which one

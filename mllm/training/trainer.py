@@ -177,8 +177,9 @@ class Trainer:
         optim_cfg: AdamW betas/eps/weight decay, grad clip, min_lr_ratio, max_consecutive_nonfinite.
         stage: name used for the checkpoint folder, metrics records and figures.
         run_dir: ``experiments/runs/<name>``; None writes nothing (tests).
-        val_data: re-iterable of this rank's validation micro-batches (e.g. ``batches.EvalBatches``); at most
-            ``stage_cfg.eval_batches`` are used per evaluation.
+        val_data: re-iterable of this rank's validation micro-batches (e.g. ``batches.EvalBatches`` with
+            ``max_examples = eval_batches · micro_batch_size``, the same examples for any world size); at most
+            ``stage_cfg.eval_batches`` per rank are read per evaluation.
         dist: the ``DistContext`` (None: one process on ``device``).
         device: used only when ``dist`` is None (default CPU).
         compile: ``torch.compile`` the loss module (the model's forward and the loss together).
@@ -356,8 +357,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
         """Token-weighted mean validation loss (and loss_fn metrics, prefixed ``val_``) over at most
-        ``eval_batches`` micro-batches per rank, all ranks combined; ``val_ppl = exp(val_loss)``; plus eval_fn."""
+        ``eval_batches`` micro-batches per rank, all ranks combined; ``val_ppl = exp(val_loss)``; plus eval_fn.
+        The RNG states are restored afterwards, so how often one evaluates never changes the training run."""
         out: Dict[str, Any] = {}
+        saved_rng = rng_state()  # evaluation must not shift the training RNG streams (eval cadence-independent)
         if self.val_data is not None:
             was_training = self.model.training
             self.model.eval()
@@ -387,6 +390,7 @@ class Trainer:
                 out.update({f"val_{k}": vals[2 + j] / vals[1] for j, k in enumerate(keys)})
         if self.eval_fn is not None:
             out.update(self.eval_fn(self) or {})
+        set_rng_state(saved_rng)
         return out
 
     def _run_eval(self) -> None:

@@ -1,0 +1,177 @@
+"""Checkpoints: exact resume (2N steps == N + resume + N, bit for bit on CPU), atomic writes, keep-last-N,
+pointer fallback, unreadable files, stage hand-over errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mllm.config.pipeline_config import ModelConfig, OptimConfig, StageConfig
+from mllm.models.transformer import Transformer, causal_lm_loss
+from mllm.training import checkpoint as ckpt
+from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows
+from mllm.training.trainer import Trainer, rng_state, set_rng_state
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids OpenMP spinning on a shared 2-core machine (100x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+TOKENS = (np.arange(3000) * 7 + np.random.default_rng(0).integers(0, 3, 3000)) % 64
+
+
+def noisy_lm_loss(model, batch):
+    """LM loss with random label dropout drawn from torch's RNG, plus a numpy draw, so that resuming
+    without the RNG states would diverge."""
+    labels = batch["labels"].clone()
+    labels[torch.rand(labels.shape) < 0.2] = -100
+    jitter = float(np.random.rand()) * 1e-3
+    logits = model(batch["input_ids"])
+    return causal_lm_loss(logits, labels) * (1 + jitter), {"jitter": jitter}, (labels != -100).sum()
+
+
+def trainer(run_dir, steps, model_seed=0):
+    sc = StageConfig(steps=steps, batch_size=8, micro_batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2,
+                     eval_every=3, eval_batches=2, save_every=100, keep_last=2, log_every=1)
+    torch.manual_seed(model_seed)
+    model = Transformer(CFG)
+    data = TokenWindows(TOKENS[:2400], 16)
+    src = RowBatchSource(data, batch_size=8, micro_batch_size=4, seed=5)  # 149 rows: an epoch ends at step 18
+    val = EvalBatches(TokenWindows(TOKENS[2400:], 16), micro_batch_size=4, max_examples=8)
+    return Trainer(model, noisy_lm_loss, src, sc, OptimConfig(), run_dir=run_dir, val_data=val, seed=11,
+                   progress=False)
+
+
+def test_exact_resume_bit_for_bit(tmp_path):
+    n = 10  # 2n = 20 steps crosses the epoch boundary, so the epoch counter is resumed too
+    full = trainer(tmp_path / "full", 2 * n)
+    full.fit()
+
+    first = trainer(tmp_path / "split", 2 * n)
+    for _ in range(n):
+        first.train_step()
+    first.save()
+    first.close()
+    np.random.seed(123), torch.manual_seed(123)  # scramble the global RNGs: resume must restore them
+
+    second = trainer(tmp_path / "split", 2 * n, model_seed=99)  # different init: overwritten by the checkpoint
+    assert second.resume() and second.step == n
+    second.fit()
+    for (name, a), b in zip(full.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) and torch.equal(sa[k]["step"], sb[k]["step"])
+    assert full.train_data.state_dict() == second.train_data.state_dict()
+    assert full.last_train["loss"] == second.last_train["loss"]
+    assert full.last_eval["val_loss"] == second.last_eval["val_loss"]
+
+    # and it is the RNG restore that makes it exact: the same resume with scrambled RNGs diverges
+    third = trainer(tmp_path / "split", 2 * n)
+    state = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "pretrain" / "step_00000010.pt")
+    state["rng"] = [rng_state()]
+    torch.manual_seed(7)
+    state["rng"][0]["torch"] = torch.get_rng_state()
+    third.load_state_dict(state)
+    third.fit()
+    assert not torch.equal(next(third.model.parameters()), next(full.model.parameters()))
+
+
+def test_rng_state_roundtrip():
+    s = rng_state()
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    set_rng_state(s)
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def _state(step, value=1.0):
+    return {"step": step, "model": {"w": torch.full((3,), value)}, "complete": False}
+
+
+def test_atomic_write_crash_before_rename_keeps_previous(tmp_path, monkeypatch):
+    d = tmp_path / "ck"
+    first = ckpt.save_checkpoint(d, 1, _state(1))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith(".pt"):
+            raise KeyboardInterrupt("simulated crash before the rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(d, 2, _state(2, 2.0))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    # a hard crash would also leave its temp file behind: readers must ignore it
+    (d / ".step_00000002.pt.tmp-999").write_bytes(b"half a file")
+    assert (d / "latest").read_text().strip() == first.name
+    assert ckpt.latest_checkpoint(d) == first
+    assert ckpt.load_checkpoint(d)["step"] == 1
+    assert [p.name for p in ckpt.list_checkpoints(d)] == [first.name]
+
+
+def test_crash_between_file_and_pointer(tmp_path, monkeypatch):
+    """The file is complete but `latest` was not rewritten yet: latest still names the previous good file."""
+    d = tmp_path / "ck"
+    ckpt.save_checkpoint(d, 1, _state(1))
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("latest"):
+            raise KeyboardInterrupt("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(d, 2, _state(2))
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert ckpt.load_checkpoint(d)["step"] == 1  # both files are loadable; the pointer decides
+    assert ckpt.load_checkpoint(d / "step_00000002.pt")["step"] == 2
+
+
+def test_keep_last_pointer_fallback_and_final(tmp_path):
+    d = tmp_path / "ck"
+    for s in range(1, 6):
+        ckpt.save_checkpoint(d, s, _state(s), keep_last=2, final=(s == 5))
+    assert [p.name for p in ckpt.list_checkpoints(d)] == ["step_00000004.pt", "step_00000005.pt"]
+    assert ckpt.final_checkpoint(d).name == "step_00000005.pt"
+    (d / "latest").unlink()
+    assert ckpt.latest_checkpoint(d).name == "step_00000005.pt"  # newest file when the pointer is gone
+    (d / "latest").write_text("step_00000001.pt\n")  # names a pruned file
+    assert ckpt.latest_checkpoint(d).name == "step_00000005.pt"
+    ckpt.save_checkpoint(d, 6, _state(6), keep_last=2)  # training went on: the old end is not final any more
+    assert ckpt.final_checkpoint(d) is None
+
+
+def test_refuses_nan_and_reports_unreadable(tmp_path):
+    d = tmp_path / "ck"
+    with pytest.raises(ckpt.NonFiniteError, match="'w'"):
+        ckpt.save_checkpoint(d, 1, _state(1, float("nan")))
+    assert ckpt.list_checkpoints(d) == []
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in"):
+        ckpt.load_checkpoint(d)
+    d.mkdir(exist_ok=True)
+    (d / "step_00000003.pt").write_bytes(b"\x80garbage")
+    with pytest.raises(ckpt.CheckpointError, match="step_00000003.pt"):
+        ckpt.load_checkpoint(d)
+
+
+def test_require_stage_output_names_file_and_stage(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/pretrain/final.*--stage pretrain"):
+        ckpt.require_stage_output(tmp_path, "pretrain", "sft")
+    ckpt.save_checkpoint(ckpt.stage_checkpoint_dir(tmp_path, "pretrain"), 3, _state(3))
+    with pytest.raises(ckpt.CheckpointError, match="stopped at step_00000003.pt.*--resume"):
+        ckpt.require_stage_output(tmp_path, "pretrain", "sft")
+    ckpt.save_checkpoint(ckpt.stage_checkpoint_dir(tmp_path, "pretrain"), 4, _state(4), final=True)
+    path = ckpt.require_stage_output(tmp_path, "pretrain", "sft")
+    model = torch.nn.Module()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(3)))
+    meta = ckpt.load_model_weights(model, path)
+    assert meta["step"] == 4 and torch.equal(model.w.data, torch.ones(3))

@@ -1,0 +1,270 @@
+"""Trainer: schedule, weight-decay groups, accumulation == one big batch (token-weighted), non-finite handling,
+NVTX/record_function names in a profiler trace, config errors, and the pretrain stage end to end on real data."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mllm.config.pipeline_config import ConfigError, ModelConfig, OptimConfig, StageConfig
+from mllm.models.transformer import Transformer, causal_lm_loss
+from mllm.training import checkpoint as ckpt
+from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows, collate_rows
+from mllm.training.metrics import MetricsWriter, device_peak_flops, mfu, plot_loss_curve, read_metrics
+from mllm.training.profiling import RANGE_NAMES
+from mllm.training.trainer import Trainer, lr_at, param_groups
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids OpenMP spinning on a shared 2-core machine (100x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY.__dict__, **kw}))
+
+
+def stream(n=4000, V=64, seed=0):
+    """A learnable token stream: runs of +1 / +3 progressions mod V with a little noise."""
+    rng = np.random.default_rng(seed)
+    step = rng.choice([1, 3], size=n // 20).repeat(20)
+    toks = (np.cumsum(step) + (rng.random(n) < 0.05) * rng.integers(0, V, n)) % V
+    return toks.astype(np.int64)
+
+
+def lm_loss(model, batch):
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
+    return causal_lm_loss(logits, batch["labels"]), {}, (batch["labels"] != -100).sum()
+
+
+def stage(**kw):
+    base = dict(steps=6, batch_size=8, micro_batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=100,
+                eval_batches=2, save_every=100, keep_last=2, log_every=1)
+    return StageConfig(**{**base, **kw})
+
+
+def make_trainer(sc=None, model=None, loss_fn=lm_loss, data=None, seed=0, **kw):
+    sc = sc or stage()
+    data = data if data is not None else TokenWindows(stream(), sc.seq_len)
+    src = RowBatchSource(data, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size, seed=seed)
+    return Trainer(model or tiny_model(), loss_fn, src, sc, kw.pop("optim", OptimConfig()), seed=seed,
+                   progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_then_cosine_to_min():
+    kw = dict(lr=1.0, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    lrs = [lr_at(s, **kw) for s in range(21)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # monotone decay after warm-up
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: mid-point of the cosine
+    assert lrs[20] == pytest.approx(0.1)
+    assert lr_at(3, lr=2.0, warmup_steps=0, total_steps=0, min_lr_ratio=0.1) == 2.0
+
+
+def test_no_weight_decay_on_norms_biases_sinks():
+    model = tiny_model(learned_sinks=True)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert any("sink" in n for n in nd) and any("norm" in n for n in nd)
+    assert not any("norm" in n or "sink" in n for n in d)
+    assert "tok_emb.weight" in d and all(p.ndim == 2 for p in decay["params"])
+    assert len(d) + len(nd) == len(list(model.parameters()))
+
+
+def test_accumulation_equals_one_big_batch_token_weighted():
+    """8 sequences as 4 micro-batches of 2 == 1 micro-batch of 8, even with unequal target counts per micro-batch
+    (the gradient is the mean over all target tokens of the step, not the mean of micro-batch means)."""
+    data = TokenWindows(stream(2000), 16)
+
+    class Masked:  # masks a different number of labels in every example
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            ex = dict(data[i])
+            lab = ex["labels"].copy()
+            lab[: (i * 5) % 15] = -100
+            ex["labels"] = lab
+            return ex
+
+    params = []
+    for mb in (2, 8):
+        tr = make_trainer(stage(micro_batch_size=mb, steps=3), data=Masked())
+        assert tr.accum_steps == 8 // mb
+        for _ in range(3):
+            tr.train_step()
+        params.append([p.detach().clone() for p in tr.model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_nonfinite_steps_skipped_counted_then_error(tmp_path):
+    bad_steps = {2, 4, 5, 6}  # one isolated bad step, then three in a row
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        loss, m, n = lm_loss(model, batch)
+        step = calls["n"] // 2  # 2 micro-batches per step
+        calls["n"] += 1
+        if step in bad_steps:
+            loss = loss * float("nan")
+        return loss, m, n
+
+    sc = stage(steps=20, save_every=1, keep_last=10)
+    tr = make_trainer(sc, loss_fn=loss_fn, run_dir=tmp_path, optim=OptimConfig(max_consecutive_nonfinite=3))
+    snapshots = []
+    with pytest.raises(ckpt.NonFiniteError, match="3 consecutive"):
+        for _ in range(20):
+            before = [p.detach().clone() for p in tr.model.parameters()]
+            res = tr.train_step()
+            snapshots.append((res["finite"], before, [p.detach().clone() for p in tr.model.parameters()]))
+            tr.save()
+    assert tr.skipped_steps == 4 and tr.step == 7
+    for finite, before, after in snapshots:
+        changed = any(not torch.equal(a, b) for a, b in zip(before, after))
+        assert changed == finite  # a skipped step leaves the weights untouched
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "nonfinite"] == [3, 5, 6, 7]
+    # every checkpoint on disk is finite and loadable; the newest is from before the failure
+    state = ckpt.load_checkpoint(tmp_path / "checkpoints" / "pretrain")
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_save_refuses_nan_weights(tmp_path):
+    tr = make_trainer(stage(steps=2), run_dir=tmp_path)
+    tr.train_step()
+    good = tr.save()
+    with torch.no_grad():
+        next(tr.model.parameters())[0, 0] = float("nan")
+    tr.train_step()
+    with pytest.raises(ckpt.NonFiniteError, match="NaN"):
+        tr.save()
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints" / "pretrain") == good
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints" / "pretrain")) == 1
+
+
+def test_range_names_in_profiler_trace(tmp_path):
+    """The five ranges show up in a CPU torch.profiler trace, both around a plain step and via --profile."""
+    tr = make_trainer(stage(steps=4), run_dir=tmp_path, profile=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tr.train_step()
+    names = {e.name for e in prof.events()}
+    assert set(RANGE_NAMES) <= names
+    tr.fit()  # profile=True: wait 1, warm-up 1, record 3 (cut short at the end)
+    trace = tmp_path / "profile" / "pretrain_rank0.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert set(RANGE_NAMES) <= {e.get("name") for e in events}
+
+
+def test_config_errors(tmp_path):
+    src = RowBatchSource(TokenWindows(stream(), 16), batch_size=8, micro_batch_size=2)
+    with pytest.raises(ConfigError, match=r"pretrain\.batch_size.*micro_batch_size=3"):
+        Trainer(tiny_model(), lm_loss, src, stage(batch_size=8, micro_batch_size=3), OptimConfig())
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        Trainer(tiny_model(), lm_loss, src, stage(micro_batch_size=4), OptimConfig())
+    with pytest.raises(ConfigError, match="max_consecutive_nonfinite"):
+        make_trainer(optim=OptimConfig(max_consecutive_nonfinite=0))
+    with pytest.raises(ConfigError, match="sft.lr"):
+        Trainer(tiny_model(), lm_loss, src, stage(micro_batch_size=2, lr=0.0), OptimConfig(), stage="sft")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        RowBatchSource(TokenWindows(stream(100), 16), batch_size=8, micro_batch_size=4)
+
+    from mllm.stages import get_stage
+    from mllm.training.runner import main
+
+    with pytest.raises(ConfigError, match="valid stages are.*pretrain"):
+        get_stage("nope")
+    assert main(["--config", "local-smoke", "--stage", "nope"]) == 2
+    assert main(["--config", "local-smoke", "--stage", "pretrain", "--set", "pretrain.nosuch=1"]) == 2
+
+
+def test_metrics_mfu_and_writer(tmp_path):
+    assert mfu(6e9, 1000.0, 989.4e12, world_size=2) == pytest.approx(6e12 / (2 * 989.4e12))
+    assert mfu(None, 1000.0, 989.4e12) is None and mfu(1e9, 1000.0, None) is None
+    assert device_peak_flops("cpu")[0] is None
+    w = MetricsWriter(tmp_path / "m.jsonl")
+    for s in range(1, 6):
+        w.write({"stage": "pretrain", "step": s, "kind": "train", "loss": 5.0 - s, "t": torch.tensor(1.5)})
+    w.write({"stage": "pretrain", "step": 5, "kind": "val", "val_loss": float("nan")})
+    assert w.truncate_after("pretrain", 3) == 3
+    recs = read_metrics(tmp_path / "m.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3] and recs[0]["t"] == 1.5
+    assert plot_loss_curve(recs, tmp_path / "f" / "loss.png").stat().st_size > 1000
+
+
+def test_collate_cu_seqlens_offsets_rows():
+    rows = [{"input_ids": np.arange(4), "cu_seqlens": np.array([0, 1, 4])},
+            {"input_ids": np.arange(4), "cu_seqlens": np.array([0, 4])}]
+    b = collate_rows(rows)
+    assert b["input_ids"].shape == (2, 4) and b["cu_seqlens"].tolist() == [0, 1, 4, 8]
+    with pytest.raises(ValueError, match="row 0 cu_seqlens"):
+        collate_rows([{"input_ids": np.arange(4), "cu_seqlens": np.array([0, 3])}])
+
+
+def test_batches_disjoint_and_world_invariant():
+    data = [{"input_ids": np.array([i])} for i in range(187)]  # an example is its own index
+    one = RowBatchSource(data, batch_size=8, micro_batch_size=2, seed=3)
+    two = [RowBatchSource(data, batch_size=8, micro_batch_size=2, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    for _ in range(30):  # spans an epoch boundary (23 steps per epoch)
+        a = torch.cat([one.next_batch()["input_ids"] for _ in range(4)])
+        per_rank = [torch.cat([s.next_batch()["input_ids"] for _ in range(2)]) for s in two]
+        assert torch.equal(a, torch.cat(per_rank))  # same step batch; rank 0 holds the first half
+        assert a.unique().numel() == 8  # no example twice in a step
+    assert one.epoch == 1 and one.state_dict() == two[0].state_dict()
+    ev = [list(EvalBatches(data, micro_batch_size=4, rank=r, world_size=2, max_examples=22)) for r in (0, 1)]
+    seen = torch.cat([b["input_ids"] for e in ev for b in e]).flatten()
+    assert [len(e) for e in ev] == [3, 3] and sorted(seen.tolist()) == list(range(22))  # last batch short
+    assert [len(b["input_ids"]) for b in ev[1]] == [4, 4, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+def _smoke_args(root, name, *extra):
+    sets = ["data.tokenizer=byte", "model.vocab_size=257", "model.d_model=32", "model.n_layers=1",
+            "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64", "model.max_seq_len=128",
+            "data.max_docs=30", "pretrain.seq_len=64", "pretrain.steps=12", "pretrain.batch_size=8",
+            "pretrain.micro_batch_size=4", "pretrain.lr=5e-3", "pretrain.warmup_steps=2",
+            "pretrain.eval_every=6", "pretrain.eval_batches=2", "pretrain.save_every=6", "pretrain.log_every=3",
+            f"run_root={root}"] + list(extra)
+    args = ["--config", "local-smoke", "--stage", "pretrain", "--run-name", name, "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def test_pretrain_stage_end_to_end_loss_decreases(data_dir, tmp_path):
+    from mllm.training.runner import main
+
+    assert main(_smoke_args(tmp_path, "r1")) == 0
+    run = tmp_path / "r1"
+    summary = json.loads((run / "summary.json").read_text())["pretrain"]
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 0
+    assert summary["final_val_loss"] < summary["first_val_loss"] - 1.0  # from ln(257) = 5.55 down
+    recs = read_metrics(run / "metrics.jsonl", "pretrain")
+    train = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert train[-1] < train[0] and all(r["tokens_per_s"] > 0 for r in recs if r["kind"] == "train")
+    assert json.loads((run / "config.json").read_text())["pretrain"]["steps"] == 12
+    assert (run / "figures" / "pretrain_loss.png").is_file()
+    assert ckpt.require_stage_output(run, "pretrain", "sft").name == "step_00000012.pt"
+    # not overwritten without --resume; --resume on a finished stage is a no-op that succeeds
+    assert main(_smoke_args(tmp_path, "r1")) == 2
+    assert main(_smoke_args(tmp_path, "r1") + ["--resume"]) == 0
+    # packed rows (position_ids + cu_seqlens into the model)
+    assert main(_smoke_args(tmp_path, "p1", "data.packing=true", "pretrain.steps=3")) == 0
+    s = json.loads((tmp_path / "p1" / "summary.json").read_text())["pretrain"]
+    assert s["data"]["packing"] and 0.5 < s["data"]["packing_efficiency"] <= 1.0
+    assert math.isfinite(s["final_val_loss"])
