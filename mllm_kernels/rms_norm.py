@@ -26,6 +26,7 @@ and validation) → ``RMSNorm`` (nn.Module).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -168,7 +169,7 @@ def _rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
-def _config(n_cols: int, block_cols: Optional[int] = None):
+def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] = None):
     """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of width n_cols.
 
     A tile holds ~4K elements on the GPU (enough bytes in flight per program; narrow rows are stacked several per
@@ -181,17 +182,26 @@ def _config(n_cols: int, block_cols: Optional[int] = None):
     single = block_cols >= n_cols
     target = 65536 if interpreting() else 4096
     block_rows = max(1, min(64 if not interpreting() else 512, target // block_cols))
+    if tune and "block_rows" in tune:
+        block_rows = tune["block_rows"]
     tile = block_rows * block_cols
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+    if tune and "num_warps" in tune:
+        num_warps = tune["num_warps"]
     return block_rows, block_cols, single, num_warps
 
 
-def _bwd_programs(n_rows: int, block_rows: int, device: torch.device) -> Tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bwd_programs(n_rows: int, block_rows: int, device: torch.device, per_sm: int = 2) -> Tuple[int, int]:
     """(programs, rows_per_program): a persistent grid of a few programs per SM, each owning a contiguous row range
     (a multiple of BLOCK_ROWS) so that the dw partial sums have a fixed order."""
     n_tiles = triton.cdiv(max(n_rows, 1), block_rows)
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4
     tiles_per_program = triton.cdiv(n_tiles, min(n_tiles, target))
@@ -211,7 +221,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 # launchers
 # ----------------------------------------------------------------------------------------------------
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
-                 block_cols: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 block_cols: Optional[int] = None, tune: Optional[dict] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch the forward kernel. x, residual: [..., C]; weight: [C] -> (y [..., C], h [..., C] or None)."""
     shape = x.shape
     x2 = _as_rows(x)
@@ -227,7 +237,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Op
     if n_rows == 0 or n_cols == 0:
         return y, h
     w = weight.contiguous()
-    block_rows, bc, single, num_warps = _config(n_cols, block_cols)
+    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune)
     grid = (triton.cdiv(n_rows, block_rows),)
     _rms_norm_fwd_kernel[grid](
         x2, r2, w, y2, h2, n_rows, n_cols,
@@ -239,7 +249,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Op
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 dh: Optional[torch.Tensor] = None, block_cols: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 dh: Optional[torch.Tensor] = None, block_cols: Optional[int] = None,
+                 tune: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. dy, x (the normalised input: h for the fused op), dh: [..., C]; weight: [C]
     -> (dx [..., C] in x.dtype (dy + dh folded in), dw [C] in weight.dtype)."""
     shape = x.shape
@@ -251,8 +262,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: f
     dh2 = _as_rows(dh) if dh is not None else dy2
     if n_rows == 0 or n_cols == 0:
         return dx, torch.zeros_like(weight)
-    block_rows, bc, single, num_warps = _config(n_cols, block_cols)
-    n_prog, rows_per_program = _bwd_programs(n_rows, block_rows, x.device)
+    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune)
+    n_prog, rows_per_program = _bwd_programs(n_rows, block_rows, x.device, (tune or {}).get("per_sm", 2))
     alloc = torch.empty if single else torch.zeros  # the looped path accumulates into its row in place
     dw_part = alloc(n_prog, n_cols, dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_prog,)](

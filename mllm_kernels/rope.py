@@ -145,7 +145,7 @@ def rope_turn_table(head_dim: int, theta: float, device) -> torch.Tensor:
     return table
 
 
-def _config(n_tokens: int, hq: int, hkv: int, half: int):
+def _config(n_tokens: int, hq: int, hkv: int, half: int, tune: Optional[dict] = None):
     """(BLOCK_T, BLOCK_HQ, BLOCK_HKV, BLOCK_HALF, num_warps): all heads of a token in one tile where they fit;
     tokens are stacked to reach ~4K q elements per program on the GPU (~64K under the interpreter)."""
     block_half = triton.next_power_of_2(max(half, 1))
@@ -156,6 +156,9 @@ def _config(n_tokens: int, hq: int, hkv: int, half: int):
     per_token = 2 * block_hq * block_half
     block_t = max(1, min(triton.next_power_of_2(max(n_tokens, 1)), target // per_token))
     num_warps = 4 if block_t * per_token <= 4096 else 8
+    if tune:
+        block_t = tune.get("block_t", block_t)
+        num_warps = tune.get("num_warps", num_warps)
     return block_t, block_hq, block_hkv, block_half, num_warps
 
 
@@ -163,7 +166,7 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(q, k, position_ids, theta, backward: bool):
+def _launch(q, k, position_ids, theta, backward: bool, tune: Optional[dict] = None):
     q, k = _prep(q), _prep(k)
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -174,7 +177,7 @@ def _launch(q, k, position_ids, theta, backward: bool):
         return qo, ko
     half = D // 2
     table = rope_turn_table(D, theta, q.device)
-    bt, bhq, bhkv, bhalf, nw = _config(n_tokens, HQ, HKV, half)
+    bt, bhq, bhkv, bhalf, nw = _config(n_tokens, HQ, HKV, half, tune)
     _rope_kernel[(triton.cdiv(n_tokens, bt),)](
         q, k, position_ids, table, qo, ko, n_tokens, T, HQ, HKV, half,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -184,14 +187,14 @@ def _launch(q, k, position_ids, theta, backward: bool):
     return qo, ko
 
 
-def rope_fwd(q, k, position_ids, theta: float):
+def rope_fwd(q, k, position_ids, theta: float, tune: Optional[dict] = None):
     """q [B, T, Hq, D], k [B, T, Hkv, D], position_ids [B, T] int -> (q_rot, k_rot), contiguous."""
-    return _launch(q, k, position_ids, theta, backward=False)
+    return _launch(q, k, position_ids, theta, backward=False, tune=tune)
 
 
-def rope_bwd(dq, dk, position_ids, theta: float):
+def rope_bwd(dq, dk, position_ids, theta: float, tune: Optional[dict] = None):
     """Gradients of the rotated q, k -> gradients of q, k (the inverse rotation)."""
-    return _launch(dq, dk, position_ids, theta, backward=True)
+    return _launch(dq, dk, position_ids, theta, backward=True, tune=tune)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _swiglu_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration and launchers
 # ----------------------------------------------------------------------------------------------------
-def _config(n_rows: int, n_cols: int):
+def _config(n_rows: int, n_cols: int, tune: Optional[dict] = None):
     """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of ~4K elements on the GPU (8 warps: 16 values per
     thread, so 16-byte vector loads and several in flight), ~32K under the interpreter, where each program costs a fixed
     Python overhead. Narrow rows are stacked into one tile so that width-1 inputs do not launch one program per row."""
@@ -85,6 +85,10 @@ def _config(n_rows: int, n_cols: int):
     block_cols = min(triton.next_power_of_2(max(n_cols, 1)), 2048 if not interpreting() else 32768)
     block_rows = max(1, min(triton.next_power_of_2(max(n_rows, 1)), elems // block_cols))
     num_warps = 4 if block_rows * block_cols <= 2048 else 8
+    if tune:
+        block_cols = tune.get("block_cols", block_cols)
+        block_rows = tune.get("block_rows", block_rows)
+        num_warps = tune.get("num_warps", num_warps)
     return block_rows, block_cols, num_warps
 
 
@@ -95,7 +99,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, tune: Optional[dict] = None) -> torch.Tensor:
     """Launch the forward kernel: gate, up [..., F] -> out [..., F] (gate.dtype, contiguous)."""
     g2, u2 = _as_rows(gate), _as_rows(up)
     n_rows, n_cols = g2.shape
@@ -103,14 +107,15 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     o2 = out.view(n_rows, n_cols)
-    br, bc, nw = _config(n_rows, n_cols)
+    br, bc, nw = _config(n_rows, n_cols, tune)
     grid = (triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))
     _swiglu_fwd_kernel[grid](g2, u2, o2, n_rows, n_cols, g2.stride(0), u2.stride(0), o2.stride(0),
                              BLOCK_ROWS=br, BLOCK_COLS=bc, num_warps=nw)
     return out
 
 
-def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+               tune: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: dout, gate, up [..., F] -> (dgate, dup) [..., F] in gate's / up's dtype."""
     d2, g2, u2 = _as_rows(dout), _as_rows(gate), _as_rows(up)
     n_rows, n_cols = g2.shape
@@ -119,7 +124,7 @@ def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tupl
     if dg.numel() == 0:
         return dg, du
     dg2, du2 = dg.view(n_rows, n_cols), du.view(n_rows, n_cols)
-    br, bc, nw = _config(n_rows, n_cols)
+    br, bc, nw = _config(n_rows, n_cols, tune)
     grid = (triton.cdiv(n_rows, br), triton.cdiv(n_cols, bc))
     _swiglu_bwd_kernel[grid](d2, g2, u2, dg2, du2, n_rows, n_cols,
                              d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),

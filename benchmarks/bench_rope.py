@@ -1,0 +1,78 @@
+"""Benchmark: RoPE kernel vs the eager reference and torch.compile of it.
+
+GPU (bf16; median of ``triton.testing.do_bench``; see ``benchmarks/common.py`` for the columns):
+  * shapes (B, T, Hq, Hkv, D): (8, 1024, 16, 16, 64) (the model's attention), (32, 1024, 16, 16, 64) (large) and
+    (8, 2048, 32, 8, 128) (large GQA);
+  * modes fwd, bwd, fwd+bwd; providers triton, eager (``reference.apply_rope``, which builds cos/sin per call
+    like the model's eager path), compile (``torch.compile(reference.apply_rope)``).
+Minimal bytes with b-byte elements: read q, k and the [B, T] int64 positions, write q_rot, k_rot =
+2·B·T·(Hq + Hkv)·D·b + 8·B·T, the same for bwd (dq_rot, dk_rot -> dq, dk); fwd+bwd is the sum.
+Goal on H100 (reported, never asserted): ≥ 1.5x eager.
+
+CPU: ``pytest benchmarks/bench_rope.py --benchmark-enable`` times the eager reference at a small shape.
+
+    python benchmarks/bench_rope.py --out benchmarks/results/
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Case, cli, compiled, run_cases  # noqa: E402
+from mllm_kernels import reference as R  # noqa: E402
+
+THETA = 10000.0
+GPU_SHAPES = [(8, 1024, 16, 16, 64), (32, 1024, 16, 16, 64), (8, 2048, 32, 8, 128)]
+QUICK_GPU_SHAPES = [(8, 1024, 16, 16, 64)]
+CPU_SHAPES = [(2, 128, 4, 2, 64)]
+
+
+def _case(shape, dtype, device):
+    B, T, Hq, Hkv, D = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, T, Hq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, T, Hkv, D, generator=g).to(device=device, dtype=dtype)
+    pos = torch.arange(T, device=device)[None].repeat(B, 1)
+    one = 2 * B * T * (Hq + Hkv) * D * q.element_size() + 8 * B * T
+    return Case("apply_rope", shape, dtype, (q, k, pos), diff=(0, 1), bytes={"fwd": one, "bwd": one, "fwd+bwd": 2 * one})
+
+
+def _providers():
+    from mllm_kernels import rope as K
+
+    ref = lambda q, k, p: R.apply_rope(q, k, p, THETA)  # noqa: E731
+    return {"triton": lambda q, k, p: K.apply_rope(q, k, p, THETA), "eager": ref, "compile": compiled(ref)}
+
+
+def run(device=None, quick: bool = False, progress: bool = True):
+    """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        shapes, dtype = (QUICK_GPU_SHAPES if quick else GPU_SHAPES), torch.bfloat16
+    else:
+        shapes, dtype = CPU_SHAPES, torch.float32
+    rows = []
+    for shape in shapes:
+        rows += run_cases([_case(shape, dtype, device)], _providers(), device, progress=progress)
+    return rows
+
+
+def test_apply_rope_eager_fwd_cpu(benchmark):
+    q, k, pos = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    benchmark(R.apply_rope, q, k, pos, THETA)
+
+
+def test_apply_rope_eager_fwd_bwd_cpu(benchmark):
+    q, k, pos = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    benchmark(lambda: torch.autograd.grad(R.apply_rope(q, k, pos, THETA), (q, k), (dq, dk)))
+
+
+if __name__ == "__main__":
+    cli("rope", run)

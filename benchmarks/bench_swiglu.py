@@ -1,0 +1,76 @@
+"""Benchmark: SwiGLU kernel vs the eager reference and torch.compile of it.
+
+GPU (bf16; median of ``triton.testing.do_bench``; see ``benchmarks/common.py`` for the columns):
+  * shapes (tokens x width F): 8,192 x 4,096 (the model: 8 x 1,024 tokens, ffn_dim 4,096), and the large
+    32,768 x 4,096 and 32,768 x 11,008;
+  * modes fwd, bwd, fwd+bwd; providers triton, eager (``reference``), compile (``torch.compile(reference)``).
+Minimal bytes with N·F elements of b bytes: fwd reads gate, up and writes out = 3·N·F·b; bwd reads dout, gate, up
+and writes dgate, dup = 5·N·F·b; fwd+bwd = 8·N·F·b.
+Goals on H100 (reported, never asserted): fwd and bwd ≥ 85% of the measured copy bandwidth at the large shapes,
+≥ 1.5x eager at the model's shape. ``peak_mem_mb`` of fwd+bwd shows the activation memory the kernel saves by
+recomputing silu (see ``mllm_kernels/swiglu.py``).
+
+CPU: ``pytest benchmarks/bench_swiglu.py --benchmark-enable`` times the eager reference at a small shape.
+
+    python benchmarks/bench_swiglu.py --out benchmarks/results/
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Case, cli, compiled, run_cases  # noqa: E402
+from mllm_kernels import reference as R  # noqa: E402
+
+GPU_SHAPES = [(8192, 4096), (32768, 4096), (32768, 11008)]
+QUICK_GPU_SHAPES = [(8192, 4096), (32768, 4096)]
+CPU_SHAPES = [(256, 1024)]
+
+
+def _case(shape, dtype, device):
+    N, F = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    gate = torch.randn(N, F, generator=g).to(device=device, dtype=dtype)
+    up = torch.randn(N, F, generator=g).to(device=device, dtype=dtype)
+    b = gate.element_size()
+    nbytes = {"fwd": 3 * N * F * b, "bwd": 5 * N * F * b, "fwd+bwd": 8 * N * F * b}
+    return Case("swiglu", shape, dtype, (gate, up), diff=(0, 1), bytes=nbytes)
+
+
+def _providers():
+    from mllm_kernels import swiglu as K
+
+    return {"triton": K.swiglu, "eager": R.swiglu, "compile": compiled(R.swiglu)}
+
+
+def run(device=None, quick: bool = False, progress: bool = True):
+    """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        shapes, dtype = (QUICK_GPU_SHAPES if quick else GPU_SHAPES), torch.bfloat16
+    else:
+        shapes, dtype = CPU_SHAPES, torch.float32
+    rows = []
+    for shape in shapes:
+        rows += run_cases([_case(shape, dtype, device)], _providers(), device, progress=progress)
+    return rows
+
+
+def test_swiglu_eager_fwd_cpu(benchmark):
+    gate, up = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    benchmark(R.swiglu, gate, up)
+
+
+def test_swiglu_eager_fwd_bwd_cpu(benchmark):
+    gate, up = (t.clone().requires_grad_() for t in _case(CPU_SHAPES[0], torch.float32, "cpu").args)
+    dout = torch.randn_like(gate)
+    benchmark(lambda: torch.autograd.grad(R.swiglu(gate, up), (gate, up), dout))
+
+
+if __name__ == "__main__":
+    cli("swiglu", run)

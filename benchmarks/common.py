@@ -1,0 +1,252 @@
+"""Shared helpers of the row-kernel benchmarks (``bench_rms_norm.py``, ``bench_swiglu.py``, ``bench_rope.py``).
+
+A benchmark *case* is a function plus its inputs: ``fn(*args)`` returns a tensor or a tuple of tensors and
+``diff`` lists the indices of the arguments that gradients flow to. For each case, mode and provider we report
+
+  * ``ms``: median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between repetitions);
+  * ``gbps``: the op's *minimal* bytes (each input read once, each output written once; see each bench file)
+    divided by the time; ``pct_copy_bw``: that as a percentage of the card's measured copy bandwidth
+    (``copy_bandwidth_gbps``: a 1 GiB device-to-device copy, read + write bytes over time);
+  * ``peak_mem_mb``: the peak of ``torch.cuda.max_memory_allocated`` during one call, above what was allocated
+    before it (inputs, and for ``bwd`` the retained forward graph, are not counted).
+
+Modes: ``fwd`` (forward under ``no_grad``, the inference path), ``bwd`` (``autograd.grad`` through a retained
+forward graph), ``fwd+bwd`` (both, as a training step runs them). Providers: ``triton`` (the fused kernel's
+functional API), ``eager`` (``mllm_kernels.reference``, the model's eager path) and ``compile``
+(``torch.compile`` of the reference, inductor, static shapes).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """One op at one shape: ``fn(*args)``; gradients flow to ``args[i]`` for i in ``diff``; ``bytes`` maps each mode
+    to the minimal number of bytes the op must move."""
+
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    args: Sequence
+    diff: Sequence[int]
+    bytes: Dict[str, int]
+    extra: Dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing and memory
+# ----------------------------------------------------------------------------------------------------
+def cuda_median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def cpu_median_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+_COPY_BW: Dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
+    """Achieved bandwidth of a large device-to-device copy (bytes read + bytes written over time); cached."""
+    key = str(device)
+    if key not in _COPY_BW:
+        src = torch.randn(nbytes // 2, device=device, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        ms = cuda_median_ms(lambda: dst.copy_(src), rep_ms=200)
+        _COPY_BW[key] = 2 * nbytes / (ms * 1e-3) / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+    return _COPY_BW[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# one (case, provider, mode) measurement
+# ----------------------------------------------------------------------------------------------------
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _step(fn, case: Case, mode: str):
+    """A closure running ``mode`` once (plus what it needs prepared: leaves, upstream grads, a retained graph)."""
+    if mode == "fwd":
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in case.args]
+
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+
+        return run
+    args = [a.detach().clone().requires_grad_(i in case.diff) if isinstance(a, torch.Tensor) else a
+            for i, a in enumerate(case.args)]
+    leaves = [args[i] for i in case.diff]
+    outs = _as_tuple(fn(*args))
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    del outs
+    return lambda: torch.autograd.grad(_as_tuple(fn(*args)), leaves, grads)
+
+
+def measure(fn, case: Case, mode: str, provider: str, device: torch.device, copy_gbps: Optional[float]) -> dict:
+    row = dict(op=case.op, shape=tuple(case.shape), dtype=str(case.dtype).replace("torch.", ""), mode=mode,
+               provider=provider, **case.extra)
+    try:
+        step = _step(fn, case, mode)
+        if device.type == "cuda":
+            step()  # compile / warm caches before the memory probe and the timing
+            peak = peak_memory_mb(step, device)
+            ms = cuda_median_ms(step)
+        else:
+            peak, ms = None, cpu_median_ms(step)
+    except torch.OutOfMemoryError as e:  # a provider that cannot run at this size is a result, not a crash
+        torch.cuda.empty_cache()
+        return {**row, "error": f"out of memory: {str(e).splitlines()[0]}"}
+    nbytes = case.bytes[mode]
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    row.update(ms=ms, gbps=gbps, peak_mem_mb=peak, bytes=nbytes)
+    if copy_gbps:
+        row["pct_copy_bw"] = 100.0 * gbps / copy_gbps
+    return row
+
+
+def compiled(fn):
+    """torch.compile of a reference function: inductor, one static graph per shape."""
+    return torch.compile(fn, dynamic=False)
+
+
+def run_cases(cases: Sequence[Case], providers: Dict[str, Callable], device: torch.device,
+              modes: Sequence[str] = MODES, progress: bool = True) -> List[dict]:
+    """All (case, mode, provider) rows. On CPU only the ``eager`` provider runs; the others get ``skipped`` rows."""
+    copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    rows: List[dict] = []
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cases) * len(modes) * len(providers), disable=not progress, desc=cases[0].op if cases else "")
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = None
+    for case in cases:
+        torch._dynamo.reset()  # a fresh compile cache per shape keeps the recompile limit out of the way
+        for mode in modes:
+            for name, fn in providers.items():
+                if device.type != "cuda" and name != "eager":
+                    rows.append(dict(op=case.op, shape=tuple(case.shape), dtype=str(case.dtype).replace("torch.", ""),
+                                     mode=mode, provider=name, skipped="needs CUDA", **case.extra))
+                else:
+                    rows.append(measure(fn, case, mode, name, device, copy_gbps))
+                if bar is not None:
+                    bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    if copy_gbps:
+        for r in rows:
+            r.setdefault("copy_bw_gbps", copy_gbps)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    try:
+        from benchmarks.run import environment as _env
+
+        return _env(device)
+    except Exception:  # the runner is optional for the standalone CLI
+        import triton
+
+        env = {"torch": torch.__version__, "triton": triton.__version__,
+               "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        env["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return env
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(rows: Sequence[dict], env: Optional[dict] = None) -> str:
+    """Rows grouped by (op, shape, dtype, mode); speed-up is against ``eager`` at the same key."""
+    eager = {(r["op"], tuple(r["shape"]), r["dtype"], r["mode"]): r.get("ms") for r in rows if r["provider"] == "eager"}
+    lines = []
+    if env:
+        lines.append(f"card: {env.get('card')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+                     f"{env.get('date_utc', '')}")
+        cbw = next((r.get("copy_bw_gbps") for r in rows if r.get("copy_bw_gbps")), None)
+        if cbw:
+            lines.append(f"measured copy bandwidth: {cbw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
+        lines.append("")
+    lines += ["| op | shape | dtype | mode | provider | ms (median) | GB/s | % copy BW | speed-up vs eager | peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        if "ms" not in r:
+            note = r.get("skipped") or r.get("error")
+            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['provider']} | {note} | | | | |")
+            continue
+        base = eager.get((r["op"], tuple(r["shape"]), r["dtype"], r["mode"]))
+        sp = base / r["ms"] if base else None
+        lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['provider']} | {_fmt(r['ms'], 4)} | "
+                     f"{_fmt(r['gbps'], 0)} | {_fmt(r.get('pct_copy_bw'), 1)} | {_fmt(sp, 2)} | "
+                     f"{_fmt(r.get('peak_mem_mb'), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def cli(name: str, run: Callable[..., List[dict]], argv=None) -> List[dict]:
+    """``python benchmarks/bench_<name>.py [--out DIR] [--quick] [--device cuda|cpu]``: prints the Markdown table and
+    writes ``<DIR>/bench_<name>_<card>.json`` (environment + rows) and ``.md``."""
+    ap = argparse.ArgumentParser(description=f"benchmark of the {name} kernel vs eager and torch.compile")
+    ap.add_argument("--out", default=None, help="folder for the JSON + Markdown results")
+    ap.add_argument("--quick", action="store_true", help="model shapes only")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, quick=args.quick)
+    env = environment(device)
+    md = f"# bench_{name}\n\n" + markdown_table(rows, env)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = "".join(c if c.isalnum() else "-" for c in str(env.get("card", device.type))).strip("-").lower()
+        (out / f"bench_{name}_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2,
+                                                                 default=str))
+        (out / f"bench_{name}_{tag}.md").write_text(md)
+    return rows
