@@ -115,7 +115,8 @@ def test_pipeline_cli_two_ranks_train_and_resume(data_dir, tmp_path):
     sets = ["data.tokenizer=byte", "model.vocab_size=257", "model.d_model=32", "model.n_layers=1",
             "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64", "data.max_docs=20",
             "pretrain.seq_len=64", "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.eval_every=2",
-            "pretrain.eval_batches=1", "pretrain.save_every=2", "pretrain.log_every=1", f"run_root={tmp_path}"]
+            "pretrain.eval_batches=1", "pretrain.save_every=2", "pretrain.log_every=1", f"run_root={tmp_path}",
+            f"data.cache_dir={tmp_path}/cache"]
     args = [REPO / "scripts" / "run_pipeline.py", "--config", "local-smoke", "--stage", "pretrain",
             "--run-name", "ddp", "--no-progress"]
     for s in sets:

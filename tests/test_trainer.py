@@ -239,7 +239,7 @@ def _smoke_args(root, name, *extra):
             "data.max_docs=30", "pretrain.seq_len=64", "pretrain.steps=12", "pretrain.batch_size=8",
             "pretrain.micro_batch_size=4", "pretrain.lr=5e-3", "pretrain.warmup_steps=2",
             "pretrain.eval_every=6", "pretrain.eval_batches=2", "pretrain.save_every=6", "pretrain.log_every=3",
-            f"run_root={root}"] + list(extra)
+            f"run_root={root}", f"data.cache_dir={root}/cache"] + list(extra)
     args = ["--config", "local-smoke", "--stage", "pretrain", "--run-name", name, "--no-progress"]
     for s in sets:
         args += ["--set", s]
@@ -263,6 +263,8 @@ def test_pretrain_stage_end_to_end_loss_decreases(data_dir, tmp_path):
     # not overwritten without --resume; --resume on a finished stage is a no-op that succeeds
     assert main(_smoke_args(tmp_path, "r1")) == 2
     assert main(_smoke_args(tmp_path, "r1") + ["--resume"]) == 0
+    assert not summary["data"]["cache_hit"]
+    assert json.loads((run / "summary.json").read_text())["pretrain"]["data"]["cache_hit"]  # tokenised once
     # packed rows (position_ids + cu_seqlens into the model)
     assert main(_smoke_args(tmp_path, "p1", "data.packing=true", "pretrain.steps=3")) == 0
     s = json.loads((tmp_path / "p1" / "summary.json").read_text())["pretrain"]

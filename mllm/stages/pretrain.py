@@ -7,7 +7,8 @@ Data path (``cfg.data``):
      validation files; the held-out set below keeps them honest);
   2. documents are held out for validation with ``split_holdout(fraction=data.val_fraction, seed=cfg.seed)``
      (deterministic per document, so evaluation code can carve the same set);
-  3. documents are tokenised without special tokens, and
+  3. documents are tokenised without special tokens into cached memmap shards (``mllm.data.shards``, under
+     ``data.cache_dir``; every document ends with the end-of-text id), and
      * ``data.packing: false`` (GPT-2/nanoGPT baseline): joined into one stream with the end-of-text token after
        every document and cut into windows of ``seq_len + 1`` (``TokenWindows``); attention crosses documents;
      * ``data.packing: true``: documents (+ end-of-text) are bin-packed into rows of ``seq_len`` with
@@ -80,20 +81,18 @@ def split_documents(texts: Sequence[str], fraction: float, seed: int) -> Tuple[L
     return [r["text"] for r in train], [r["text"] for r in val]
 
 
-def tokenize(texts: Sequence[str], tok) -> List[np.ndarray]:
-    """Token ids per document, special-token text treated as plain text (a document cannot fake a boundary)."""
-    ids = tok.encode_batch(list(texts), allow_special=False)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
-    return [np.asarray(x, dtype=dtype) for x in ids if len(x)]
+def token_shard(texts: Sequence[str], tok, cfg: PipelineConfig, split: str, dist=None, progress: bool = True):
+    """Tokenised documents (each followed by the end-of-text id) as a cached ``mllm.data.shards`` memmap shard.
+    Rank 0 tokenises; the other ranks wait and open the cached shard."""
+    from mllm.data.shards import ShardKey, build_shard
 
-
-def concat_with_eot(docs: Sequence[np.ndarray], eot_id: int) -> np.ndarray:
-    """doc_0, eot, doc_1, eot, ... as one int64 stream."""
-    parts = []
-    for d in docs:
-        parts.append(np.asarray(d, dtype=np.int64))
-        parts.append(np.array([eot_id], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    key = ShardKey("pretrain", split, {"datasets": list(cfg.data.pretrain_datasets), "max_docs": cfg.data.max_docs,
+                                       "val_fraction": cfg.data.val_fraction, "seed": cfg.seed})
+    is_main = dist is None or dist.is_main
+    shard = build_shard(texts, tok, cfg.data.cache_dir, key, progress=progress and is_main) if is_main else None
+    if dist is not None:
+        dist.barrier()
+    return shard if shard is not None else build_shard(texts, tok, cfg.data.cache_dir, key, progress=False)
 
 
 class PackedRows(Sequence):
@@ -116,32 +115,37 @@ class PackedRows(Sequence):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": pos, "cu_seqlens": cu}
 
 
-def build_datasets(cfg: PipelineConfig, tok) -> Tuple[Sequence, Sequence, Dict[str, Any]]:
+def build_datasets(cfg: PipelineConfig, tok, dist=None, progress: bool = True) -> Tuple[Sequence, Sequence, Dict[str, Any]]:
     """(train rows, validation rows, info) for ``cfg`` (see the module docstring)."""
     T = cfg.pretrain.seq_len
     t0 = time.perf_counter()
     texts, sources = load_documents(cfg)
     train_txt, val_txt = split_documents(texts, cfg.data.val_fraction, cfg.seed)
-    train_docs, val_docs = tokenize(train_txt, tok), tokenize(val_txt, tok)
-    info: Dict[str, Any] = {"sources": sources, "train_documents": len(train_docs), "val_documents": len(val_docs),
-                            "train_tokens": int(sum(len(d) for d in train_docs)),
-                            "val_tokens": int(sum(len(d) for d in val_docs)), "packing": cfg.data.packing}
+    if not train_txt:
+        raise ConfigError(f"config key 'data.val_fraction': {cfg.data.val_fraction} held out every document")
+    train_sh = token_shard(train_txt, tok, cfg, "train", dist, progress)
+    val_sh = token_shard(val_txt, tok, cfg, "val", dist, progress) if val_txt else None
+    info: Dict[str, Any] = {"sources": sources, "train_documents": train_sh.n_docs,
+                            "val_documents": val_sh.n_docs if val_sh else 0, "train_tokens": train_sh.n_tokens,
+                            "val_tokens": val_sh.n_tokens if val_sh else 0, "packing": cfg.data.packing,
+                            "token_cache": str(train_sh.path.parent), "cache_hit": train_sh.cache_hit}
+    empty = np.zeros((0, T), np.int64)
     if cfg.data.packing:
         from mllm.data.packing import build_rows
 
-        def rows(docs, seed):
-            if not docs:
-                return PackedRows({"input_ids": np.zeros((0, T), np.int64), "labels": np.zeros((0, T), np.int64),
-                                   "position_ids": np.zeros((0, T), np.int64)})
-            return PackedRows(build_rows(docs, T, pad_id=tok.eot_id, packing=True, eot_id=tok.eot_id,
+        def rows(shard, seed):
+            if shard is None:
+                return PackedRows({"input_ids": empty, "labels": empty, "position_ids": empty})
+            docs = [shard.doc(i) for i in range(shard.n_docs)]  # each ends with eot, which is a target
+            return PackedRows(build_rows(docs, T, pad_id=tok.eot_id, packing=True, eot_id=None,
                                          algorithm=cfg.data.packing_algorithm, overflow="split", seed=seed))
 
-        train, val = rows(train_docs, cfg.seed), rows(val_docs, cfg.seed + 1)
+        train, val = rows(train_sh, cfg.seed), rows(val_sh, cfg.seed + 1)
         info["packing_efficiency"] = train.efficiency
         info["packing_algorithm"] = cfg.data.packing_algorithm
     else:
-        train = TokenWindows(concat_with_eot(train_docs, tok.eot_id), T)
-        val = TokenWindows(concat_with_eot(val_docs, tok.eot_id), T)
+        train = TokenWindows(train_sh.tokens, T)  # the shard is doc_0 eot doc_1 eot ...: the nanoGPT stream
+        val = TokenWindows(val_sh.tokens if val_sh else np.zeros(0, np.int64), T)
     info.update(train_rows=len(train), val_rows=len(val), data_time_s=time.perf_counter() - t0)
     return train, val, info
 
@@ -171,7 +175,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
                           f"{tok.name} tokenizer's {tok.vocab_size} ids")
-    train_rows, val_rows, info = build_datasets(cfg, tok)
+    train_rows, val_rows, info = build_datasets(cfg, tok, dist, ctx.progress)
     sc = cfg.pretrain
     train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)

@@ -222,16 +222,16 @@ class Trainer:
 
         self.model = model.to(self.device)
         self._loss_module = _LossModule(self.model, loss_fn)
+        # compile first, then DDP (the nanoGPT order): DDP's hooks and no_sync() stay plain eager code
+        self._eval_module = torch.compile(self._loss_module) if compile else self._loss_module
         self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
-        train_module: nn.Module = self._loss_module
+        self._train_module: nn.Module = self._eval_module
         if self.dist.is_distributed:
             self._ddp = nn.parallel.DistributedDataParallel(
-                self._loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self._eval_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,  # buffers (RoPE tables) are deterministic: nothing to sync
                 find_unused_parameters=find_unused_parameters)
-            train_module = self._ddp
-        self._train_module = torch.compile(train_module) if compile else train_module
-        self._eval_module = torch.compile(self._loss_module) if compile else self._loss_module
+            self._train_module = self._ddp
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("the model has no trainable parameters")
