@@ -59,13 +59,22 @@ STREAM_ROPE = "prerotate"
 @triton.jit
 def _cos_sin(pos, freq_ptr, HALF: tl.constexpr):
     """cos, sin [R, HALF] fp32 of angle = pos[r] · θ^(−2i/D). freq_ptr holds θ^(−2i/D)/(2π) in fp64: the
-    product is taken in fp64 turns and reduced to [−½, ½) before the fp32 cos/sin, so large positions
-    lose nothing to fp32 rounding of the angle."""
+    product is taken in fp64 turns and reduced to [−½, ½) turns before going to fp32, so large positions
+    lose nothing to fp32 rounding of the angle. Then a quadrant split leaves r ∈ [−π/4, π/4], where
+    degree-9/10 Taylor polynomials are accurate to ~1e-9 (below fp32 rounding); unlike libdevice sin/cos
+    this needs no slow-path local memory, which would spill registers in the attention kernels."""
     f = tl.load(freq_ptr + tl.arange(0, HALF))
     turns = pos.to(tl.float64)[:, None] * f[None, :]
     frac = (turns - tl.floor(turns + 0.5)).to(tl.float32)
-    ang = frac * 6.283185307179586
-    return tl.cos(ang), tl.sin(ang)
+    quad = tl.floor(frac * 4.0 + 0.5)
+    r = (frac - quad * 0.25) * 6.283185307179586
+    r2 = r * r
+    sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    q = quad.to(tl.int32) & 3  # angle = r + q·π/2
+    c = tl.where(q == 0, cos_r, tl.where(q == 1, -sin_r, tl.where(q == 2, -cos_r, sin_r)))
+    s = tl.where(q == 0, sin_r, tl.where(q == 1, cos_r, tl.where(q == 2, -sin_r, -cos_r)))
+    return c, s
 
 
 @triton.jit
@@ -82,7 +91,8 @@ def _load_rows(base, offs, stride, ok, pos_ptr, freq_ptr, ROT: tl.constexpr, HAL
         c, s = _cos_sin(pos, freq_ptr, HALF)
         x1f = x1.to(tl.float32)
         x2f = x2.to(tl.float32)
-        return x1f * c - x2f * s, x2f * c + x1f * s
+        x1 = x1f * c - x2f * s
+        x2 = x2f * c + x1f * s
     return x1, x2
 
 
@@ -300,21 +310,29 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                pos_ptr, freq_ptr, ds_ptr, de_ptr, offs_n, m_lo, m_hi, T, qk_scale, window, n_sink,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                ROT_STREAM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
+                stride_doh, stride_dot, pos_ptr, freq_ptr, ds_ptr, de_ptr, offs_n, m_lo, m_hi, T, qk_scale,
+                window, n_sink, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, ROT_STREAM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one kv block over q blocks [m_lo, m_hi) of every query head in the GQA group.
+    (group head, q block) pairs run as one flat loop: a nested head loop around the block loop keeps the
+    operands live across both and makes the compiler spill registers."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, HEAD_DIM)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
+    n_blk = (m_hi - m_lo) // BLOCK_M
+    for it in range(0, GROUP * n_blk):
+        g = it // n_blk
+        m0 = m_lo + (it - g * n_blk) * BLOCK_M
+        h = hk * GROUP + g
+        row0 = (b * HQ + h) * T
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        q1, q2 = _load_rows(q_base, offs_m, stride_qt, row_ok, pos_ptr, freq_ptr, ROT_STREAM, HALF)
+        q1, q2 = _load_rows(Q_b + h * stride_qh, offs_m, stride_qt, row_ok, pos_ptr, freq_ptr, ROT_STREAM, HALF)
         q1 = q1.to(DOT_DTYPE)
         q2 = q2.to(DOT_DTYPE)
         # padded rows get lse = +inf so that their P is exactly 0
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         s_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
         s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=DOT_PREC)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
@@ -328,11 +346,11 @@ def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, st
             ok = _allowed(offs_m[None, :], offs_n[:, None], st_i[None, :], en_i[None, :], T, window, n_sink,
                           CAUSAL, HAS_DOCS, HAS_WINDOW)
             p_t = tl.where(ok, p_t, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = do.to(DOT_DTYPE)
+        do = tl.load(DO_b + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0).to(DOT_DTYPE)
         dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
         dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
         dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PREC)
@@ -411,21 +429,21 @@ def _attn_bwd_dkdv_kernel(
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for g in range(GROUP):  # the query heads sharing this kv head: dK/dV accumulate over the group
-        h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_ptr = LSE + (b * HQ + h) * T
-        delta_ptr = DELTA + (b * HQ + h) * T
-        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                   pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, m_first, u0, T, qk_scale, window, n_sink,
-                                   True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M, DOT_DTYPE, DOT_PREC)
-        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                   pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u0, u1, T, qk_scale, window, n_sink,
-                                   False, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M, DOT_DTYPE, DOT_PREC)
-        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                   pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u1, m_end, T, qk_scale, window, n_sink,
-                                   True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M, DOT_DTYPE, DOT_PREC)
+    # dK/dV accumulate over the query heads of the GQA group (K/V are read once, never repeated)
+    Q_b = Q + b * stride_qb
+    DO_b = DO + b * stride_dob
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
+                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, m_first, u0, T, qk_scale,
+                               window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
+                               DOT_DTYPE, DOT_PREC)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
+                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u0, u1, T, qk_scale,
+                               window, n_sink, False, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
+                               DOT_DTYPE, DOT_PREC)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
+                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u1, m_end, T, qk_scale,
+                               window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
+                               DOT_DTYPE, DOT_PREC)
     _store_grad_rows(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, col_ok, dk1 * sm_scale, dk2 * sm_scale,
                      pos_ptr, FREQ, ROPE, HALF)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
@@ -545,15 +563,16 @@ def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_y
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
-# GPU tiles, chosen per (kernel, head dim, 16-bit or fp32): BLOCK_M × BLOCK_N, warps, pipeline stages.
+# GPU tiles, chosen per (kernel, head dim, 16-bit or fp32): BLOCK_M × BLOCK_N, warps, pipeline stages. The 16-bit
+# ones are the register-spill-free candidates of ``benchmarks/bench_attention.py --tune`` (sm_90 resource usage).
 # fp32 operands take half-size tiles (no tensor-core shapes to feed, twice the shared memory per element).
 GPU_CONFIGS = {
     ("fwd", 64, 2): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", 128, 2): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    ("dkdv", 64, 2): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-    ("dkdv", 128, 2): dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-    ("dq", 64, 2): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-    ("dq", 128, 2): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    ("dkdv", 64, 2): dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dkdv", 128, 2): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dq", 64, 2): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    ("dq", 128, 2): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
     ("fwd", 64, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     ("fwd", 128, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
     ("dkdv", 64, 4): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),

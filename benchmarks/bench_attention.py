@@ -1,0 +1,445 @@
+"""Benchmark: the fused attention kernel vs SDPA (flash), FlexAttention (sinks through its LSE) and the eager
+reference with sinks.
+
+GPU (``triton.testing.do_bench`` medians), bf16, B·T = 16,384 tokens and H·D = 2,048 (H = 32 at D = 64,
+16 at D = 128), T = 1k, 2k, 4k, 8k, 16k, causal, modes fwd / bwd / fwd+bwd. Providers:
+  * ``mllm``          ours, features off (causal + fused RoPE);
+  * ``mllm-norope``   ours without RoPE (the same work as SDPA: the like-for-like kernel comparison);
+  * ``mllm-sinks``    ours + learned sinks;
+  * ``mllm-all``      ours + learned sinks + window T/4 with 4 sink tokens + packed documents [T/2, T/4, T/4];
+  * ``sdpa-flash``    ``F.scaled_dot_product_attention`` on the flash backend (no sinks: the bound to beat);
+  * ``flex-sinks``    compiled FlexAttention, causal block mask, sinks by renormalising with its LSE:
+                      out · exp(lse − logaddexp(lse, sink)); ``flex-all`` the same mask as ``mllm-all``;
+  * ``eager-sinks``   ``reference.attention`` with sinks (skipped where its [B, H, T, T] tensors would not fit).
+TFLOP/s use the causal FLOP count 2·B·H·T²·D (half of 4·B·H·T²·D) for fwd, 2.5× that for bwd and 3.5× for
+fwd+bwd, for every provider: masked variants do less work, so their TFLOP/s is "causal-equivalent" speed.
+``peak_mem_mb`` is the extra memory of one fwd+bwd step above the inputs. Each provider is checked against
+``mllm-norope``/``mllm`` semantics at the first shape (``max_abs_diff`` vs the matching reference).
+
+CPU: ``pytest benchmarks/bench_attention.py --benchmark-enable`` times the eager reference at a tiny shape.
+
+    python benchmarks/bench_attention.py --out benchmarks/results/   # JSON + Markdown
+    python benchmarks/bench_attention.py --tune                      # GPU tile sweep (prints a table)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mllm_kernels import reference as R
+
+SEQ_LENS = [1024, 2048, 4096, 8192, 16384]
+QUICK_SEQ_LENS = [1024, 4096]
+HEAD_DIMS = [64, 128]
+TOKENS = 16384
+HIDDEN = 2048
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLEX_SEQ_LENS = {1024, 4096, 16384}  # each new shape recompiles FlexAttention (~tens of seconds)
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def _shape(T: int, D: int):
+    return max(1, TOKENS // T), HIDDEN // D
+
+
+def _causal_flops(B, H, T, D):
+    return 2.0 * B * H * T * T * D  # two T×T×D matmuls, half of them masked
+
+
+def _docs(B, T, device):
+    """cu_seqlens with documents of lengths [T/2, T/4, T/4] in every row."""
+    lens = [T // 2, T // 4, T - T // 2 - T // 4]
+    bounds = [0]
+    for _ in range(B):
+        for n in lens:
+            bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def _all_features(B, T, device):
+    return dict(cu_seqlens=_docs(B, T, device), window=T // 4, n_sink_tokens=4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# providers: make(B, H, T, D, device) -> (inputs tuple, fn(*inputs) -> out)
+# ----------------------------------------------------------------------------------------------------
+def _bthd(B, H, T, D, device, g):
+    return [torch.randn(B, T, H, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def _mllm(kind):
+    from mllm_kernels import attention as A
+
+    def make(B, H, T, D, device, g):
+        q, k, v = _bthd(B, H, T, D, device, g)
+        sinks = torch.randn(H, generator=g, device=device) if kind in ("sinks", "all") else None
+        kw = dict(rope_theta=None) if kind == "norope" else {}
+        if kind == "all":
+            kw.update(_all_features(B, T, device))
+        return (q, k, v, sinks), lambda q, k, v, s: A.attention(q, k, v, sinks=s, **kw)
+
+    return make
+
+
+def _sdpa(B, H, T, D, device, g):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (x.transpose(1, 2).contiguous() for x in _bthd(B, H, T, D, device, g))
+
+    def fn(q, k, v):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return (q, k, v), fn
+
+
+def _flex(kind):
+    def make(B, H, T, D, device, g):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v = (x.transpose(1, 2).contiguous() for x in _bthd(B, H, T, D, device, g))
+        sinks = torch.randn(H, generator=g, device=device)
+        if kind == "all":
+            feats = _all_features(B, T, device)
+            start = R.doc_start_from_cu_seqlens(feats["cu_seqlens"], B, T, device)
+            W, NS = feats["window"], feats["n_sink_tokens"]
+
+            def mask_mod(b, h, i, j):
+                st = start[b, i]
+                return (j <= i) & (j >= st) & (((i - j) < W) | ((j - st) < NS))
+        else:
+            def mask_mod(b, h, i, j):
+                return j <= i
+        block_mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+        flex = _compiled_flex(flex_attention)
+
+        def fn(q, k, v, s):
+            out, lse = _flex_call(flex, q, k, v, block_mask)
+            lse = lse.float()
+            w = torch.exp(lse - torch.logaddexp(lse, s.float()[None, :, None]))  # 1 − P_sink per row
+            return (out.float() * w[..., None]).to(q.dtype)
+
+        return (q, k, v, sinks), fn
+
+    return make
+
+
+_FLEX = {}
+
+
+def _compiled_flex(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _flex_call(flex, q, k, v, block_mask):
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    except ImportError:  # older torch: return_lse
+        return flex(q, k, v, block_mask=block_mask, return_lse=True)
+
+
+def _eager(B, H, T, D, device, g):
+    q, k, v = _bthd(B, H, T, D, device, g)
+    sinks = torch.randn(H, generator=g, device=device)
+    return (q, k, v, sinks), lambda q, k, v, s: R.attention(q, k, v, sinks=s)
+
+
+def _eager_fits(B, H, T, device) -> bool:
+    # scores, probs, masks and their gradients: ~6 fp32 [B, H, T, T] tensors alive in fwd+bwd
+    need = 6 * 4 * B * H * T * T
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.8 * free
+
+
+PROVIDERS = {
+    "mllm": _mllm("plain"),
+    "mllm-norope": _mllm("norope"),
+    "mllm-sinks": _mllm("sinks"),
+    "mllm-all": _mllm("all"),
+    "sdpa-flash": _sdpa,
+    "flex-sinks": _flex("sinks"),
+    "flex-all": _flex("all"),
+    "eager-sinks": _eager,
+}
+# which of our providers computes the same function (for the correctness column)
+SAME_AS = {"flex-sinks": "mllm-sinks-norope", "flex-all": "mllm-all-norope", "sdpa-flash": "mllm-norope",
+           "eager-sinks": "mllm-sinks"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------
+def _measure(fn, inputs, mode):
+    """(median ms, peak extra MiB or None) for one mode."""
+    import triton.testing
+
+    float_ins = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if mode == "fwd":
+        with torch.no_grad():
+            ms = triton.testing.do_bench(lambda: fn(*inputs), warmup=10, rep=60, return_mode="median")
+        return ms, None
+    leaves = [x.detach().requires_grad_() for x in float_ins]
+    it = iter(leaves)
+    args = [next(it) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    out = fn(*args)
+    g = torch.randn_like(out)
+    if mode == "bwd":
+        ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True),
+                                     warmup=10, rep=60, return_mode="median")
+        return ms, None
+
+    def step():
+        o = fn(*args)
+        torch.autograd.grad(o, leaves, g)
+
+    del out
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+    return ms, peak
+
+
+def _max_diff(name, B, H, T, D, device):
+    """max |provider − our kernel on the same inputs| (fp32), for the providers that compute our function."""
+    from mllm_kernels import attention as A
+
+    g = torch.Generator(device=device).manual_seed(1)
+    inputs, fn = PROVIDERS[name](B, H, T, D, device, g)
+    with torch.no_grad():
+        out = fn(*inputs).float()
+        if name in ("sdpa-flash", "flex-sinks", "flex-all"):
+            q, k, v = (x.transpose(1, 2) for x in inputs[:3])
+            kw = dict(rope_theta=None, sinks=inputs[3] if len(inputs) > 3 else None)
+            if name == "flex-all":
+                kw.update(_all_features(B, T, device))
+            ours = A.attention(q, k, v, **kw).float().transpose(1, 2)
+        else:
+            ours = A.attention(*inputs[:3], sinks=inputs[3]).float()
+    return (out - ours).abs().max().item()
+
+
+def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_dims=None):
+    """Rows: op (attention_d<D>), shape, size (T), dtype, mode, provider, ms, tflops, peak_mem_mb,
+    plus max_abs_diff (vs our kernel, first shape only) and skipped/error where a provider cannot run."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return _run_cpu()
+    from tqdm import tqdm
+
+    seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
+    head_dims = head_dims or HEAD_DIMS
+    names = providers or list(PROVIDERS)
+    rows = []
+    jobs = [(D, T, name) for D in head_dims for T in seq_lens for name in names]
+    for D, T, name in tqdm(jobs, desc="bench_attention"):
+        B, H = _shape(T, D)
+        base = dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="bfloat16")
+        if name.startswith("flex") and T not in FLEX_SEQ_LENS and not quick:
+            rows.append(dict(base, provider=name, mode="fwd+bwd", skipped="FlexAttention timed at T in "
+                             f"{sorted(FLEX_SEQ_LENS)} only (one compile per shape)"))
+            continue
+        if name == "eager-sinks" and not _eager_fits(B, H, T, device):
+            rows.append(dict(base, provider=name, mode="fwd+bwd", skipped="[B, H, T, T] fp32 tensors would not fit"))
+            continue
+        extra = {}
+        if T == seq_lens[0] and name in SAME_AS:
+            try:
+                extra["max_abs_diff"] = _max_diff(name, B, H, T, D, device)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                extra["max_abs_diff_error"] = f"{type(e).__name__}: {e}"[:300]
+        g = torch.Generator(device=device).manual_seed(0)
+        try:
+            inputs, fn = PROVIDERS[name](B, H, T, D, device, g)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(base, provider=name, mode="fwd+bwd", error=f"{type(e).__name__}: {e}"[:300]))
+            continue
+        for mode in MODES:
+            try:
+                ms, peak = _measure(fn, inputs, mode)
+                flops = _causal_flops(B, H, T, D) * MODE_FLOPS[mode]
+                rows.append(dict(base, provider=name, mode=mode, ms=ms, tflops=flops / ms / 1e9,
+                                 peak_mem_mb=peak, **extra))
+            except torch.OutOfMemoryError:
+                rows.append(dict(base, provider=name, mode=mode, skipped="out of memory"))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(base, provider=name, mode=mode, error=f"{type(e).__name__}: {e}"[:300]))
+            torch.cuda.empty_cache()
+        del inputs, fn
+        torch.cuda.empty_cache()
+    return rows
+
+
+CPU_SHAPE = (1, 256, 4, 64)  # B, T, H, D
+
+
+def _cpu_inputs():
+    B, T, H, D = CPU_SHAPE
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    return q, k, v, torch.randn(H, generator=g)
+
+
+def _run_cpu():
+    q, k, v, s = _cpu_inputs()
+    B, T, H, D = CPU_SHAPE
+    R.attention(q, k, v, sinks=s)
+    reps = 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        R.attention(q, k, v, sinks=s)
+    ms = (time.perf_counter() - t0) / reps * 1e3
+    return [dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="float32", mode="fwd",
+                 provider="eager-sinks", ms=ms, tflops=_causal_flops(B, H, T, D) / ms / 1e9, peak_mem_mb=None)]
+
+
+def test_eager_reference_cpu(benchmark):
+    q, k, v, s = _cpu_inputs()
+    out = benchmark(R.attention, q, k, v, sinks=s)
+    assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU tile sweep
+# ----------------------------------------------------------------------------------------------------
+TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, warps, stages); those that spill registers on sm_90 are left out
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 4),
+                 (64, 128, 4, 3)],
+            128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 4), (128, 32, 8, 3)]},
+    "dkdv": {64: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
+             128: [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 8, 2)]},
+    "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+           128: [(64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)]},
+}
+
+
+def tune(T: int = 4096, device="cuda"):
+    """Time each candidate tile per kernel (others at their current setting) and both STREAM_ROPE modes;
+    prints a table and returns the rows. Pick the winners into ``attention.GPU_CONFIGS`` by hand."""
+    from mllm_kernels import attention as A
+
+    rows = []
+    for D in HEAD_DIMS:
+        B, H = _shape(T, D)
+        g = torch.Generator(device=device).manual_seed(0)
+        (q, k, v, s), fn = PROVIDERS["mllm-sinks"](B, H, T, D, device, g)
+        for kernel, by_dim in TUNE_CANDIDATES.items():
+            cands = by_dim[D]
+            key = (kernel, D, 2)
+            keep = dict(A.GPU_CONFIGS[key])
+            for bm, bn, w, st in cands:
+                A.GPU_CONFIGS[key] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                try:
+                    ms, _ = _measure(fn, (q, k, v, s), "fwd" if kernel == "fwd" else "bwd")
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    ms = float("nan")
+                    print(f"  {kernel} D={D} {(bm, bn, w, st)}: {type(e).__name__}: {str(e)[:120]}")
+                rows.append(dict(kernel=kernel, D=D, cfg=(bm, bn, w, st), ms=ms))
+            A.GPU_CONFIGS[key] = keep
+        for mode in ("prerotate", "fused"):
+            A.STREAM_ROPE = mode
+            ms, _ = _measure(fn, (q, k, v, s), "fwd+bwd")
+            rows.append(dict(kernel=f"stream_rope={mode} fwd+bwd", D=D, cfg=None, ms=ms))
+        A.STREAM_ROPE = "prerotate"
+    print("| kernel | D | BLOCK_M, BLOCK_N, warps, stages | ms |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['D']} | {r['cfg']} | {r['ms']:.3f} |")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------
+def to_markdown(rows):
+    lines = ["| head dim | shape | mode | provider | ms (median) | TFLOP/s (causal-equiv.) | peak extra MiB | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["op"].split("_d")[-1]
+        if "ms" not in r:
+            lines.append(f"| {d} | {r['shape']} | {r['mode']} | {r['provider']} | – | – | – | "
+                         f"{r.get('skipped') or r.get('error')} |")
+            continue
+        peak = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        note = f"max diff vs ours {r['max_abs_diff']:.2e}" if "max_abs_diff" in r else ""
+        lines.append(f"| {d} | {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+                     f"{peak} | {note} |")
+    return "\n".join(lines)
+
+
+def summary(rows):
+    """The issue's goals, read off the rows (reported, never asserted)."""
+    def get(provider, D, T, mode):
+        for r in rows:
+            if r["provider"] == provider and r["op"] == f"attention_d{D}" and r.get("size") == T and r["mode"] == mode:
+                return r.get("ms")
+        return None
+
+    out = []
+    for D in HEAD_DIMS:
+        for T in SEQ_LENS:
+            a, b = get("mllm", D, T, "fwd+bwd"), get("sdpa-flash", D, T, "fwd+bwd")
+            c, e = get("mllm-norope", D, T, "fwd+bwd"), get("mllm-all", D, T, "fwd+bwd")
+            s = get("mllm-sinks", D, T, "fwd+bwd")
+            ea = get("eager-sinks", D, T, "fwd+bwd")
+            parts = []
+            if a and b:
+                parts.append(f"SDPA/ours {b / a:.2f}x (no-RoPE {b / c:.2f}x)" if c else f"SDPA/ours {b / a:.2f}x")
+            if a and s:
+                parts.append(f"sinks cost {100 * (s / a - 1):+.1f}%")
+            if a and e:
+                parts.append(f"all features {100 * (e / a - 1):+.1f}%")
+            if ea and s:
+                parts.append(f"{ea / s:.1f}x faster than eager-sinks")
+            if parts:
+                out.append(f"- D={D}, T={T}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="folder for bench_attention.json / .md")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep GPU tiles instead of benchmarking")
+    ap.add_argument("--providers", nargs="*", default=None, choices=sorted(PROVIDERS))
+    ap.add_argument("--seq-lens", nargs="*", type=int, default=None)
+    args = ap.parse_args()
+    if args.tune:
+        tune()
+        return
+    rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens)
+    md = to_markdown(rows)
+    summ = summary(rows)
+    print(md)
+    print(summ)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        env = {"torch": torch.__version__}
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+        if torch.cuda.is_available():
+            env["card"] = torch.cuda.get_device_name()
+        (out / "bench_attention.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        (out / "bench_attention.md").write_text(f"environment: {env}\n\n{md}\n\n{summ}\n")
+
+
+if __name__ == "__main__":
+    main()
