@@ -233,9 +233,10 @@ def _max_diff(name, B, H, T, D, device):
     return (out - ours).abs().max().item()
 
 
-def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_dims=None):
+def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_dims=None, log_path=None):
     """Rows: op (attention_d<D>), shape, size (T), dtype, mode, provider, ms, tflops, peak_mem_mb,
-    plus max_abs_diff (vs our kernel, first shape only) and skipped/error where a provider cannot run."""
+    plus max_abs_diff (vs our kernel, first shape only) and skipped/error where a provider cannot run.
+    ``log_path``: also append every row as a JSON line as soon as it is measured (survives a killed run)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return _run_cpu()
@@ -245,6 +246,7 @@ def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_di
     head_dims = head_dims or HEAD_DIMS
     names = providers or list(PROVIDERS)
     rows = []
+    n_logged = 0
     jobs = [(D, T, name) for D in head_dims for T in seq_lens for name in names]
     for D, T, name in tqdm(jobs, desc="bench_attention"):
         B, H = _shape(T, D)
@@ -281,6 +283,11 @@ def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_di
             torch.cuda.empty_cache()
         del inputs, fn
         torch.cuda.empty_cache()
+        if log_path:
+            with open(log_path, "a") as f:
+                for r in rows[n_logged:]:
+                    f.write(json.dumps(r) + "\n")
+            n_logged = len(rows)
     return rows
 
 
@@ -416,11 +423,14 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep GPU tiles instead of benchmarking")
     ap.add_argument("--providers", nargs="*", default=None, choices=sorted(PROVIDERS))
     ap.add_argument("--seq-lens", nargs="*", type=int, default=None)
+    ap.add_argument("--head-dims", nargs="*", type=int, default=None)
+    ap.add_argument("--log", default=None, help="append rows as JSON lines while running")
     args = ap.parse_args()
     if args.tune:
         tune()
         return
-    rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens)
+    rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens, head_dims=args.head_dims,
+               log_path=args.log)
     md = to_markdown(rows)
     summ = summary(rows)
     print(md)
