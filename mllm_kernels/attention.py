@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -542,22 +543,20 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
                       T, H, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """y = rope(x) for x [B, T, H, D]: cos/sin computed once per token block and reused for every head."""
+    """y = rope(x) for x [B, T, H, D], one [BLOCK_T, D] tile per program (grid: token blocks × B·H). cos/sin
+    are recomputed per head: a few FMAs per element, cheaper than serialising the heads of a block."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = offs_t < T
-    pos = tl.load(POS + b * T + offs_t, mask=ok, other=0)
-    c, s = _cos_sin(pos, FREQ, HALF)
+    x1, x2 = _load_rows(X + b * stride_xb + h * stride_xh, offs_t, stride_xt, ok, POS + b * T, FREQ, True, HALF)
     offs_h = tl.arange(0, HALF)
-    for h in range(H):
-        xp = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt + offs_h[None, :]
-        x1 = tl.load(xp, mask=ok[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-        yp = Y + b * stride_yb + h * stride_yh + offs_t[:, None] * stride_yt + offs_h[None, :]
-        tl.store(yp, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=ok[:, None])
-        tl.store(yp + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=ok[:, None])
+    yp = Y + b * stride_yb + h * stride_yh + offs_t[:, None] * stride_yt + offs_h[None, :]
+    tl.store(yp, x1.to(Y.dtype.element_ty), mask=ok[:, None])
+    tl.store(yp + HALF, x2.to(Y.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -600,6 +599,37 @@ def _dot_args(dtype: torch.dtype) -> dict:
 # Host-side helpers
 # ----------------------------------------------------------------------------------------------------
 _FREQ_CACHE: dict = {}
+_ARANGE_CACHE: dict = {}
+
+
+class _PerTensorCache:
+    """The last result computed from one CUDA tensor (position_ids, cu_seqlens), reused while the *same
+    tensor object* comes back unmodified (same version counter) with the same key. A model hands the same
+    tensors to every layer and to the backward, so host syncs (validation) and index bookkeeping happen
+    once per step instead of once per layer. CPU tensors are never cached (numpy views can change them
+    without touching the version counter); neither are writes that bypass autograd's counter (``.data``)."""
+
+    def __init__(self, cuda_only: bool = True):
+        self.cuda_only = cuda_only
+        self.ref, self.version, self.key, self.value = None, None, None, None
+
+    def get(self, t: torch.Tensor, key, compute):
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter
+            return compute()
+        if self.cuda_only and not t.is_cuda:
+            return compute()
+        if self.ref is not None and self.ref() is t and self.version == version and self.key == key:
+            return self.value
+        value = compute()
+        self.ref, self.version, self.key, self.value = weakref.ref(t), version, key, value
+        return value
+
+
+_DOC_CACHE = _PerTensorCache()
+_POS_CACHE = _PerTensorCache()
+_CU_VALID_CACHE = _PerTensorCache()
 
 
 def _rope_turns(head_dim: int, theta: float, device) -> torch.Tensor:
@@ -617,6 +647,10 @@ def _doc_bounds(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device):
     """(start, end) [B, T] int32: first and one-past-last index, within its row, of each token's document."""
     if cu_seqlens is None:
         return None, None
+    return _DOC_CACHE.get(cu_seqlens, (B, T, str(device)), lambda: _compute_doc_bounds(cu_seqlens, B, T, device))
+
+
+def _compute_doc_bounds(cu_seqlens: torch.Tensor, B: int, T: int, device):
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     idx = torch.arange(B * T, device=device)
     doc = torch.searchsorted(cu, idx, right=True) - 1
@@ -628,8 +662,15 @@ def _doc_bounds(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device):
 
 def _positions(position_ids: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
     if position_ids is None:
-        return torch.arange(T, device=device, dtype=torch.int32).expand(B, T).contiguous()
-    return position_ids.to(device=device, dtype=torch.int32).contiguous()
+        key = (B, T, str(device))
+        pos = _ARANGE_CACHE.get(key)
+        if pos is None:
+            if len(_ARANGE_CACHE) > 16:
+                _ARANGE_CACHE.clear()
+            pos = _ARANGE_CACHE[key] = torch.arange(T, device=device, dtype=torch.int32).expand(B, T).contiguous()
+        return pos
+    return _POS_CACHE.get(position_ids, (B, T, str(device)),
+                          lambda: position_ids.to(device=device, dtype=torch.int32).contiguous())
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -640,10 +681,10 @@ def _rope_rows(x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor) -> torch.
     """rope(x) for x [B, T, H, D] into a new contiguous tensor of x.dtype (the reference's rounding)."""
     B, T, H, D = x.shape
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
-    BLOCK_T = 32 if interpreting() else 64
-    _rope_rows_kernel[(triton.cdiv(T, BLOCK_T), B)](
+    BLOCK_T = 64
+    _rope_rows_kernel[(triton.cdiv(T, BLOCK_T), B * H)](
         x, y, pos, freq, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        T, H, HEAD_DIM=D, BLOCK_T=BLOCK_T, num_warps=4,
+        T, H, HEAD_DIM=D, BLOCK_T=BLOCK_T, num_warps=4 if D <= 64 else 8,
     )
     return y
 
@@ -832,6 +873,11 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
         raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu_seqlens.numel()} value(s)")
     if torch.compiler.is_compiling():  # value checks need a host sync; the eager call validated them
         return
+    # the sync runs once per cu_seqlens tensor, not once per layer
+    _CU_VALID_CACHE.get(cu_seqlens, (B, T), lambda: _check_cu_values(cu_seqlens, B, T))
+
+
+def _check_cu_values(cu_seqlens: torch.Tensor, B: int, T: int) -> bool:
     cu = cu_seqlens.to(torch.int64)
     rows = torch.arange(B + 1, device=cu.device, dtype=torch.int64) * T
     first_ok, last_ok, inc_ok, rows_ok = torch.stack([
@@ -846,6 +892,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
     if not rows_ok:
         missing = [r for r in rows.tolist() if r not in set(cu.tolist())]
         raise ValueError(f"cu_seqlens must contain every row start b*T (documents cannot cross rows); missing {missing}")
+    return True
 
 
 def _validate(q, k, v, position_ids, cu_seqlens, window, n_sink_tokens, sinks, rope_theta, softmax_scale,

@@ -295,3 +295,43 @@ def test_module_with_learned_sinks():
 def test_gpu_long(D):
     _check(2, 1100, 8, 2, D, torch.bfloat16, docs=True, window=300, n_sink_tokens=4, sinks=True, seed=D)
     _check(1, 2048, 4, 4, D, torch.bfloat16, sinks=True, seed=D + 1)
+
+
+def test_per_tensor_cache_hits_and_invalidation():
+    cache = A._PerTensorCache(cuda_only=False)
+    calls = []
+
+    def compute(t):
+        calls.append(1)
+        return t.sum().item()
+
+    t = torch.arange(4)
+    assert cache.get(t, "k", lambda: compute(t)) == 6
+    assert cache.get(t, "k", lambda: compute(t)) == 6 and len(calls) == 1  # same object, same version: hit
+    t.add_(1)  # in place: version bump -> recomputed
+    assert cache.get(t, "k", lambda: compute(t)) == 10 and len(calls) == 2
+    assert cache.get(t, "other key", lambda: compute(t)) == 10 and len(calls) == 3
+    u = t.clone()  # equal values, another object: recomputed
+    assert cache.get(u, "other key", lambda: compute(u)) == 10 and len(calls) == 4
+    assert A._PerTensorCache().get(u, "k", lambda: compute(u)) == 10 and len(calls) == 5  # CPU: never cached
+
+
+@pytest.mark.gpu
+def test_gpu_per_tensor_caches_follow_in_place_changes():
+    """Document bounds, int32 positions and the cu_seqlens validation are cached per CUDA tensor object and
+    version counter: an in-place change must be seen (new masks, new positions, and a new validation)."""
+    B, T, HQ, D = 1, 96, 2, 64
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, T, HQ, D, generator=g).cuda() for _ in range(3))
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32, device="cuda")
+    pos = torch.arange(T, device="cuda")[None].clone()
+    for new_cu, new_pos in [([0, 10, 96], 0), ([0, 70, 96], 500)]:
+        A.attention(q, k, v, pos, cu_seqlens=cu)  # fills the caches
+        cu.copy_(torch.tensor(new_cu, device="cuda"))
+        pos.add_(new_pos)
+        got = A.attention(q, k, v, pos, cu_seqlens=cu).double()
+        want = R.attention(q.double(), k.double(), v.double(), pos, cu_seqlens=cu)
+        assert (got - want).abs().max().item() < 1e-4
+    cu[1] = 0  # now invalid (not strictly increasing): must be re-validated, not served from the cache
+    with pytest.raises(ValueError, match="strictly increasing"):
+        A.attention(q, k, v, pos, cu_seqlens=cu)
