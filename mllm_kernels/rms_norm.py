@@ -169,23 +169,33 @@ def _rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
-def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] = None):
+def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] = None, backward: bool = False):
     """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of width n_cols.
 
-    A tile holds ~4K elements on the GPU (enough bytes in flight per program; narrow rows are stacked several per
-    tile) and ~64K under the interpreter, whose cost is mostly a Python overhead per program and per op. ``block_cols`` forces
-    the column chunk (tests use it to drive the wide-row path at small widths)."""
+    Measured on an H100 (bf16, CUDA-graph timing; experiments in the benchmark notes): the forward wants tiles of
+    ~4K elements (narrow rows stacked several per tile) and is at ~97% of copy bandwidth from 4K-wide rows on;
+    the backward, which streams dy and x through a persistent grid, wants ~8K-element tiles with 4 warps
+    (8 rows x 1,024: 42 -> 29 us at 8,192 x 1,024; 2 rows x 4,096: 349 -> 316 us at 32,768 x 4,096). Under the
+    interpreter tiles hold ~64K elements, since its cost is mostly a Python overhead per program and per op.
+    ``block_cols`` forces the column chunk (tests use it to drive the wide-row path at small widths); ``tune``
+    overrides block_rows / num_warps (benchmark sweeps)."""
     full = triton.next_power_of_2(max(n_cols, 1))
     if block_cols is None:
         block_cols = full if full <= MAX_SINGLE_PASS else WIDE_BLOCK_COLS
     block_cols = min(triton.next_power_of_2(block_cols), full)
     single = block_cols >= n_cols
-    target = 65536 if interpreting() else 4096
-    block_rows = max(1, min(64 if not interpreting() else 512, target // block_cols))
+    if interpreting():
+        target, max_rows = 65536, 512
+    else:
+        target, max_rows = (8192 if backward else 4096), 64
+    block_rows = max(1, min(max_rows, target // block_cols))
     if tune and "block_rows" in tune:
         block_rows = tune["block_rows"]
     tile = block_rows * block_cols
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+    if backward:
+        num_warps = max(4, min(32, tile // 2048))
+    else:
+        num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
     if tune and "num_warps" in tune:
         num_warps = tune["num_warps"]
     return block_rows, block_cols, single, num_warps
@@ -196,12 +206,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _bwd_programs(n_rows: int, block_rows: int, device: torch.device, per_sm: int = 2) -> Tuple[int, int]:
-    """(programs, rows_per_program): a persistent grid of a few programs per SM, each owning a contiguous row range
-    (a multiple of BLOCK_ROWS) so that the dw partial sums have a fixed order."""
+def _bwd_programs(n_rows: int, block_rows: int, device: torch.device, per_sm: Optional[int] = None) -> Tuple[int, int]:
+    """(programs, rows_per_program): a persistent grid, each program owning a contiguous row range (a multiple of
+    BLOCK_ROWS) so that the dw partial sums have a fixed order. On the GPU, 2 to 8 programs per SM: more when
+    there are many row tiles (8 per SM measured best at 32,768 x 4,096; 2 at 8,192 x 1,024), which keeps
+    ~16 tiles per program so the [P, C] partial-sum buffer stays a few percent of the traffic."""
     n_tiles = triton.cdiv(max(n_rows, 1), block_rows)
     if device.type == "cuda":
-        target = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if per_sm is None:
+            per_sm = max(2, min(8, n_tiles // (16 * sms)))
+        target = per_sm * sms
     else:
         target = 4
     tiles_per_program = triton.cdiv(n_tiles, min(n_tiles, target))
@@ -262,8 +277,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: f
     dh2 = _as_rows(dh) if dh is not None else dy2
     if n_rows == 0 or n_cols == 0:
         return dx, torch.zeros_like(weight)
-    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune)
-    n_prog, rows_per_program = _bwd_programs(n_rows, block_rows, x.device, (tune or {}).get("per_sm", 2))
+    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune, backward=True)
+    n_prog, rows_per_program = _bwd_programs(n_rows, block_rows, x.device, (tune or {}).get("per_sm"))
     alloc = torch.empty if single else torch.zeros  # the looped path accumulates into its row in place
     dw_part = alloc(n_prog, n_cols, dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_prog,)](
