@@ -131,10 +131,12 @@ def test_non_causal(docs, window, sinks):
         (2, 200, 4, 2, 128, torch.bfloat16, dict(docs=True, window=40, n_sink_tokens=4, sinks=True)),
         (1, 256, 2, 2, 64, torch.bfloat16, dict(docs=True, sinks=True)),
         (2, 130, 4, 1, 64, torch.float32, dict(causal=False, docs=True, sinks=True)),
+        (1, 100, 4, 2, 64, torch.float16, dict(docs=True, window=30, n_sink_tokens=2, sinks=True)),
         (1, 1, 2, 1, 64, torch.float32, dict(sinks=True)),
         (2, 3, 2, 2, 128, torch.float32, dict(docs=True, window=1, n_sink_tokens=1)),
     ],
-    ids=["B2T200-gqa2-all-fp32", "B2T200-d128-all-bf16", "T256-docs-bf16", "T130-noncausal-docs", "T1", "T3-win1"],
+    ids=["B2T200-gqa2-all-fp32", "B2T200-d128-all-bf16", "T256-docs-bf16", "T130-noncausal-docs", "T100-all-fp16", "T1",
+         "T3-win1"],
 )
 def test_larger(B, T, HQ, HKV, D, dtype, opts):
     _check(B, T, HQ, HKV, D, dtype, seed=B * 1000 + T, **opts)
