@@ -116,6 +116,9 @@ class VerifierConfig(StageConfig):
     max_new_tokens: int = 256
     lm_loss_weight: float = 1.0
     value_loss_weight: float = 1.0
+    # also train on each question's reference (gold) solution, labelled correct: a tiny generator may sample no
+    # correct solution at all, leaving the value head a single class (Cobbe et al. use samples only: False)
+    include_gold_solutions: bool = False
 
 
 @dataclass
@@ -188,13 +191,14 @@ def _local_smoke() -> PipelineConfig:
         pretrain=PretrainConfig(steps=60, batch_size=16, micro_batch_size=8, seq_len=128, lr=3e-3,
                                 warmup_steps=6, eval_every=30, eval_batches=4, save_every=30, log_every=5),
         sft=SFTConfig(steps=30, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3, warmup_steps=3,
-                      eval_every=15, eval_batches=2, save_every=15, log_every=5, max_examples=800),
+                      eval_every=15, eval_batches=4, save_every=15, log_every=5, max_examples=800),
         dpo=DPOConfig(steps=20, batch_size=8, micro_batch_size=4, seq_len=128, lr=5e-4, warmup_steps=2,
-                      eval_every=10, eval_batches=2, save_every=10, log_every=5, max_pairs=400,
-                      max_prompt_len=96, heldout_pairs=64),
+                      eval_every=20, eval_batches=32, save_every=10, log_every=5, max_pairs=160,
+                      max_prompt_len=96, heldout_pairs=128),
         verifier=VerifierConfig(steps=20, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3,
-                                warmup_steps=2, eval_every=10, eval_batches=2, save_every=10, log_every=5,
-                                samples_per_question=4, num_questions=32, max_new_tokens=48),
+                                warmup_steps=2, eval_every=20, eval_batches=10, save_every=10, log_every=5,
+                                samples_per_question=4, num_questions=32, max_new_tokens=48,
+                                include_gold_solutions=True),
         eval=EvalConfig(perplexity_context=128, perplexity_split="validation", sst2_shots=2, sst2_examples=64,
                         gsm8k_examples=16, gsm8k_samples=4, gsm8k_max_new_tokens=48, baselines=[]),
     )

@@ -16,6 +16,10 @@ from mllm.training.distributed import DistContext
 
 STAGES: Dict[str, str] = {
     "pretrain": "mllm.stages.pretrain:run",
+    "sft": "mllm.stages.sft:run",
+    "dpo": "mllm.stages.dpo:run",
+    "verifier": "mllm.stages.verifier:run",
+    "all": "mllm.stages.pipeline:run",
 }
 
 

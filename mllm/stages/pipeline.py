@@ -1,0 +1,112 @@
+"""``--stage all``: pretrain -> sft -> dpo -> verifier in one process, each stage starting from its input stage's
+final checkpoint in the same run directory (sft <- pretrain, dpo <- sft, verifier <- sft: the verifier judges the
+SFT generator), then a run summary.
+
+Resuming (``--resume``): a stage whose ``final`` checkpoint exists is not run again (its summary is taken from
+``summary.json`` when recorded there, else the stage re-enters and returns at once), a stage with checkpoints but
+no ``final`` continues from its latest one, the rest run from scratch. Without ``--resume`` a run directory that
+already holds any stage's checkpoints is refused, as for a single stage (nothing is overwritten).
+
+Run summary (``summary.json["all"]``, also printed as a table): per stage its status (ran / resumed / skipped),
+wall-clock seconds of this invocation, steps and the final metrics that show the stage did its job::
+
+    pretrain  final_val_loss (first_val_loss)
+    sft       response-token val loss first -> final
+    dpo       held-out reward accuracy / margin first -> final, train reward accuracy
+    verifier  GSM8K dev greedy / majority / verifier best-of-N / oracle accuracy, sample AUC, reference AUC
+
+plus the total wall-clock. Every stage's full summary is also recorded under its own key of ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mllm.config.pipeline_config import ConfigError, PipelineConfig
+from mllm.training import checkpoint as ckpt
+
+ORDER = ("pretrain", "sft", "dpo", "verifier")
+HEADLINE = {
+    "pretrain": ("first_val_loss", "final_val_loss", "final_val_ppl"),
+    "sft": ("first_val_loss", "final_val_loss"),
+    "dpo": ("first_heldout_reward_accuracy", "final_heldout_reward_accuracy", "final_heldout_reward_margins",
+            "final_train_reward_accuracy", "heldout_pairs_evaluated"),
+    "verifier": ("dev_greedy_accuracy", "dev_majority_accuracy", "dev_verifier_accuracy", "dev_oracle_accuracy",
+                 "dev_sample_auc", "dev_reference_vs_samples_auc"),
+}
+
+
+def stage_state(run_dir: Path, stage: str) -> str:
+    """"complete" (final checkpoint), "partial" (checkpoints, no final) or "absent"."""
+    d = ckpt.stage_checkpoint_dir(run_dir, stage)
+    if ckpt.final_checkpoint(d) is not None:
+        return "complete"
+    return "partial" if ckpt.list_checkpoints(d) else "absent"
+
+
+def _recorded(run_dir: Path, stage: str) -> Optional[Dict[str, Any]]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(stage)
+    except json.JSONDecodeError:
+        return None
+
+
+def headline(stage: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: summary.get(k) for k in HEADLINE.get(stage, ()) if k in summary}
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = [f"{'stage':<9} {'status':<8} {'wall_s':>8} {'steps':>6}  final metrics"]
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        lines.append(f"{r['stage']:<9} {r['status']:<8} {r['wall_s']:>8.1f} {str(r.get('steps')):>6}  {metrics}")
+    return "\n".join(lines)
+
+
+def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, Any]:
+    """Run ``stages`` in order (see the module docstring); returns the run summary."""
+    from mllm.stages import StageContext, get_stage
+    from mllm.training.runner import record_summary
+
+    run_dir = Path(ctx.run_dir)
+    fns = {s: get_stage(s) for s in stages}  # every stage importable before anything runs
+    states = {s: stage_state(run_dir, s) for s in stages}
+    if not ctx.resume:
+        started = [s for s in stages if states[s] != "absent"]
+        if started:
+            raise ConfigError(f"run directory {run_dir} already has checkpoints of stage(s) {', '.join(started)}: "
+                              "pass --resume to continue the pipeline (finished stages are kept, an interrupted one "
+                              "resumes), or choose another --run-name")
+    t_all = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+    for s in stages:
+        t0 = time.perf_counter()
+        state = stage_state(run_dir, s)
+        prior = _recorded(run_dir, s) if state == "complete" else None
+        if prior is not None:
+            summary, status = prior, "skipped"
+        else:
+            status = {"complete": "skipped", "partial": "resumed", "absent": "ran"}[state]
+            if ctx.dist.is_main:
+                print(f"[all] stage {s}: {'resuming' if state == 'partial' else 'running'}", file=sys.stderr)
+            sub = StageContext(run_dir=run_dir, dist=ctx.dist, resume=state != "absent", profile=ctx.profile,
+                               progress=ctx.progress)
+            summary = fns[s](cfg, sub)
+            if ctx.dist.is_main:
+                record_summary(run_dir, s, summary)
+        ctx.dist.barrier()
+        wall = time.perf_counter() - t0
+        rows.append({"stage": s, "status": status, "wall_s": wall, "steps": summary.get("steps"),
+                     "stage_wall_s_when_run": summary.get("wall_s"), "metrics": headline(s, summary),
+                     "checkpoint": summary.get("checkpoint")})
+    total = time.perf_counter() - t_all
+    table = format_table(rows)
+    if ctx.dist.is_main:
+        print(f"[all] pipeline finished in {total:.1f} s\n{table}", file=sys.stderr)
+    return {"stage": "all", "stages": rows, "total_wall_s": total, "table": table.splitlines()}
