@@ -164,18 +164,20 @@ def sft_document(prompt_ids: Sequence[int], response_ids: Sequence[int], prompt_
 # ----------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------
-def load_gsm8k_records(data_dir, split: str = "train") -> Tuple[List[Dict[str, str]], Dict[str, int]]:
-    """GSM8K records, with bad rows skipped and counted instead of failing the whole load.
+def load_gsm8k_records(source=None, split: str = "train") -> Tuple[List[Dict[str, str]], Dict[str, int]]:
+    """GSM8K records from ``source`` (as ``load_gsm8k``: a file, a data folder, None for $MLLM_DATA_DIR / the
+    hub), with bad rows skipped and counted instead of failing the whole load.
 
     Local files are read row by row (``bad_schema``: not an object with string question/answer;
-    ``no_final_answer``: the answer has no ``#### N`` line); from the hub the strict loader is used."""
+    ``no_final_answer``: the answer has no ``#### N`` line, or the question is blank); from the hub the strict
+    loader is used."""
     from mllm.data.datasets import (DatasetError, check_schema, gsm8k_final_answer, iter_records, load_gsm8k,
                                     resolve_source)
 
     counts = {"rows": 0, "bad_schema": 0, "no_final_answer": 0}
-    res = resolve_source("gsm8k", data_dir, split)
+    res = resolve_source("gsm8k", None, split, source=source)
     if res.kind != "local":
-        recs = load_gsm8k(data_dir, split=split)
+        recs = load_gsm8k(source, split=split)
         counts["rows"] = len(recs)
         return recs, counts
     out = []
@@ -222,10 +224,10 @@ def select_examples(pairs: Sequence[Tuple[str, str]], n: int, seq_len: int, tok,
     """Up to ``n`` tokenised ``(prompt_ids, response_ids)`` from ``(prompt, response)`` texts that fit in
     ``seq_len`` tokens with the eot (and have a non-empty response), taken in a seeded random order (``shuffle``)
     and tokenised lazily in chunks. When fewer than ``n`` fit, ``cycle`` repeats the fitting ones up to ``n``.
-    Returns the examples and counts {"candidates", "too_long", "repeated"}."""
+    Returns the examples and counts {"candidates", "too_long", "empty_response", "repeated"}."""
     order = np.random.default_rng(seed).permutation(len(pairs)) if shuffle else np.arange(len(pairs))
     kept: List[Tuple[List[int], List[int]]] = []
-    counts = {"candidates": 0, "too_long": 0, "repeated": 0}
+    counts = {"candidates": 0, "too_long": 0, "empty_response": 0, "repeated": 0}
     for s in range(0, len(order), chunk):
         if len(kept) >= n:
             break
@@ -236,7 +238,10 @@ def select_examples(pairs: Sequence[Tuple[str, str]], n: int, seq_len: int, tok,
             if len(kept) >= n:
                 break
             counts["candidates"] += 1
-            if len(p) + len(r) + 1 > seq_len or not r:
+            if not r:
+                counts["empty_response"] += 1
+                continue
+            if len(p) + len(r) + 1 > seq_len:
                 counts["too_long"] += 1
                 continue
             kept.append((p, r))
@@ -331,7 +336,8 @@ def build_sft_data(cfg: PipelineConfig, tok) -> Tuple[SFTRows, Optional[SFTRows]
         "packing": cfg.data.packing, "packing_efficiency": train.efficiency, "gsm8k_weight": w,
         "skipped": {"gsm8k_bad_schema": gsm_counts["bad_schema"], "gsm8k_no_final_answer": gsm_counts["no_final_answer"],
                     "alpaca_empty": alp_counts["empty_instruction_or_output"],
-                    "too_long": c_alp["too_long"] + c_gsm["too_long"]},
+                    "too_long": c_alp["too_long"] + c_gsm["too_long"],
+                    "empty_response": c_alp["empty_response"] + c_gsm["empty_response"]},
         "data_time_s": time.perf_counter() - t0,
     }
     return train, val, samples, info
