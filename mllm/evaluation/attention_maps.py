@@ -39,7 +39,7 @@ def head_statistics(probs: torch.Tensor, local_window: int = 4, n_sink_tokens: i
         raise ValueError(f"need more than skip_first={skip_first} tokens, got T={T}")
     if local_window < 0:
         raise ValueError(f"local_window must be >= 0, got {local_window}")
-    p = probs.float()[:, :, skip_first:]  # [B, H, Tq, T]
+    p = probs.detach().float().cpu()[:, :, skip_first:]  # [B, H, Tq, T]; small, so statistics run on the CPU
     i = torch.arange(skip_first, T)[:, None]
     j = torch.arange(T)[None, :]
     dist = (i - j).float()  # [Tq, T]
