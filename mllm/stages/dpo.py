@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 
 from mllm.config.pipeline_config import ConfigError, PipelineConfig
 from mllm.training import checkpoint as ckpt
-from mllm.training.batches import EvalBatches, RowBatchSource
+from mllm.training.batches import RowBatchSource
 from mllm.training.trainer import Trainer
 
-from .sft import IGNORE_INDEX, available_split, load_input_model, pad_right, stage_tokenizer
+from .sft import IGNORE_INDEX, available_split, eval_source, load_input_model, pad_right, stage_tokenizer
 
 STAGE = "dpo"
 INPUT_STAGE = "sft"
@@ -209,6 +209,17 @@ def reward_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor)
             "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).float().mean()}
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> Optional[Tuple[float, float]]:
+    """95% Wilson score interval of a proportion ``p`` observed on ``n`` trials (None for n = 0): how far a
+    held-out reward accuracy is from chance (0.5) at this sample size."""
+    if n <= 0:
+        return None
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return (c - h, c + h)
+
+
 def make_dpo_loss(beta: float, ref_model: Optional[torch.nn.Module] = None):
     """``loss_fn(model, batch) -> (mean DPO loss over the pairs, metrics, number of pairs)`` for the Trainer;
     reference log-probs from ``batch["ref_*"]`` (precomputed) or from ``ref_model`` (frozen copy)."""
@@ -355,8 +366,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     collate = make_collate(tok.eot_id)
     train_src = RowBatchSource(train, batch_size=dc.batch_size, micro_batch_size=dc.micro_batch_size,
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, collate=collate)
-    val_src = EvalBatches(val, micro_batch_size=dc.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-                          max_examples=dc.eval_batches * dc.micro_batch_size, collate=collate) if len(val) else None
+    val_src = eval_source(val, dc, dist, collate)
     trainer = Trainer(model, make_dpo_loss(dc.beta, ref_model), train_src, dc, cfg.optim, stage=STAGE,
                       run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile, seed=cfg.seed,
                       profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict())
@@ -377,7 +387,11 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
                 summary[f"final_{name}"] = trainer.last_eval[k]
         if trainer.last_train:
             summary["final_train_reward_accuracy"] = trainer.last_train.get("rewards/accuracies")
-        summary["heldout_pairs_evaluated"] = min(len(val), dc.eval_batches * dc.micro_batch_size)
+        n_eval = val_src.n_examples if val_src is not None else 0
+        summary["heldout_pairs_evaluated"] = n_eval
+        if "final_heldout_reward_accuracy" in summary:
+            summary["final_heldout_reward_accuracy_ci95"] = wilson_interval(summary["final_heldout_reward_accuracy"],
+                                                                            n_eval)
         summary["data"] = info
         summary["input_checkpoint"] = str(src)
         return summary

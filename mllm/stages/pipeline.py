@@ -32,10 +32,11 @@ ORDER = ("pretrain", "sft", "dpo", "verifier")
 HEADLINE = {
     "pretrain": ("first_val_loss", "final_val_loss", "final_val_ppl"),
     "sft": ("first_val_loss", "final_val_loss"),
-    "dpo": ("first_heldout_reward_accuracy", "final_heldout_reward_accuracy", "final_heldout_reward_margins",
-            "final_train_reward_accuracy", "heldout_pairs_evaluated"),
+    "dpo": ("first_heldout_reward_accuracy", "final_heldout_reward_accuracy", "final_heldout_reward_accuracy_ci95",
+            "final_heldout_reward_margins", "final_train_reward_accuracy", "heldout_pairs_evaluated"),
     "verifier": ("dev_greedy_accuracy", "dev_majority_accuracy", "dev_verifier_accuracy", "dev_oracle_accuracy",
-                 "dev_sample_auc", "dev_reference_vs_samples_auc"),
+                 "dev_sample_base_rate", "dev_sample_auc", "dev_reference_vs_samples_auc", "dev_reference_top1_rate",
+                 "dev_reference_top1_chance"),
 }
 
 
@@ -61,10 +62,18 @@ def headline(stage: str, summary: Dict[str, Any]) -> Dict[str, Any]:
     return {k: summary.get(k) for k in HEADLINE.get(stage, ()) if k in summary}
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = [f"{'stage':<9} {'status':<8} {'wall_s':>8} {'steps':>6}  final metrics"]
     for r in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
         lines.append(f"{r['stage']:<9} {r['status']:<8} {r['wall_s']:>8.1f} {str(r.get('steps')):>6}  {metrics}")
     return "\n".join(lines)
 

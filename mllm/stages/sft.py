@@ -120,6 +120,21 @@ def load_input_model(cfg: PipelineConfig, run_dir, input_stage: str, consumer: s
     return model, path
 
 
+def eval_source(examples, stage_cfg, dist, collate=None):
+    """``EvalBatches`` over the first ``eval_batches · micro_batch_size`` examples, cut to a multiple of
+    ``micro_batch_size · world_size`` so that every rank reads the same number of full micro-batches (the Trainer
+    all-reduces one metric vector per rank: a rank without batches would not match the others); None when fewer
+    than one micro-batch per rank remain."""
+    from mllm.training.batches import collate_rows
+
+    per = stage_cfg.micro_batch_size * dist.world_size
+    n = (min(len(examples), stage_cfg.eval_batches * stage_cfg.micro_batch_size) // per) * per
+    if n == 0:
+        return None
+    return EvalBatches(examples, micro_batch_size=stage_cfg.micro_batch_size, rank=dist.rank,
+                       world_size=dist.world_size, max_examples=n, collate=collate or collate_rows)
+
+
 def pad_right(seqs: Sequence[Sequence[int]], value: int, length: Optional[int] = None) -> torch.Tensor:
     """[len(seqs), length or longest] int64, each sequence left-aligned and padded with ``value``."""
     T = length if length is not None else max(len(s) for s in seqs)
@@ -403,8 +418,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     info["init_checkpoint"] = str(src)
     train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
-    val_src = EvalBatches(val_rows, micro_batch_size=sc.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-                          max_examples=sc.eval_batches * sc.micro_batch_size) if val_rows else None
+    val_src = eval_source(val_rows, sc, dist) if val_rows else None
     trainer = Trainer(model, response_loss, train_src, sc, cfg.optim, stage=STAGE, run_dir=ctx.run_dir,
                       val_data=val_src, dist=dist, compile=cfg.compile, seed=cfg.seed, profile=ctx.profile,
                       progress=ctx.progress, config=cfg.to_dict(), eval_fn=samples_eval_fn(tok, sample_prompts))

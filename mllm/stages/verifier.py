@@ -47,10 +47,11 @@ from mllm.config.pipeline_config import ConfigError, PipelineConfig
 from mllm.evaluation.gsm8k import evaluate_gsm8k, extract_answer, gold_answer, is_correct, truncate_completion
 from mllm.models.transformer import Transformer, causal_lm_loss
 from mllm.training import checkpoint as ckpt
-from mllm.training.batches import EvalBatches, RowBatchSource
+from mllm.training.batches import RowBatchSource
 from mllm.training.trainer import Trainer
 
-from .sft import GSM8K_PROMPT_TEMPLATE, IGNORE_INDEX, gsm8k_splits, load_input_model, pad_right, stage_tokenizer
+from .sft import (GSM8K_PROMPT_TEMPLATE, IGNORE_INDEX, eval_source, gsm8k_splits, load_input_model, pad_right,
+                  stage_tokenizer)
 
 STAGE = "verifier"
 INPUT_STAGE = "sft"
@@ -391,8 +392,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     collate = make_collate(tok.eot_id)
     train_src = RowBatchSource(train_ex, batch_size=vc.batch_size, micro_batch_size=vc.micro_batch_size,
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, collate=collate)
-    val_src = EvalBatches(val_ex, micro_batch_size=vc.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-                          max_examples=vc.eval_batches * vc.micro_batch_size, collate=collate) if val_ex else None
+    val_src = eval_source(val_ex, vc, dist, collate)
     trainer = Trainer(model, make_verifier_loss(vc.lm_loss_weight, vc.value_loss_weight), train_src, vc, cfg.optim,
                       stage=STAGE, run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
                       seed=cfg.seed, profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict())
@@ -424,8 +424,11 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
         summary["gsm8k_dev"] = report
         for k in ("greedy", "majority", "verifier", "oracle"):
             summary[f"dev_{k}_accuracy"] = report[k].get("accuracy")
+        summary["dev_sample_base_rate"] = report["sampled_solutions"]["base_rate"]
         summary["dev_sample_auc"] = report["sampled_solutions"]["auc"]
         summary["dev_reference_vs_samples_auc"] = report["reference_vs_samples"]["auc"]
+        summary["dev_reference_top1_rate"] = report["reference_vs_samples"]["top1_rate"]
+        summary["dev_reference_top1_chance"] = report["reference_vs_samples"]["chance_top1_rate"]
         summary["data"] = info
         summary["input_checkpoint"] = str(src)
         return summary
