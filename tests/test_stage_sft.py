@@ -2,7 +2,6 @@
 selection and bad-row counting, the shared GSM8K dev split, and the response loss."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -12,8 +12,14 @@ marker), ``identical`` (the two answers are the same text), ``empty_answer`` (an
 Tokens: ``prompt_ids`` keeps the LAST ``dpo.max_prompt_len`` tokens of the prompt (the end of a dialogue is what
 the answer replies to); each answer is ``answer tokens ++ [eot]`` cut to ``dpo.seq_len - len(prompt_ids)``.
 The log-probability of an answer is ``log π(y | x) = Σ_t log π(y_t | x, y_<t)`` over the answer tokens only,
-computed by ``mllm_kernels.sequence_logprobs(hidden [N, T, d], lm_head_weight [V, d], labels [N, T]) -> [N]``
-(chunked over the vocabulary: the [N, T, V] logits are never materialised on the kernel paths).
+computed by ``mllm_kernels.sequence_logprobs(hidden [N, A, d], lm_head_weight [V, d], labels [N, A]) -> [N]``
+on the answer window of each row (``answer_window``: A = the longest answer in the batch, so the LM head never
+runs over prompt or padding positions), chunked over the vocabulary on the kernel paths (Triton on CUDA, the
+interpreter on CPU with ``TRITON_INTERPRET=1``, the eager reference otherwise).
+
+Chosen and rejected rows of a micro-batch go through the model together ([2B, T], right-padded). Note: the
+policy's log-probs at step 0 equal the precomputed ones only up to float rounding (other batch shapes), so the
+step-0 reward accuracy (strict r_c > r_r) is ~0, not exactly 0.
 
 Loss (sigmoid DPO, ``mllm_kernels.dpo_loss``), per pair with β = ``dpo.beta``::
 

@@ -40,7 +40,6 @@ example. Each evaluation also logs greedy generations for a few held-out prompts
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
