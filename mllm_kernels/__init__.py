@@ -13,3 +13,7 @@ from ._common import last_path  # noqa: F401
 from .dpo_logprobs import SequenceLogprobs, dpo_loss, sequence_logprobs  # noqa: F401
 
 __version__ = "0.1.0"
+from .attention import Attention, attention  # noqa: F401,E402
+from .rms_norm import RMSNorm, fused_add_rms_norm, rms_norm  # noqa: F401,E402
+from .rope import RotaryEmbedding, apply_rope  # noqa: F401,E402
+from .swiglu import SwiGLU, swiglu  # noqa: F401,E402

@@ -3,6 +3,8 @@ the first thing here (the Makefile sets it too). On a CUDA machine it is left un
 kernels are tested."""
 import os
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy BLAS threads slow the Triton interpreter 3x on 2 cores
+
 import torch  # importing torch does not import triton kernels, so the check below is still in time
 
 if not torch.cuda.is_available():
