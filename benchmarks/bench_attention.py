@@ -72,7 +72,7 @@ def _bthd(B, H, T, D, device, g):
 
 
 def _mllm(kind):
-    from mllm_kernels import attention as A
+    A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
 
     def make(B, H, T, D, device, g):
         q, k, v = _bthd(B, H, T, D, device, g)
@@ -216,7 +216,7 @@ def _measure(fn, inputs, mode):
 
 def _max_diff(name, B, H, T, D, device):
     """max |provider − our kernel on the same inputs| (fp32), for the providers that compute our function."""
-    from mllm_kernels import attention as A
+    A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
 
     g = torch.Generator(device=device).manual_seed(1)
     inputs, fn = PROVIDERS[name](B, H, T, D, device, g)
@@ -337,7 +337,7 @@ TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, warps, stages); those that spill regis
 def tune(T: int = 4096, device="cuda"):
     """Time each candidate tile per kernel (others at their current setting) and both STREAM_ROPE modes;
     prints a table and returns the rows. Pick the winners into ``attention.GPU_CONFIGS`` by hand."""
-    from mllm_kernels import attention as A
+    A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
 
     rows = []
     for D in HEAD_DIMS:

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from mllm_kernels import attention as A
+A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
 from mllm_kernels import reference as R
 from mllm_kernels._common import last_path
 
