@@ -8,16 +8,21 @@ Goal on H100 (reported, not asserted): ≤ 20% of eager's peak memory and no slo
 
 CPU: ``pytest benchmarks/bench_dpo.py --benchmark-enable`` times the eager reference at a small shape.
 
-    python benchmarks/bench_dpo.py --out benchmarks/results/     # JSON + Markdown
+    python benchmarks/bench_dpo.py --out benchmarks/results/            # JSON + Markdown (card, versions, date)
+    python benchmarks/bench_dpo.py --sweep --out benchmarks/results/    # + launch-config sweep of both kernels
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_kernels import reference as R
 
@@ -99,6 +104,51 @@ def run(device=None, quick: bool = False):
     return rows
 
 
+SWEEP_CONFIGS = [  # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages); the first is the default
+    (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+]
+
+
+def sweep(shape=(16, 1024, 1024, 50257), configs=SWEEP_CONFIGS, device="cuda"):
+    """do_bench median of each kernel's launcher per launch config (bf16): 'fwd' = the fused matmul + online-LSE
+    kernel (+ the host-side split combine), 'bwd' = the chunked dz kernel + its two cuBLAS matmuls per chunk."""
+    import triton.testing
+
+    from mllm_kernels import dpo_logprobs as K
+
+    N, T, D, V = shape
+    h, w, y = _inputs(N, T, D, V, torch.bfloat16, device)
+    h2, y1 = h.reshape(N * T, D), y.reshape(N * T)
+    _, lse = K._fwd_launch(h2, w, y1)
+    g_tok = torch.ones(N * T, device=device)
+    rows = []
+    for bm, bv, bk, nw, ns in configs:
+        tune = dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        for kind, fn in (("fwd", lambda: K._fwd_launch(h2, w, y1, tune=tune)),
+                         ("bwd", lambda: K._bwd_launch(h2, w, y1, lse, g_tok, tune=tune))):
+            try:
+                ms = triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+                err = None
+            except Exception as e:  # noqa: BLE001 - an unlaunchable config (shared memory) is a sweep result
+                ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            flops = 2 * N * T * D * V * (1 if kind == "fwd" else 3)
+            rows.append(dict(kernel=kind, **tune, ms=ms, tflops=flops / ms / 1e9 if ms == ms else None, error=err))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def goals(rows):
+    """Issue 7's goal at N=16, T=1,024, d=1,024, V=50,257 (fwd+bwd): peak memory ≤ 20% of eager's, time ≤ eager's."""
+    out = {}
+    for mode in ("fwd", "fwd_bwd"):
+        sel = {r["provider"]: r for r in rows if r["shape"] == "N16xT1024xd1024xV50257" and r["mode"] == mode}
+        if "triton" in sel and "eager" in sel:
+            t, e = sel["triton"], sel["eager"]
+            out[mode] = dict(memory_ratio=t["peak_mem_mb"] / e["peak_mem_mb"], speedup=e["ms"] / t["ms"])
+    return out
+
+
 def to_markdown(rows):
     lines = ["| shape | dtype | mode | provider | ms (median) | TFLOP/s | peak extra MiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -117,15 +167,34 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time the kernels' launch configs (CUDA)")
     args = ap.parse_args()
+    from benchmarks.run import device_tag, environment
+
+    env = environment()
     rows = run(quick=args.quick)
-    md = to_markdown(rows)
-    print(md)
+    summary = goals(rows)
+    swept = sweep() if args.sweep and torch.cuda.is_available() else []
+    md = [f"# DPO log-probs: {env.get('card')} ({env['date_utc']})", "",
+          f"torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda_runtime')}, "
+          f"driver {env.get('driver')}, git {env.get('git_commit')}", "", to_markdown(rows), ""]
+    for mode, g in summary.items():
+        md.append(f"- {mode} at N16xT1024xd1024xV50257: triton peak memory = {g['memory_ratio']:.1%} of eager's "
+                  f"(goal ≤ 20%), speed-up {g['speedup']:.2f}x (goal ≥ 1.00x)")
+    if swept:
+        md += ["", "| kernel | BLOCK_M | BLOCK_V | BLOCK_K | warps | stages | ms | TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+        for r in swept:
+            tf = "n/a" if r["tflops"] is None else f"{r['tflops']:.0f}"
+            md.append(f"| {r['kernel']} | {r['BLOCK_M']} | {r['BLOCK_V']} | {r['BLOCK_K']} | {r['num_warps']} | "
+                      f"{r['num_stages']} | {r['ms']:.3f} | {tf} |" + (f" {r['error']}" if r["error"] else ""))
+    text = "\n".join(md)
+    print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_dpo.json").write_text(json.dumps(rows, indent=2))
-        (out / "bench_dpo.md").write_text(md + "\n")
+        stem = f"bench_dpo_{env['date_utc'][:10].replace('-', '')}_{device_tag(env)}"
+        (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows, goals=summary, sweep=swept), indent=2))
+        (out / f"{stem}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

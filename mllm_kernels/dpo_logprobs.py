@@ -109,18 +109,38 @@ def _dpo_logprobs_bwd_kernel(
              mask=mask_m[:, None] & mask_v[None, :])
 
 
-def _blocks(D: int, dtype: torch.dtype):
+# GPU launch configs (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel and operand width; fp32
+# operands take a shorter K step to stay within shared memory. ``benchmarks/bench_dpo.py --sweep`` times the
+# alternatives through the ``tune`` argument of the launchers (results in benchmarks/NOTES.md).
+_GPU_CONFIGS = {
+    ("fwd", 2): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    ("fwd", 4): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=3),
+    ("bwd", 2): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    ("bwd", 4): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, num_warps=4, num_stages=3),
+}
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
+def _config(kind: str, dtype: torch.dtype, tune: Optional[dict] = None) -> dict:
+    """Launch parameters of kernel ``kind`` ('fwd' | 'bwd'); ``tune`` overrides any of them (benchmark sweeps)."""
     if interpreting():
-        return 16, 64, 32
-    # GPU: 64x128 output tile; fp32 operands use a shorter K step to stay within shared memory
-    return 64, 128, (32 if dtype == torch.float32 else 64)
+        cfg = dict(_INTERPRETER_CONFIG)
+    else:
+        cfg = dict(_GPU_CONFIGS[(kind, 4 if dtype == torch.float32 else 2)])
+    if tune:
+        unknown = set(tune) - set(cfg)
+        if unknown:
+            raise ValueError(f"dpo_logprobs: unknown tune keys {sorted(unknown)}; valid: {sorted(cfg)}")
+        cfg.update(tune)
+    return cfg
 
 
-def _fwd_launch(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor):
+def _fwd_launch(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor, tune: Optional[dict] = None):
     """h2 [M, d], w [V, d], y1 [M] int64 -> (token_logp [M] fp32, lse [M] fp32)."""
     M, D = h2.shape
     V = w.shape[0]
-    BM, BV, BK = _blocks(D, h2.dtype)
+    cfg = _config("fwd", h2.dtype, tune)
+    BM, BV = cfg["BLOCK_M"], cfg["BLOCK_V"]
     n_m = triton.cdiv(M, BM)
     if h2.is_cuda:
         sms = torch.cuda.get_device_properties(h2.device).multi_processor_count
@@ -132,7 +152,7 @@ def _fwd_launch(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor):
     part = torch.empty(3, n_split, M, device=h2.device, dtype=torch.float32)
     _dpo_logprobs_fwd_kernel[(n_m, n_split)](
         h2, w, y1, part[0], part[1], part[2], M, V, D, v_per_split, h2.stride(0), w.stride(0),
-        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, DOT_DTYPE=dot_dtype_for(h2.dtype),
+        DOT_DTYPE=dot_dtype_for(h2.dtype), **cfg,
     )
     m, s, tgt = part[0], part[1], part[2]
     m_all = m.max(0).values
@@ -146,11 +166,12 @@ def _chunk_rows(M: int, V: int, elem: int, budget_bytes: int = 256 * 2**20) -> i
     return max(16, min(M, budget_bytes // max(1, V * elem)))
 
 
-def _bwd_launch(h2, w, y1, lse, g_tok):
+def _bwd_launch(h2, w, y1, lse, g_tok, tune: Optional[dict] = None):
     """dh [M, d] (h dtype), dW [V, d] (w dtype) for per-token upstream grads g_tok [M] fp32."""
     M, D = h2.shape
     V = w.shape[0]
-    BM, BV, BK = _blocks(D, h2.dtype)
+    cfg = _config("bwd", h2.dtype, tune)
+    BM, BV = cfg["BLOCK_M"], cfg["BLOCK_V"]
     C = _chunk_rows(M, V, h2.element_size())
     if interpreting():
         C = M
@@ -164,7 +185,7 @@ def _bwd_launch(h2, w, y1, lse, g_tok):
         _dpo_logprobs_bwd_kernel[(triton.cdiv(n, BM), triton.cdiv(V, BV))](
             h2[r0:r1], w, y1[r0:r1], lse[r0:r1], g_tok[r0:r1], dzc, n, V, D,
             h2.stride(0), w.stride(0), dzc.stride(0),
-            BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, DOT_DTYPE=dot_dtype_for(h2.dtype),
+            DOT_DTYPE=dot_dtype_for(h2.dtype), **cfg,
         )
         dh[r0:r1] = dzc @ w.to(dzc.dtype)
         dw += (dzc.t() @ h2[r0:r1]).float()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One prepared GPU session from the source tree (no installs, no network): kernel tests compiled for the card,
+# the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
+#   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
+#   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
+# Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_BENCH_TRAIN, T_KERNEL_TESTS) so
+# (T_STAGE per stage) so that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
+# next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
+set -u
+OUT=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$OUT/results"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export MLLM_GIT_COMMIT=${MLLM_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+PY=${PY:-python}
+SECTIONS=${SECTIONS:-"env dpo_tests bench_dpo bench_train kernel_tests"}
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+section() {  # name limit_s command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
+}
+
+for s in $SECTIONS; do
+  case $s in
+    env) section env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'" ;;
+    dpo_tests) section dpo_tests "${T_DPO_TESTS:-90}" $PY -m pytest tests/kernels/test_dpo_logprobs.py -q -x -p no:cacheprovider ;;
+    bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
+    bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py --set model.vocab_size=50304 \
+        --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
+    kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
+        --deselect tests/kernels/test_dpo_logprobs.py -x ;;
+    stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes)
+      if [ -z "${MLLM_DATA_DIR:-}" ]; then summary "stages skipped: MLLM_DATA_DIR unset"; continue; fi
+      for st in pretrain sft dpo verifier; do
+        section "stage_$st" "${T_STAGE:-60}" $PY scripts/run_pipeline.py --config local-smoke --stage $st --no-progress \
+          --set device=cuda --set model.kernel_backend=triton --set run_root="$OUT/runs" --run-name gpu-smoke
+      done ;;
+    *) summary "unknown section $s" ;;
+  esac
+done
