@@ -36,8 +36,13 @@ for s in $SECTIONS; do
       if [ -z "${MLLM_DATA_DIR:-}" ]; then summary "stages skipped: MLLM_DATA_DIR unset"; continue; fi
       for st in pretrain sft dpo verifier; do
         section "stage_$st" "${T_STAGE:-60}" $PY scripts/run_pipeline.py --config local-smoke --stage $st --no-progress \
-          --set device=cuda --set model.kernel_backend=triton --set run_root="$OUT/runs" --run-name gpu-smoke
+          --set device=cuda --set model.kernel_backend=triton --set run_root="$OUT/runs" --run-name gpu-smoke \
+          ${STAGE_SET:-}
       done ;;
+    profile) section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \
+        --out "$OUT/profile" -- --set model.vocab_size=50304 --grad-accum 1 ;;
+    attn_cache_tests) section attn_cache_tests "${T_ATTN:-90}" $PY -m pytest tests/kernels/test_attention.py -q \
+        -p no:cacheprovider -k "cache or gpu_long" ;;
     *) summary "unknown section $s" ;;
   esac
 done

@@ -12,10 +12,11 @@ import torch
 
 from mllm_kernels import dpo_logprobs as K
 from mllm_kernels import reference as R
-from mllm_kernels._common import last_path
+from mllm_kernels._common import interpreting, last_path
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # absolute slack on top of the 2x rule (per dtype)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CPU tensors reach the kernel only under TRITON_INTERPRET=1 (on a CUDA machine they take the eager path)
+DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 SHAPES = [  # (N, T, d, V)
     (1, 1, 16, 7),
