@@ -134,6 +134,9 @@ class EvalConfig:
     gsm8k_temperature: float = 0.7
     gsm8k_max_new_tokens: int = 256
     baselines: List[str] = field(default_factory=lambda: ["gpt2", "distilgpt2"])
+    perplexity_max_documents: Optional[int] = None  # first N WikiText articles (after dropping pretrained ones)
+    batch_size: int = 8  # sequences per scoring forward (perplexity, SST-2) in the eval stage
+    gen_batch_size: int = 32  # prompts per generation call (GSM8K) in the eval stage
 
 
 @dataclass
@@ -374,6 +377,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(0.0 <= cfg.sft.gsm8k_weight <= 1.0, "sft.gsm8k_weight", "must be in [0, 1]")
     need(cfg.verifier.samples_per_question > 0, "verifier.samples_per_question", "must be positive")
     need(cfg.eval.perplexity_split in ("test", "validation"), "eval.perplexity_split", "must be test or validation")
+    for k in ("batch_size", "gen_batch_size", "gsm8k_samples", "perplexity_context"):
+        need(getattr(cfg.eval, k) > 0, f"eval.{k}", f"must be positive, got {getattr(cfg.eval, k)}")
+    for k in ("perplexity_max_documents", "sst2_examples", "gsm8k_examples"):
+        v = getattr(cfg.eval, k)
+        need(v is None or v > 0, f"eval.{k}", f"must be positive or null, got {v}")
     return cfg
 
 
