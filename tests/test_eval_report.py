@@ -84,6 +84,9 @@ def fake(tmp_path):
                               "mean_entropy": 1.234, "mean_mean_distance": 5.5, "heads": []}],
                   "observations": ["Sink heads (> 50% of attention on the first token): 1 of 2: L0H1 (91%)."],
                   "figures": ["pretrain/attention/layer_0.png"]}, **meta, model="pretrain")
+    (res / "eval_state.json").write_text(json.dumps({"models": {"pretrain": {"key": {}, "eval_s": 12.345,
+                                                                         "finished": "2026-11-26T02:00:00+0000"}},
+                                                      "last_invocation": {"command": CMD}}))
     recs = [{"stage": "pretrain", "step": 0, "kind": "start", "device": "cpu", "world_size": 1, "params": 123456},
             {"stage": "pretrain", "step": 0, "kind": "val", "val_loss": 10.5},
             {"stage": "pretrain", "step": 5, "kind": "train", "loss": 9.0, "tokens_per_s": 1000.0, "mfu": None},
@@ -111,8 +114,12 @@ def test_report_from_fake_results(fake, tmp_path):
               "| sft | 7/8 | 5 | 1 | 1 |", "2 + 2 = 5 (actually 4)",                     # taxonomy
               "20,480", "16.0", "20.5", "1,280", "8.0000", "8.2500",                       # training (20480/16 = 1280 tok/s)
               "0.6875", "0.1234",                                                         # DPO val records
-              "Test CPU (2 cores)", "123,456", "L0H1 (91%)", "61%"]:
+              "Test CPU (2 cores)", "123,456", "L0H1 (91%)", "61%",
+              "| pretrain | 12.3 | 2026-11-26T02:00:00+0000 |"]:                            # eval time (eval_state)
         assert s in md, s
+    # deltas follow the pipeline's lineage: the verifier is trained from sft, not from dpo
+    assert "| pretrain → sft |" in md and "| sft → dpo |" in md and "| sft → verifier |" in md
+    assert "dpo → verifier" not in md
     # missing results say why
     assert "not run: WikiText-2 test not available" in md
     assert "not run: skipped: gpt2 not available offline" in md and "OSError: no cache" in md

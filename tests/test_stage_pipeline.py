@@ -1,5 +1,6 @@
 """`--stage all` end to end on a micro config (byte tokenizer, 1-layer model, a few steps per stage, real data
-slices), interrupted-stage resume, and the missing-input-checkpoint errors."""
+slices) including the eval stage and its report, interrupted-stage resume, eval reuse, the final message, and the
+missing-input-checkpoint errors (one line, no traceback)."""
 import json
 import shutil
 
@@ -25,8 +26,11 @@ MICRO = [
     "verifier.num_questions=3", "verifier.samples_per_question=2", "verifier.max_new_tokens=16",
     "verifier.eval_every=3", "verifier.eval_batches=1", "verifier.save_every=3", "verifier.warmup_steps=1",
     "verifier.log_every=1",
-    "eval.gsm8k_examples=2", "eval.gsm8k_samples=2", "eval.gsm8k_max_new_tokens=16",
+    "eval.gsm8k_examples=2", "eval.gsm8k_samples=2", "eval.gsm8k_max_new_tokens=16", "eval.sst2_examples=4",
+    "eval.sst2_shots=1", "eval.perplexity_context=256", "eval.perplexity_max_documents=1", "eval.batch_size=32",
+    "eval.baselines=[\"mllm-test/no-such-model\"]",
 ]
+STAGES = ["pretrain", "sft", "dpo", "verifier", "eval"]
 
 
 def _args(root, name, stage, *extra):
@@ -53,7 +57,33 @@ def test_missing_input_checkpoint_names_file_and_stage(tmp_path):
         assert f"--stage {needed}" in msg
 
 
-def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path):
+def test_missing_input_checkpoint_cli_prints_one_line(tmp_path, capsys):
+    """`run_pipeline.py --stage sft` (or eval) without the input checkpoint: exit 2 and one `error:` line naming
+    the missing file and the stage that makes it, no traceback."""
+    for stage, needed, file in (("sft", "pretrain", "final"), ("dpo", "sft", "final"), ("eval", "pretrain", "final")):
+        assert main(_args(tmp_path, f"m-{stage}", stage)) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert "Traceback" not in err
+        assert str(tmp_path / f"m-{stage}" / "checkpoints" / needed / file) in lines[0]
+        assert f"--stage {needed}" in lines[0] and f"stage '{stage}'" in lines[0]
+
+
+def test_checkpoint_error_line_names_the_stage_that_makes_the_file():
+    from mllm.training.runner import checkpoint_error_line
+
+    e = ckpt.CheckpointError("no checkpoint in runs/x/checkpoints/verifier: no such file or folder")
+    assert checkpoint_error_line(e) == ("error: no checkpoint in runs/x/checkpoints/verifier: no such file or folder "
+                                        "(that file is made by `--stage verifier`; run it first with the same "
+                                        "--run-name)")
+    # a message that already says which stage to run is kept as it is, on one line
+    e = ckpt.CheckpointError("stage 'dpo' needs ... checkpoints/sft/final does not exist:\n run `--stage sft` first")
+    assert checkpoint_error_line(e) == "error: stage 'dpo' needs ... checkpoints/sft/final does not exist: run " \
+                                       "`--stage sft` first"
+
+
+def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path, capsys):
     assert main(_args(tmp_path, "r", "all")) == 0
     run = tmp_path / "r"
     summary = json.loads((run / "summary.json").read_text())
@@ -61,7 +91,7 @@ def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path):
         assert ckpt.final_checkpoint(ckpt.stage_checkpoint_dir(run, s)) is not None, s
         assert s in summary
     rows = {r["stage"]: r for r in summary["all"]["stages"]}
-    assert [r["stage"] for r in summary["all"]["stages"]] == ["pretrain", "sft", "dpo", "verifier"]
+    assert [r["stage"] for r in summary["all"]["stages"]] == STAGES
     assert all(r["status"] == "ran" and r["wall_s"] > 0 for r in rows.values())
     assert summary["all"]["total_wall_s"] >= sum(r["wall_s"] for r in rows.values()) - 1e-6
     # each stage started from its input stage's final checkpoint
@@ -75,6 +105,41 @@ def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path):
     dev = summary["verifier"]["gsm8k_dev"]
     assert dev["greedy"]["n"] == dev["verifier"]["n"] == 2 and dev["sampled_solutions"]["n"] == 4
     assert set(rows["verifier"]["metrics"]) >= {"dev_greedy_accuracy", "dev_majority_accuracy", "dev_verifier_accuracy"}
+
+    # the eval stage: every stage checkpoint on every task, the baseline skipped (offline), the report in the run
+    report = run / "report" / "REPORT.md"
+    ev = summary["eval"]
+    assert ev["report"] == str(report) == summary["all"]["outputs"]["report"] and report.is_file()
+    assert ev["evaluated"] == ["pretrain", "sft", "dpo", "verifier"] and ev["reused"] == []
+    assert ev["skipped_baselines"] == ["baseline-no-such-model"]
+    for s in ("pretrain", "sft", "dpo", "verifier"):
+        for t in ("perplexity", "sst2", "gsm8k", "attention"):
+            doc = json.loads((run / "results" / s / f"{t}.json").read_text())
+            assert "not_run" not in doc["result"], (s, t, doc["result"])
+            assert "run_pipeline.py" in doc["command"] and "--stage all" in doc["command"]
+    g = json.loads((run / "results" / "dpo" / "gsm8k.json").read_text())["result"]
+    assert ev["models"]["dpo"]["gsm8k_greedy"] == g["greedy"]["accuracy"]
+    assert g["verifier"]["n"] == 2  # best-of-N with the verifier stage's scorer for every stage
+    md = report.read_text()
+    assert "(fill)" not in md and "skipped: mllm-test/no-such-model" in md
+    ppl = json.loads((run / "results" / "sft" / "perplexity.json").read_text())["result"]
+    assert f"| sft | {ppl['token']['perplexity']:.2f} |" in md
+    assert rows["eval"]["status"] == "ran" and rows["eval"]["wall_s"] > 0 and rows["eval"]["steps"] is None
+    # the final message names the real outputs
+    out = capsys.readouterr().out
+    assert f"run summary: {run / 'summary.json'}" in out and f"report: {report}" in out
+    assert "checkpoints/all" not in out
+
+    # resumed with nothing to do: every stage skipped, eval included (results newer than every checkpoint)
+    assert main(_args(tmp_path, "r", "all", "--resume")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert {r["stage"]: r["status"] for r in summary["all"]["stages"]} == dict.fromkeys(STAGES, "skipped")
+    # `--stage eval` alone reuses the results and rebuilds the report; --recompute evaluates again
+    assert main(_args(tmp_path, "r", "eval")) == 0
+    ev = json.loads((run / "summary.json").read_text())["eval"]
+    assert ev["evaluated"] == [] and ev["reused"] == ["pretrain", "sft", "dpo", "verifier"]
+    out = capsys.readouterr().out
+    assert f"report: {report}" in out and f"results: {run / 'results'}" in out and "checkpoints/eval" not in out
 
     # the verifier checkpoint serves evaluation: a scorer, and the LM part through the evaluation loader
     from mllm.evaluation.loading import load_stage_model
@@ -99,7 +164,10 @@ def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path):
     assert main(_args(tmp_path, "r", "all", "--resume")) == 0
     summary = json.loads((run / "summary.json").read_text())
     status = {r["stage"]: r["status"] for r in summary["all"]["stages"]}
-    assert status == {"pretrain": "skipped", "sft": "resumed", "dpo": "ran", "verifier": "ran"}
+    # sft, dpo and verifier were redone, so eval re-evaluates them; pretrain's results depend on the verifier
+    # checkpoint too (GSM8K best-of-N), so nothing is reusable: eval ran again
+    assert status == {"pretrain": "skipped", "sft": "resumed", "dpo": "ran", "verifier": "ran", "eval": "ran"}
+    assert summary["eval"]["evaluated"] == ["pretrain", "sft", "dpo", "verifier"]
     assert ckpt.final_checkpoint(sft_dir).name == ckpt.checkpoint_name(4)
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     sft_train_steps = [r["step"] for r in recs if r["stage"] == "sft" and r["kind"] == "train"]

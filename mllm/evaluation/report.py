@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .loading import STAGE_ORDER
 
 TASK_FILES = ("perplexity", "sst2", "gsm8k", "attention")
+# the checkpoint each stage starts from (mllm.stages.pipeline): the verifier is trained from SFT, not from DPO,
+# so its delta is taken against sft
+PARENT = {"sft": "pretrain", "dpo": "sft", "verifier": "sft"}
 PUBLISHED_ANCHORS = ("Published anchors for orientation (not measured here): GPT-2 small (124M) WikiText-2 perplexity "
                      "29.41 in the GPT-2 paper (its own detokenised, zero-shot setup) vs 37.37 word perplexity "
                      "in lm-eval-harness (wikitext-2-raw, rolling loglikelihood per document).")
@@ -73,6 +76,11 @@ class Results:
                 raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from e
         env = self.dir / "environment.json"
         self.env = {**json.loads(env.read_text()), "_path": env} if env.is_file() else None
+        st = self.dir / "eval_state.json"  # per-model evaluation times (mllm.evaluation.runner)
+        try:
+            self.state = {**json.loads(st.read_text()), "_path": st} if st.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{st}:{e.lineno}: invalid JSON: {e.msg}") from e
         names = {m for m, _ in self.docs}
         # every pipeline stage gets a row, so a stage that never ran is reported as such
         self.stages = list(STAGE_ORDER)
@@ -228,6 +236,9 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
                      _cell(t.get("final_val_loss"), "no val record", lambda v: f"{v:.4f}")])
     parts.append(table(["stage", "steps", "tokens", "train time (s)", "wall (s)", "tokens/s",
                         "final train loss", "final val loss"], rows))
+    ev = _eval_times(R)
+    if ev:
+        parts.append(ev)
     mf = [(st, t["mfu"]) for st, t in training.items() if t.get("mfu") is not None]
     parts.append("MFU (mean over logged steps): " + (", ".join(f"{st} {fmt_pct(v)}" for st, v in mf) if mf else
                  not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
@@ -260,6 +271,21 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
         else:
             figs.append(f"{st}: " + not_run(f"no {R.rel(src)} and no '{st}' loss records in metrics.jsonl"))
     return "\n\n".join(parts + figs)
+
+
+def _eval_times(R: Results) -> str:
+    """Evaluation wall-clock per model (all tasks, model loading included) from ``eval_state.json``."""
+    if R.state is None:
+        return ""
+    models = R.state.get("models", {})
+    rows = [[m, f"{models[m]['eval_s']:,.1f}", models[m].get("finished", "?")]
+            for m in R.models if _num((models.get(m) or {}).get("eval_s")) is not None]
+    if not rows:
+        return ""
+    return ("Evaluation wall-clock per model (all tasks, model loading included):\n\n"
+            + table(["model", "eval (s)", "finished"], rows)
+            + f"\n\nSource: [{R.rel(R.state['_path'])}]({R.rel(R.state['_path'])}), written by the evaluation "
+            f"runner (last invocation: `{(R.state.get('last_invocation') or {}).get('command') or 'not recorded'}`).")
 
 
 def section_perplexity(R: Results) -> str:
@@ -369,7 +395,7 @@ def _task_results(R: Results, model: str) -> Dict[str, Dict]:
 
 
 def section_deltas(R: Results) -> str:
-    """Differences between consecutive stages present in the results."""
+    """Differences between each stage and the stage it starts from (:data:`PARENT`)."""
     metrics = [
         ("token ppl", lambda r: _sub(r["perplexity"], "token", "perplexity"), False),
         ("word ppl", lambda r: _sub(r["perplexity"], "rolling", "word_perplexity"), False),
@@ -379,17 +405,22 @@ def section_deltas(R: Results) -> str:
         ("GSM8K majority", lambda r: _sub(r["gsm8k"], "majority", "accuracy"), True),
     ]
     rows = []
-    for a, b in zip(STAGE_ORDER, STAGE_ORDER[1:]):
+    for b in STAGE_ORDER:
+        a = PARENT.get(b)
+        if a is None:
+            continue
         ra, rb = _task_results(R, a), _task_results(R, b)
         row = [f"{a} → {b}"]
         for _, get, pct in metrics:
             (va, wa), (vb, wb) = get(ra), get(rb)
             row.append(not_run(wa or wb) if va is None or vb is None else fmt_delta(vb - va, 2, pct))
         rows.append(row)
-    return "\n\n".join(["## Stage-wise deltas (later stage − earlier stage)",
+    return "\n\n".join(["## Stage-wise deltas (stage − the stage it starts from)",
                         table(["transition"] + [m[0] for m in metrics], rows),
-                        "Perplexity deltas in perplexity units (negative = better); accuracy deltas in percentage "
-                        "points. Computed from the perplexity, SST-2 and GSM8K tables above (same sources)."])
+                        "Each stage is compared with the checkpoint it was trained from (sft ← pretrain, dpo ← sft, "
+                        "verifier ← sft). Perplexity deltas in perplexity units (negative = better); accuracy deltas "
+                        "in percentage points. Computed from the perplexity, SST-2 and GSM8K tables above (same "
+                        "sources)."])
 
 
 def section_verifier(R: Results) -> str:

@@ -9,6 +9,8 @@ Results folder (default ``<run>/results/``)::
     <model>/attention.json           attention statistics + observations (+ <model>/attention/*.png)
     <model>/status.json              only for a model that did not run (e.g. a baseline unavailable offline)
 
+    eval_state.json                  what each model's results were computed from (see "Reuse" below)
+
 ``<model>`` is a stage name (pretrain, sft, dpo, verifier) or ``baseline-<name>``. Every file is written by
 :func:`mllm.evaluation.common.write_result`: ``{"command", "created", "model", ..., "result"}``. A task that
 cannot run (its data is not available) writes ``{"result": {"not_run": "<why>"}}`` so the report says why.
@@ -17,14 +19,28 @@ Evaluation data: WikiText-2 ``eval.perplexity_split``; SST-2 validation when ava
 split carved from train with ``split_holdout(fraction=data.val_fraction, seed, key="sentence")`` (the rest of
 train is the shot pool); GSM8K test when available, else the same kind of carve of train keyed by question
 (the SFT stage must hold out the same questions: same fraction, seed and key; see :func:`gsm8k_eval_rows`).
+When the pretrain stage read the same WikiText split as the perplexity evaluation (local-smoke pretrains on the
+first ``data.max_docs`` articles of WikiText-2 validation, the only split on disk), the articles it trained on are
+left out: only the articles ``split_holdout(fraction=data.val_fraction, seed)`` held out of pretraining, and those
+beyond ``data.max_docs``, are scored (see :func:`wikitext_lines`).
+
+Reuse (``evaluate_run(..., reuse=True)``, the pipeline's ``eval`` stage): ``eval_state.json`` records, per model,
+a key = the checkpoint file with its mtime (ns) and size, the verifier checkpoint likewise (its scores enter every
+model's GSM8K best-of-N), the tasks, the ``eval`` config section, seed, data folder and ``max_documents``. A model
+whose key is unchanged and whose task JSONs all exist and are newer than its checkpoint is not evaluated again.
+A skipped (unavailable) baseline is always retried. Code changes are not part of the key: re-evaluate with
+``reuse=False`` (``--recompute``) after changing evaluation code.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -84,13 +100,61 @@ def _data_source(cfg):
     return cfg.resolved_data_dir()
 
 
+def pretrain_split(name: str, cfg) -> str:
+    """The split the pretrain stage reads for text dataset ``name``: ``train`` when on disk (or no data folder:
+    the hub has every split), else the first split on disk (same rule as ``mllm.stages.pretrain``)."""
+    from mllm.data.datasets import local_splits
+    src = _data_source(cfg)
+    if src is None:
+        return "train"
+    on_disk = local_splits(name, src)
+    return "train" if not on_disk or "train" in on_disk else on_disk[0]
+
+
+def pretrained_articles(cfg, split: str) -> Dict[str, Any]:
+    """{"texts": set of WikiText article texts the pretrain stage trained on from ``split``, "datasets": names}.
+
+    WikiText-2 and WikiText-103 share their validation and test articles, so either one in
+    ``data.pretrain_datasets`` reading ``split`` counts. Trained on = the first ``data.max_docs`` non-empty
+    articles minus the ones ``split_holdout(fraction=data.val_fraction, seed)`` held out for pretraining
+    validation (exactly the pretrain stage's records ``{"text": article}``, hashed the same way)."""
+    from mllm.data.datasets import load_dataset, split_holdout
+    texts: set = set()
+    names = []
+    for name in cfg.data.pretrain_datasets:
+        if name not in ("wikitext2", "wikitext103") or pretrain_split(name, cfg) != split:
+            continue
+        recs = [{"text": r["text"]} for r in load_dataset(name, source=_data_source(cfg), split=split,
+                                                          max_rows=cfg.data.max_docs) if r["text"].strip()]
+        kept, _ = split_holdout(recs, cfg.data.val_fraction, seed=cfg.seed)
+        texts.update(r["text"] for r in kept)
+        names.append(name)
+    return {"texts": texts, "datasets": names}
+
+
 def wikitext_lines(cfg, max_documents: Optional[int] = None) -> Dict:
-    """{"lines", "source"} of WikiText-2 ``cfg.eval.perplexity_split`` (articles as records)."""
-    from mllm.data.datasets import load_wikitext2
+    """{"lines", "source"} of WikiText-2 ``cfg.eval.perplexity_split`` (articles as records), without the
+    articles the pretrain stage trained on (:func:`pretrained_articles`); ``max_documents`` keeps the first N of
+    what remains."""
+    from mllm.data.datasets import DatasetError, load_wikitext2
     split = cfg.eval.perplexity_split
-    docs = load_wikitext2(_data_source(cfg), split=split, max_rows=max_documents)
-    return {"lines": [d["text"] for d in docs], "source": f"wikitext-2 (v1, tokenized) {split} split"
-            + (f", first {max_documents} articles" if max_documents else "")}
+    docs = load_wikitext2(_data_source(cfg), split=split)
+    source = f"wikitext-2 (v1, tokenized) {split} split"
+    seen = pretrained_articles(cfg, split)
+    if seen["texts"]:
+        n_all = len(docs)
+        docs = [d for d in docs if d["text"] not in seen["texts"]]
+        source += (f", the {len(docs)} of {n_all} articles the pretrain stage did not train on (it read "
+                   f"{'/'.join(seen['datasets'])} {split}: first data.max_docs={cfg.data.max_docs} articles, of which "
+                   f"split_holdout(fraction={cfg.data.val_fraction}, seed={cfg.seed}) held out the ones kept here)")
+        if not docs:
+            raise DatasetError(f"every WikiText-2 {split} article was used for pretraining (data.pretrain_datasets "
+                               f"{cfg.data.pretrain_datasets}, data.val_fraction {cfg.data.val_fraction}): no "
+                               "held-out text for perplexity; set eval.perplexity_split to another split")
+    if max_documents:
+        docs = docs[:max_documents]
+        source += f", first {max_documents} articles"
+    return {"lines": [d["text"] for d in docs], "source": source}
 
 
 def sst2_rows(cfg) -> Dict:
@@ -253,33 +317,143 @@ def verifier_scorer(checkpoint: Path, device):
     return load(checkpoint, device), None
 
 
-def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, stages: Optional[Sequence[str]] = None,
-                 baselines: Sequence[str] = (), tasks: Sequence[str] = TASKS, device: str = "auto",
-                 batch_size: int = 8, max_documents: Optional[int] = None, command: Optional[str] = None,
-                 progress: bool = True, gen_batch_size: int = 32) -> Dict[str, Dict[str, Path]]:
-    """Evaluate every stage checkpoint found in ``run_dir`` and each baseline; write ``environment.json``.
-    Returns {model name: {task: results path}}."""
-    from .baselines import BaselineUnavailable, load_baseline, skip_record
-    from .loading import STAGE_ORDER, find_stage_checkpoints, load_stage_model, resolve_device
+STATE_FILE = "eval_state.json"
+
+
+def _file_sig(path: Optional[Path]) -> Optional[Dict[str, Any]]:
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return {"path": str(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def model_key(source: Dict[str, Any], cfg, tasks: Sequence[str], max_documents: Optional[int],
+              verifier: Optional[Path]) -> Dict[str, Any]:
+    """What one model's results depend on (see "Reuse" in the module docstring); ``source`` names the model:
+    ``{"checkpoint": _file_sig(...)}`` or ``{"baseline": name}``."""
+    ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baselines"}
+    return json.loads(json.dumps({**source, "tasks": list(tasks), "eval": ev, "seed": cfg.seed,
+                                  "data_dir": cfg.resolved_data_dir(), "max_documents": max_documents,
+                                  "verifier": _file_sig(verifier) if "gsm8k" in tasks else None}))
+
+
+def read_state(out: Path) -> Dict[str, Any]:
+    """``<out>/eval_state.json`` ({"models": {name: {"key", "finished", "eval_s"}}}); empty when absent or bad."""
+    try:
+        data = json.loads((Path(out) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"models": {}}
+    return data if isinstance(data.get("models"), dict) else {"models": {}}
+
+
+def _write_state(out: Path, state: Dict[str, Any]) -> None:
+    path = Path(out) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def is_up_to_date(out: Path, name: str, key: Dict[str, Any], tasks: Sequence[str], state: Dict[str, Any]) -> bool:
+    """``name``'s results can be reused: same key in the state, and every task JSON exists and is not older than
+    the checkpoint it was computed from."""
+    entry = state.get("models", {}).get(name)
+    if not entry or entry.get("key") != key:
+        return False
+    ck = (key.get("checkpoint") or {}).get("mtime_ns", 0)
+    for t in tasks:
+        p = Path(out) / name / f"{t}.json"
+        if not p.is_file() or p.stat().st_mtime_ns < ck:
+            return False
+    return True
+
+
+def plan_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, stages: Optional[Sequence[str]] = None,
+             baselines: Sequence[str] = (), tasks: Sequence[str] = TASKS,
+             max_documents: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+    """{model: {"key", "tasks", "checkpoint" (stages), "up_to_date"}} for every stage checkpoint found in
+    ``run_dir`` and every baseline, without loading any model (the pipeline uses it to tell whether the eval
+    stage is complete)."""
+    from .loading import STAGE_ORDER, find_stage_checkpoints
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "results"
-    dev = resolve_device(device)
     found = find_stage_checkpoints(run_dir, stages or STAGE_ORDER)
-    write_result(out / "environment.json", environment_info(), command, model="environment")
+    verifier = found.get("verifier")
+    state = read_state(out)
+    plan: Dict[str, Dict[str, Any]] = {}
+    for stage in (stages or STAGE_ORDER):
+        if stage in found:
+            key = model_key({"checkpoint": _file_sig(found[stage])}, cfg, tasks, max_documents, verifier)
+            plan[stage] = {"key": key, "tasks": list(tasks), "checkpoint": found[stage],
+                           "up_to_date": is_up_to_date(out, stage, key, tasks, state)}
+    btasks = [t for t in tasks if t != "attention"]
+    for name in baselines:
+        label = f"baseline-{Path(name).name}"
+        key = model_key({"baseline": name}, cfg, btasks, max_documents, None)
+        plan[label] = {"key": key, "tasks": btasks, "up_to_date": is_up_to_date(out, label, key, btasks, state)}
+    return plan
+
+
+def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, stages: Optional[Sequence[str]] = None,
+                 baselines: Sequence[str] = (), tasks: Sequence[str] = TASKS, device: str = "auto",
+                 batch_size: int = 8, max_documents: Optional[int] = None, command: Optional[str] = None,
+                 progress: bool = True, gen_batch_size: int = 32, reuse: bool = False,
+                 log: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, Path]]:
+    """Evaluate every stage checkpoint found in ``run_dir`` and each baseline; write ``environment.json`` and
+    ``eval_state.json``. With ``reuse``, models whose results are up to date (:func:`is_up_to_date`) are not
+    evaluated again. ``log(line)`` gets one line per model. Returns {model name: {task: results path}}."""
+    from .baselines import BaselineUnavailable, load_baseline, skip_record
+    from .loading import STAGE_ORDER, load_stage_model, resolve_device
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "results"
+    say = log or (lambda line: None)
+    dev = resolve_device(device)
+    plan = plan_run(run_dir, cfg, out, stages, baselines, tasks, max_documents)
+    found = {s: p["checkpoint"] for s, p in plan.items() if "checkpoint" in p}
+    state = read_state(out)  # entries of models not evaluated now stay valid for later reuse
+    state["last_invocation"] = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "evaluated": [], "reused": [], "skipped": []}
     cache: Dict = {}
     written: Dict[str, Dict[str, Path]] = {}
+
+    def reused(name: str) -> bool:
+        if not (reuse and plan[name]["up_to_date"]):
+            return False
+        written[name] = {t: out / name / f"{t}.json" for t in plan[name]["tasks"]}
+        state["last_invocation"]["reused"].append(name)
+        say(f"{name}: results up to date (newer than {plan[name].get('checkpoint') or 'the last run'}), reused")
+        return True
+
+    def done(name: str, t0: float) -> None:
+        (out / name / "status.json").unlink(missing_ok=True)  # a stale "not run" record from an earlier invocation
+        wall = time.perf_counter() - t0
+        state["models"][name] = {"key": plan[name]["key"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "eval_s": round(wall, 3)}
+        state["last_invocation"]["evaluated"].append(name)
+        _write_state(out, state)  # after each model, so an interrupted evaluation keeps what it finished
+        say(f"{name}: evaluated in {wall:.1f} s")
+
+    if not (reuse and all(p["up_to_date"] for p in plan.values()) and (out / "environment.json").is_file()):
+        write_result(out / "environment.json", environment_info(), command, model="environment")
     score_fn, why_no_verifier = (None, f"no verifier checkpoint in {run_dir}")
-    if "verifier" in found and "gsm8k" in tasks:
-        score_fn, why_no_verifier = verifier_scorer(found["verifier"], dev)
     for stage in (stages or STAGE_ORDER):
         if stage not in found:
+            state["models"].pop(stage, None)
+            for t in TASKS:  # results of a checkpoint that is gone must not be reported as this run's
+                (out / stage / f"{t}.json").unlink(missing_ok=True)
             written[stage] = {"status": write_result(out / stage / "status.json", {
                 "status": "not run", "reason": f"no {stage} checkpoint in the run",
                 "detail": f"{run_dir}/checkpoints/{stage} has no final/latest/step_*.pt"},
                 command, model=stage)}
             continue
+        if reused(stage):
+            continue
+        if score_fn is None and "verifier" in found and "gsm8k" in tasks:
+            score_fn, why_no_verifier = verifier_scorer(found["verifier"], dev)
         from mllm.data.tokenizer import tokenizer_from_config
+        t0 = time.perf_counter()
         model, stage_cfg, meta = load_stage_model(found[stage], dev)
         tok = tokenizer_from_config(stage_cfg.data)
         meta = {**meta, "kind": "stage", "device": str(dev),
@@ -287,18 +461,28 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
         written[stage] = evaluate_model(model, tok, stage, cfg, out, tasks, score_fn, meta, cache, batch_size,
                                         max_documents, command, progress, gen_batch_size)
         del model
+        done(stage, t0)
     for name in baselines:
         label = f"baseline-{Path(name).name}"
+        if reused(label):
+            continue
+        t0 = time.perf_counter()
         try:
             model, tok = load_baseline(name, dev)
         except BaselineUnavailable as e:
+            state["models"].pop(label, None)
             written[label] = {"status": write_result(out / label / "status.json",
                                                      skip_record(name, str(e), e.detail), command, model=label)}
+            state["last_invocation"]["skipped"].append(label)
+            say(f"{label}: {e}")
             continue
         meta = {"kind": "baseline", "source": name, "device": str(dev)}
-        written[label] = evaluate_model(model, tok, label, cfg, out, [t for t in tasks if t != "attention"], None,
+        written[label] = evaluate_model(model, tok, label, cfg, out, plan[label]["tasks"], None,
                                         meta, cache, batch_size, max_documents, command, progress, gen_batch_size)
         del model
+        done(label, t0)
+    state["last_invocation"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_state(out, state)
     return written
 
 

@@ -1,15 +1,16 @@
 """Pipeline stages. A stage is ``run(cfg: PipelineConfig, ctx: StageContext) -> summary dict``: it builds its data,
 its loss and its model, and hands them to the shared ``mllm.training.trainer.Trainer``.
 
-The registry maps a stage name to ``"module:function"`` so that importing this package stays cheap; later issues
-add their stages here (sft, dpo, verifier, eval, all).
+The registry maps a stage name to ``"module:function"`` so that importing this package stays cheap. ``eval`` evaluates
+every stage checkpoint of the run and writes ``<run>/report/REPORT.md``; ``all`` runs pretrain -> sft -> dpo ->
+verifier -> eval.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from mllm.config.pipeline_config import ConfigError, PipelineConfig
 from mllm.training.distributed import DistContext
@@ -19,6 +20,7 @@ STAGES: Dict[str, str] = {
     "sft": "mllm.stages.sft:run",
     "dpo": "mllm.stages.dpo:run",
     "verifier": "mllm.stages.verifier:run",
+    "eval": "mllm.stages.eval:run",
     "all": "mllm.stages.pipeline:run",
 }
 
@@ -32,6 +34,8 @@ class StageContext:
     resume: bool = False  # continue from the stage's latest checkpoint when there is one
     profile: bool = False  # write a torch.profiler trace of a few steps to run_dir/profile/
     progress: bool = True  # tqdm bar on rank 0
+    recompute: bool = False  # eval stage: evaluate again even when the results are newer than the checkpoints
+    command: Optional[str] = None  # the command line, recorded in results JSONs (None: this process's sys.argv)
 
 
 def valid_stages() -> list:

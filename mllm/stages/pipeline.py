@@ -1,11 +1,15 @@
-"""``--stage all``: pretrain -> sft -> dpo -> verifier in one process, each stage starting from its input stage's
-final checkpoint in the same run directory (sft <- pretrain, dpo <- sft, verifier <- sft: the verifier judges the
-SFT generator), then a run summary.
+"""``--stage all``: pretrain -> sft -> dpo -> verifier -> eval in one process, each training stage starting from its
+input stage's final checkpoint in the same run directory (sft <- pretrain, dpo <- sft, verifier <- sft: the verifier
+judges the SFT generator), then ``eval`` (``mllm.stages.eval``: every stage checkpoint on every task, and
+``<run>/report/REPORT.md``), then a run summary.
 
 Resuming (``--resume``): a stage whose ``final`` checkpoint exists is not run again (its summary is taken from
 ``summary.json`` when recorded there, else the stage re-enters and returns at once), a stage with checkpoints but
-no ``final`` continues from its latest one, the rest run from scratch. Without ``--resume`` a run directory that
-already holds any stage's checkpoints is refused, as for a single stage (nothing is overwritten).
+no ``final`` continues from its latest one, the rest run from scratch. ``eval`` is complete when every stage
+checkpoint's results are newer than it and computed with the same eval settings and the report was written after
+them (skipped), partial when some are (it re-evaluates only the rest: resumed); ``--recompute`` re-evaluates all.
+Without ``--resume`` a run directory that already holds any stage's checkpoints is refused, as for a single stage
+(nothing is overwritten).
 
 Run summary (``summary.json["all"]``, also printed as a table): per stage its status (ran / resumed / skipped),
 wall-clock seconds of this invocation, steps and the final metrics that show the stage did its job::
@@ -14,8 +18,9 @@ wall-clock seconds of this invocation, steps and the final metrics that show the
     sft       response-token val loss first -> final
     dpo       held-out reward accuracy / margin first -> final, train reward accuracy
     verifier  GSM8K dev greedy / majority / verifier best-of-N / oracle accuracy, sample AUC, reference AUC
+    eval      models evaluated / reused, skipped baselines, report path
 
-plus the total wall-clock. Every stage's full summary is also recorded under its own key of ``summary.json``.
+plus the total wall-clock and ``outputs`` (the summary file and the report). Every stage's full summary is also recorded under its own key of ``summary.json``.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from mllm.config.pipeline_config import ConfigError, PipelineConfig
 from mllm.training import checkpoint as ckpt
 
-ORDER = ("pretrain", "sft", "dpo", "verifier")
+ORDER = ("pretrain", "sft", "dpo", "verifier", "eval")
 HEADLINE = {
     "pretrain": ("first_val_loss", "final_val_loss", "final_val_ppl"),
     "sft": ("first_val_loss", "final_val_loss"),
@@ -37,11 +42,18 @@ HEADLINE = {
     "verifier": ("dev_greedy_accuracy", "dev_majority_accuracy", "dev_verifier_accuracy", "dev_oracle_accuracy",
                  "dev_sample_base_rate", "dev_sample_auc", "dev_reference_vs_samples_auc", "dev_reference_top1_rate",
                  "dev_reference_top1_chance"),
+    "eval": ("evaluated", "reused", "skipped_baselines", "report"),
 }
 
 
-def stage_state(run_dir: Path, stage: str) -> str:
-    """"complete" (final checkpoint), "partial" (checkpoints, no final) or "absent"."""
+def stage_state(run_dir: Path, stage: str, cfg: Optional[PipelineConfig] = None) -> str:
+    """"complete" (final checkpoint), "partial" (checkpoints, no final) or "absent"; for ``eval`` (needs ``cfg``)
+    see :func:`mllm.stages.eval.state`."""
+    if stage == "eval":
+        if cfg is None:
+            raise ValueError("stage_state('eval') needs the config (its eval settings decide what is up to date)")
+        from mllm.stages import eval as eval_stage
+        return eval_stage.state(cfg, run_dir)
     d = ckpt.stage_checkpoint_dir(run_dir, stage)
     if ckpt.final_checkpoint(d) is not None:
         return "complete"
@@ -74,7 +86,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = [f"{'stage':<9} {'status':<8} {'wall_s':>8} {'steps':>6}  final metrics"]
     for r in rows:
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
-        lines.append(f"{r['stage']:<9} {r['status']:<8} {r['wall_s']:>8.1f} {str(r.get('steps')):>6}  {metrics}")
+        lines.append(f"{r['stage']:<9} {r['status']:<8} {r['wall_s']:>8.1f} {'-' if r.get('steps') is None else str(r['steps']):>6}  {metrics}")
     return "\n".join(lines)
 
 
@@ -85,7 +97,7 @@ def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, An
 
     run_dir = Path(ctx.run_dir)
     fns = {s: get_stage(s) for s in stages}  # every stage importable before anything runs
-    states = {s: stage_state(run_dir, s) for s in stages}
+    states = {s: stage_state(run_dir, s, cfg) for s in stages}
     if not ctx.resume:
         started = [s for s in stages if states[s] != "absent"]
         if started:
@@ -96,7 +108,9 @@ def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, An
     rows: List[Dict[str, Any]] = []
     for s in stages:
         t0 = time.perf_counter()
-        state = stage_state(run_dir, s)
+        state = stage_state(run_dir, s, cfg)
+        if s == "eval" and getattr(ctx, "recompute", False):
+            state = "absent"
         prior = _recorded(run_dir, s) if state == "complete" else None
         if prior is not None:
             summary, status = prior, "skipped"
@@ -105,7 +119,8 @@ def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, An
             if ctx.dist.is_main:
                 print(f"[all] stage {s}: {'resuming' if state == 'partial' else 'running'}", file=sys.stderr)
             sub = StageContext(run_dir=run_dir, dist=ctx.dist, resume=state != "absent", profile=ctx.profile,
-                               progress=ctx.progress)
+                               progress=ctx.progress, recompute=getattr(ctx, "recompute", False),
+                               command=getattr(ctx, "command", None))
             summary = fns[s](cfg, sub)
             if ctx.dist.is_main:
                 record_summary(run_dir, s, summary)
@@ -113,9 +128,13 @@ def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, An
         wall = time.perf_counter() - t0
         rows.append({"stage": s, "status": status, "wall_s": wall, "steps": summary.get("steps"),
                      "stage_wall_s_when_run": summary.get("wall_s"), "metrics": headline(s, summary),
-                     "checkpoint": summary.get("checkpoint")})
+                     "checkpoint": summary.get("checkpoint"), "report": summary.get("report")})
     total = time.perf_counter() - t_all
     table = format_table(rows)
     if ctx.dist.is_main:
         print(f"[all] pipeline finished in {total:.1f} s\n{table}", file=sys.stderr)
-    return {"stage": "all", "stages": rows, "total_wall_s": total, "table": table.splitlines()}
+    report = next((r["report"] for r in rows if r["stage"] == "eval" and r.get("report")), None)
+    outputs = {"run_dir": str(run_dir), "summary": str(run_dir / "summary.json"),
+               "checkpoints": {r["stage"]: r["checkpoint"] for r in rows if r.get("checkpoint")},
+               "report": report}
+    return {"stage": "all", "stages": rows, "total_wall_s": total, "table": table.splitlines(), "outputs": outputs}

@@ -11,12 +11,20 @@ stage's records, tagged with ``stage``), ``checkpoints/<stage>/``, ``figures/<st
 ``--run-name`` defaults to ``<config name>-<YYYYmmdd-HHMMSS>`` (chosen on rank 0 and broadcast). ``--resume``
 without ``--run-name`` picks the newest run directory of that config. Starting a stage that already has
 checkpoints in the run directory without ``--resume`` is refused (nothing is overwritten).
+
+``--stage eval`` evaluates every stage checkpoint of the run into ``<run>/results/`` and writes
+``<run>/report/REPORT.md`` (``mllm.stages.eval``); up-to-date results are reused unless ``--recompute``.
+``--stage all`` runs every stage and ends by printing where the run summary and the report are.
+
+Errors: a bad config key, an unknown stage or a missing/unreadable input checkpoint prints one ``error:`` line
+(for a checkpoint: the file, and the stage that makes it) and exits with status 2, without a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +49,33 @@ def build_parser(stages: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler trace of a few steps")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--recompute", action="store_true",
+                   help="eval stage: evaluate again even when the results are newer than the checkpoints")
     return p
+
+
+def checkpoint_error_line(err: Exception) -> str:
+    """One line for a missing/unreadable checkpoint: the message (which names the file) plus, when the message
+    does not already say it, the stage that makes a file under ``checkpoints/<stage>/``."""
+    msg = " ".join(str(err).split())
+    if "--stage" not in msg:
+        m = re.search(r"checkpoints[/\\](\w+)", msg)
+        if m:
+            msg += f" (that file is made by `--stage {m.group(1)}`; run it first with the same --run-name)"
+    return f"error: {msg}"
+
+
+def outputs_line(stage: str, run_dir: Path, summary: Dict[str, Any], summary_path: Path) -> str:
+    """Where a finished stage's outputs are, naming only files and folders the stage writes."""
+    if stage == "all":
+        report = (summary.get("outputs") or {}).get("report")
+        return (f"run directory: {run_dir}\nrun summary: {summary_path} (key 'all'; per-stage summaries under "
+                f"their own keys)\nreport: {report or 'not written (the eval stage did not run)'}")
+    if stage == "eval":
+        return (f"run directory: {run_dir}\nresults: {summary.get('results_dir')}\nreport: {summary.get('report')}"
+                f"\nsummary: {summary_path} (key 'eval')")
+    return (f"run directory: {run_dir}  (config.json, metrics.jsonl, checkpoints/{stage}/, figures/{stage}_loss.png, "
+            f"{summary_path.name})")
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -107,9 +141,11 @@ def record_summary(run_dir: Path, stage: str, summary: Dict[str, Any]) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mllm.evaluation.common import command_line
     from mllm.stages import StageContext, get_stage, valid_stages
 
     args = build_parser(valid_stages()).parse_args(argv)
+    command = command_line("scripts/run_pipeline.py", sys.argv[1:] if argv is None else argv)
     ctx: Optional[DistContext] = None
     try:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
@@ -130,17 +166,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"warning: {w}", file=sys.stderr)
         ctx.barrier()
         sctx = StageContext(run_dir=run_dir, dist=ctx, resume=args.resume, profile=args.profile,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, recompute=args.recompute, command=command)
         summary = stage_fn(cfg, sctx)
         if ctx.is_main:
             path = record_summary(run_dir, args.stage, summary)
             print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
-            print(f"run directory: {run_dir}  (config.json, metrics.jsonl, checkpoints/{args.stage}/, "
-                  f"figures/{args.stage}_loss.png, {path.name})")
+            print(outputs_line(args.stage, run_dir, summary, path))
         return 0
     except ConfigError as e:  # includes unknown stage / bad key: a message, not a traceback
         if ctx is None or ctx.is_main:
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as e:  # a missing input checkpoint: which file, which stage makes it
+        if ctx is None or ctx.is_main:
+            print(checkpoint_error_line(e), file=sys.stderr)
         return 2
     finally:
         shutdown_distributed(ctx)

@@ -1,0 +1,98 @@
+"""The evaluation runner's run-level logic: WikiText articles used for pretraining are not scored, and results are
+reused only while they are up to date (same checkpoint, same eval settings, newer than the checkpoint)."""
+import json
+import os
+
+import pytest
+import torch
+
+from mllm.config import load_config
+from mllm.evaluation import runner
+from mllm.training.checkpoint import save_checkpoint
+
+TINY = ["model.vocab_size=257", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_dim=32", "data.tokenizer=byte", "eval.sst2_examples=4", "eval.sst2_shots=1", "eval.sst2_calibrate=false",
+        "eval.perplexity_context=64", "eval.perplexity_max_documents=1", "eval.baselines=[]"]
+
+
+def test_wikitext_excludes_pretrained_articles(data_dir):
+    from mllm.data.datasets import load_wikitext2, split_holdout
+
+    cfg = load_config("local-smoke", [f"data.data_dir={data_dir}"])
+    assert "wikitext2" in cfg.data.pretrain_datasets and cfg.eval.perplexity_split == "validation"
+    articles = load_wikitext2(data_dir, split="validation")
+    _, held = split_holdout(articles, cfg.data.val_fraction, seed=cfg.seed)
+    d = runner.wikitext_lines(cfg)
+    # exactly the articles the pretrain stage held out (it read all 60 < data.max_docs of this split)
+    assert d["lines"] == [r["text"] for r in held] and 0 < len(held) < len(articles)
+    assert f"the {len(held)} of {len(articles)} articles the pretrain stage did not train on" in d["source"]
+    # articles past data.max_docs were never read by pretraining, so they are scored too
+    cfg2 = load_config("local-smoke", [f"data.data_dir={data_dir}", "data.max_docs=10"])
+    first10 = {r["text"] for r in split_holdout(articles[:10], cfg.data.val_fraction, seed=cfg.seed)[0]}
+    assert runner.wikitext_lines(cfg2)["lines"] == [r["text"] for r in articles if r["text"] not in first10]
+    # pretraining without WikiText: every article is scored
+    cfg3 = load_config("local-smoke", [f"data.data_dir={data_dir}", 'data.pretrain_datasets=["tinystories"]'])
+    d3 = runner.wikitext_lines(cfg3, max_documents=5)
+    assert d3["lines"] == [r["text"] for r in articles[:5]] and "did not train on" not in d3["source"]
+
+
+@pytest.fixture
+def tiny_run(tmp_path, data_dir):
+    cfg = load_config("local-smoke", TINY + [f"data.data_dir={data_dir}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.manual_seed(0)
+    state = {"model": __import__("mllm.models", fromlist=["Transformer"]).Transformer(cfg.model).state_dict(),
+             "config": cfg.to_dict(), "stage": "pretrain", "step": 2}
+    save_checkpoint(run / "checkpoints" / "pretrain", 2, state, final=True)
+    return cfg, run
+
+
+def test_evaluate_run_reuses_only_up_to_date_results(tiny_run):
+    cfg, run = tiny_run
+    tasks = ["sst2"]  # the cheapest task: the logic under test is per model, not per task
+    lines = []
+    kw = dict(stages=["pretrain", "sft"], tasks=tasks, device="cpu", progress=False, reuse=True, log=lines.append)
+
+    def ev():
+        lines.clear()
+        runner.evaluate_run(run, cfg, **kw)
+        return json.loads((run / "results" / "eval_state.json").read_text())["last_invocation"]
+
+    assert ev()["evaluated"] == ["pretrain"]
+    ppl = run / "results" / "pretrain" / "sst2.json"
+    first = ppl.read_text()
+    plan = runner.plan_run(run, cfg, stages=["pretrain", "sft"], tasks=tasks)
+    assert plan["pretrain"]["up_to_date"] and "sft" not in plan
+    # unchanged: reused, files untouched
+    inv = ev()
+    assert inv["evaluated"] == [] and inv["reused"] == ["pretrain"] and ppl.read_text() == first
+    assert any("results up to date" in line for line in lines)
+    # an eval setting changed: stale
+    cfg2 = load_config("local-smoke", TINY + [f"data.data_dir={cfg.data.data_dir}", "eval.sst2_shots=0"])
+    assert not runner.plan_run(run, cfg2, stages=["pretrain"], tasks=tasks)["pretrain"]["up_to_date"]
+    # the checkpoint was rewritten after the results: stale, evaluated again
+    ck = runner.plan_run(run, cfg, stages=["pretrain"], tasks=tasks)["pretrain"]["checkpoint"]
+    st = ck.stat()
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert ev()["evaluated"] == ["pretrain"]
+    # a results file older than its checkpoint (e.g. copied back) is not trusted either
+    os.utime(ppl, ns=(ppl.stat().st_atime_ns, ck.stat().st_mtime_ns - 10**9))
+    assert ev()["evaluated"] == ["pretrain"]
+    # reuse=False re-evaluates although everything is up to date
+    kw["reuse"] = False
+    assert ev()["evaluated"] == ["pretrain"]
+
+
+def test_evaluate_run_drops_results_of_a_vanished_checkpoint(tiny_run):
+    cfg, run = tiny_run
+    runner.evaluate_run(run, cfg, stages=["pretrain"], tasks=["sst2"], device="cpu", progress=False)
+    assert (run / "results" / "pretrain" / "sst2.json").is_file()
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "pretrain")
+    runner.evaluate_run(run, cfg, stages=["pretrain"], tasks=["sst2"], device="cpu", progress=False,
+                        reuse=True)
+    assert not (run / "results" / "pretrain" / "sst2.json").exists()
+    status = json.loads((run / "results" / "pretrain" / "status.json").read_text())
+    assert status["result"]["reason"] == "no pretrain checkpoint in the run"
