@@ -114,13 +114,14 @@ def environment(device=None) -> Dict[str, Any]:
         )
     else:
         env.update(card="cpu", capability=None, driver=None)
-    commit = _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    named = os.environ.get("MLLM_GIT_COMMIT")
+    commit = None if named else _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     if commit:
         # uncommitted changes to tracked files make the commit hash an incomplete description of the code
         status = _run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
         env["git_commit"], env["git_dirty"] = commit, (None if status is None else bool(status))
-    else:  # a copy of the tree without .git (e.g. a GPU box): the caller may name the commit
-        env["git_commit"], env["git_dirty"] = os.environ.get("MLLM_GIT_COMMIT"), None
+    else:  # named by the caller (a copied tree, e.g. on a GPU box, whose .git may be stale or absent)
+        env["git_commit"], env["git_dirty"] = named, None
     return env
 
 

@@ -211,6 +211,10 @@ def _bwd_launch(h2, w, y1, lse, g_tok, tune: Optional[dict] = None):
 @torch.library.custom_op("mllm::sequence_logprobs", mutates_args=())
 def _sequence_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kernel_path(hidden) == "eager":  # the raw op is kernel-only; the functional API falls back to eager
+        raise RuntimeError(f"mllm::sequence_logprobs runs Triton kernels: hidden is on {hidden.device}, which needs "
+                           "CUDA (or TRITON_INTERPRET=1 for CPU); use mllm_kernels.dpo_logprobs.sequence_logprobs, "
+                           "which takes the eager reference there")
     N, T, D = hidden.shape
     h2 = hidden.reshape(N * T, D).contiguous()
     y1 = labels.reshape(N * T).to(torch.int64).contiguous()

@@ -92,8 +92,9 @@ def test_dpo_loss_from_kernel_logprobs_matches_reference():
     torch.testing.assert_close(rc, rc_hand)
 
 
+@pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
 def test_opcheck():
-    h, w, y = _inputs(2, 3, 16, 40, torch.float32, "cpu", 3)
+    h, w, y = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], 3)
     torch.library.opcheck(torch.ops.mllm.sequence_logprobs.default,
                           (h.requires_grad_(), w.requires_grad_(), y, -100))
 
@@ -112,3 +113,11 @@ def test_opcheck():
 def test_validation_errors(args, match):
     with pytest.raises(ValueError, match=match):
         K.sequence_logprobs(*args)
+
+
+@pytest.mark.skipif(interpreting(), reason="under the interpreter CPU tensors do reach the kernel")
+def test_raw_op_on_cpu_without_interpreter_says_why():
+    h, w, y = _inputs(1, 2, 16, 20, torch.float32, "cpu", 4)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        torch.ops.mllm.sequence_logprobs(h, w, y, -100)
+    assert K.sequence_logprobs(h, w, y).shape == (1,)  # the functional API falls back to eager
