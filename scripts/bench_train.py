@@ -6,7 +6,8 @@
     python scripts/bench_train.py --backends triton,eager --set model.n_layers=24 --docs-per-row 4
 
 Backends: ``eager`` (mllm_kernels.reference ops, SDPA attention when no packing/window/sinks),
-``eager+compile`` (the same under ``torch.compile``), ``triton`` (the fused kernels) and ``triton+compile``.
+``eager+compile`` (the same under ``torch.compile``), ``triton`` (the fused kernels, and the fused LM head +
+cross-entropy unless ``--set model.fused_lm_loss=false``) and ``triton+compile``.
 Each backend gets a fresh model with the same seed and the same synthetic batches (uniform random tokens:
 throughput does not depend on the token values), then ``--warmup`` untimed steps (compilation, autotuning,
 allocator warm-up) and ``--steps`` timed optimizer steps of::
@@ -66,7 +67,7 @@ BACKENDS = {
 PHASES = ("data", "forward", "backward", "optimizer")
 TIMED_RANGE = "timed_steps"  # the Nsight capture range (scripts/profile.sh)
 # the ops whose dispatch path (mllm_kernels._common.last_path) is recorded, to show what really ran
-KERNEL_OPS = ("rms_norm", "fused_add_rms_norm", "swiglu", "apply_rope", "rope", "attention")
+KERNEL_OPS = ("rms_norm", "fused_add_rms_norm", "swiglu", "apply_rope", "rope", "attention", "sequence_logprobs")
 # issue 9's target on one H100 for the gpu-full model (reported, never asserted)
 GOAL_TOKENS_PER_S = 260_000
 GOAL_SPEEDUP_VS_EAGER = 1.3
@@ -277,8 +278,6 @@ def _median(xs: Sequence[float]) -> Optional[float]:
 
 def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak_flops: Optional[float]) -> Dict[str, Any]:
     """Warm up, time ``args.steps`` steps, and summarise one backend."""
-    from mllm.models.transformer import causal_lm_loss
-
     kernel_backend, compiled = BACKENDS[name]
     model = build_model(cfg, kernel_backend, device, args.seed)
     model.train()
@@ -288,8 +287,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     use_amp = amp_dtype != torch.float32
 
     def forward_loss(input_ids, labels, position_ids, cu_seqlens):
-        logits = model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        return causal_lm_loss(logits, labels)
+        # the model's own loss path: logits + cross-entropy, or the fused head + loss (triton, model.fused_lm_loss)
+        return model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, labels=labels)
 
     # compiling forward+loss lets inductor fuse the cross-entropy over the [B, T, V] logits too
     fwd = torch.compile(forward_loss, **({"mode": args.compile_mode} if args.compile_mode else {})) \

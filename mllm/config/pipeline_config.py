@@ -40,6 +40,9 @@ class ModelConfig:
     n_sink_tokens: int = 0  # (b) StreamingLLM: first tokens of each document stay visible ...
     window: Optional[int] = None  # ... to queries that otherwise see only the last `window` positions
     kernel_backend: str = "eager"  # "eager" (reference) | "triton"
+    # triton backend: the training loss fuses the LM head and the cross-entropy (mllm_kernels.dpo_logprobs: the
+    # [B, T, V] logits are never materialised); False computes logits + cross-entropy as the eager backend does
+    fused_lm_loss: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -357,6 +360,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.window is None or m.window > 0, "model.window", "must be positive or None")
     need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
          f"must be 'eager' or 'triton', got {m.kernel_backend!r}")
+    need(isinstance(m.fused_lm_loss, bool), "model.fused_lm_loss", f"must be true or false, got {m.fused_lm_loss!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")

@@ -203,12 +203,22 @@ class Transformer(nn.Module):
         """Final-norm outputs [B, T, d] (what the LM head reads)."""
         return self._run(input_ids, position_ids, cu_seqlens)
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. position_ids [B, T] default to positions within each document
         (so they restart at every ``cu_seqlens`` boundary); cu_seqlens: FlashAttention-varlen cumulative
         lengths over the flattened B·T tokens, containing every row start (see
-        ``reference.doc_start_from_cu_seqlens``); tokens never attend across documents."""
-        return F.linear(self.hidden_states(input_ids, position_ids, cu_seqlens), self.lm_head_weight)
+        ``reference.doc_start_from_cu_seqlens``); tokens never attend across documents.
+
+        With ``labels`` [B, T] (aligned: labels[b, t] is the token to predict at t, -100 = ignored) it returns the
+        mean next-token cross-entropy instead (a scalar, as ``causal_lm_loss``; 0 when every label is ignored).
+        Passing labels through ``forward`` keeps DDP's hooks and ``torch.compile`` on the loss path; with
+        ``kernel_backend='triton'`` and ``fused_lm_loss`` the head and the loss run fused (``fused_lm_loss``)."""
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        if labels is None:
+            return F.linear(h, self.lm_head_weight)
+        if self.cfg.kernel_backend == "triton" and self.cfg.fused_lm_loss:
+            return fused_lm_loss(h, self.lm_head_weight, labels)
+        return causal_lm_loss(F.linear(h, self.lm_head_weight), labels)
 
     @torch.no_grad()
     def attention_maps(self, input_ids, position_ids=None, cu_seqlens=None) -> List[torch.Tensor]:
@@ -266,6 +276,32 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
+def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  ignore_index: int = reference.IGNORE_INDEX) -> torch.Tensor:
+    """Mean next-token cross-entropy through the LM head without the [B, T, V] logits:
+
+        loss = −Σ_{b,t: y ≠ ignore} log softmax(h_bt · Wᵀ)_{y_bt} / #non-ignored   (0 when all are ignored)
+
+    hidden [B, T, d], weight [V, d] (the tied head), labels [B, T] int. The per-row sums come from
+    ``mllm_kernels.dpo_logprobs.sequence_logprobs`` (vocabulary processed in tiles, chunked backward), which
+    falls back to the eager reference on CPU tensors without TRITON_INTERPRET=1. Under autocast both operands
+    are cast to the autocast dtype, as ``F.linear`` would be (the gradient reaches the fp32 master weight)."""
+    from mllm_kernels.dpo_logprobs import sequence_logprobs
+
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (aligned to hidden [B, T, d]), "
+                         f"got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    h, w = hidden.to(dt), weight.to(dt)
+    # label range is checked on CPU only: on the GPU it would cost a host sync per step (the data pipeline
+    # produces labels from the same ids the embedding already bounds-checks)
+    logp = sequence_logprobs(h, w, labels.long(), ignore_index=ignore_index, check_labels=dev == "cpu")
+    return -logp.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
 def build_model(cfg, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> Transformer:
     """Transformer(cfg) moved to ``device`` / ``dtype`` (convenience for stages and scripts)."""
     model = Transformer(cfg)
@@ -274,4 +310,4 @@ def build_model(cfg, device: Optional[torch.device | str] = None, dtype: Optiona
     return model
 
 
-__all__: Tuple[str, ...] = ("Transformer", "Block", "causal_lm_loss", "build_model", "KVCache")
+__all__: Tuple[str, ...] = ("Transformer", "Block", "causal_lm_loss", "fused_lm_loss", "build_model", "KVCache")

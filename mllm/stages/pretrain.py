@@ -155,11 +155,10 @@ def build_datasets(cfg: PipelineConfig, tok, dist=None, progress: bool = True) -
 # ----------------------------------------------------------------------------------------------------
 def lm_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
     """Mean next-token cross-entropy over non-ignored labels; weight = number of target tokens."""
-    from mllm.models.transformer import causal_lm_loss
-
-    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
     labels = batch["labels"]
-    return causal_lm_loss(logits, labels), {}, (labels != -100).sum()
+    loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+                 labels=labels)  # through forward: DDP hooks, and the fused head + loss on the triton backend
+    return loss, {}, (labels != -100).sum()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -362,11 +362,10 @@ def build_sft_data(cfg: PipelineConfig, tok) -> Tuple[SFTRows, Optional[SFTRows]
 # ----------------------------------------------------------------------------------------------------
 def response_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
     """Mean next-token cross-entropy over the response tokens (labels != -100); weight = their number."""
-    from mllm.models.transformer import causal_lm_loss
-
-    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
-    labels = batch["labels"]
-    return causal_lm_loss(logits, labels, IGNORE_INDEX), {}, (labels != IGNORE_INDEX).sum()
+    labels = batch["labels"]  # IGNORE_INDEX (-100) on prompt tokens, as the model's loss expects
+    loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+                 labels=labels)
+    return loss, {}, (labels != IGNORE_INDEX).sum()
 
 
 def generate_samples(model, tok, prompts: Sequence[Tuple[str, str]], max_new_tokens: int) -> List[Dict[str, str]]:

@@ -19,24 +19,28 @@ KERNEL_PATH = "triton" if DEVICE == "cuda" else "interpreter"
 B, T = 2, 32
 
 
-def _cfg(backend):
+def _cfg(backend, **kw):
     # local-smoke's widths, but 2 heads of 64 (1 kv head) instead of 4 of 16: the fused attention kernel
     # supports head dims 64 and 128 only
     return dataclasses.replace(load_config("local-smoke").model, kernel_backend=backend, d_model=128, n_heads=2,
-                               n_kv_heads=1)
+                               n_kv_heads=1, **kw)
 
 
-def _models():
+# the loss tests use a small odd vocabulary: the interpreter runs the head-sized loss kernel at ~1 s per 1k ids
+LOSS_V = 509
+
+
+def _models(**kw):
     torch.manual_seed(0)
-    eager = Transformer(_cfg("eager")).to(DEVICE)
-    fused = Transformer(_cfg("triton")).to(DEVICE)
+    eager = Transformer(_cfg("eager", **kw)).to(DEVICE)
+    fused = Transformer(_cfg("triton", **kw)).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
 
-def _batch(seed=0):
+def _batch(seed=0, V=None):
     g = torch.Generator().manual_seed(seed)
-    V = _cfg("eager").vocab_size
+    V = V or _cfg("eager").vocab_size
     ids = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
     labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
     labels[:, :3] = -100
@@ -86,3 +90,46 @@ def test_triton_backend_training_steps_match_eager():
             losses[tag].append(loss.item())
     assert losses["eager"][-1] < losses["eager"][0]  # the steps do train
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_lm_loss_matches_logits_cross_entropy_and_gradients():
+    """forward(labels=...) on the triton backend fuses the head and the loss (sequence_logprobs kernel); the eager
+    backend computes logits + causal_lm_loss. Same value and the same gradient for every parameter."""
+    eager, fused = _models(vocab_size=LOSS_V)
+    ids, labels, cu = _batch(1, LOSS_V)
+    loss_e = eager(ids, cu_seqlens=cu, labels=labels)
+    loss_f = fused(ids, cu_seqlens=cu, labels=labels)
+    assert last_path("sequence_logprobs") == KERNEL_PATH
+    torch.testing.assert_close(loss_e, causal_lm_loss(eager(ids, cu_seqlens=cu), labels))
+    _close(loss_f, loss_e, "loss")
+    loss_e.backward()
+    loss_f.backward()
+    grads_e = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        _close(p.grad, grads_e[name].grad, f"grad {name}")
+
+
+def test_unfused_lm_loss_option_and_all_ignored_labels():
+    eager, fused = _models(vocab_size=LOSS_V)
+    ids, labels, cu = _batch(2, LOSS_V)
+    unfused = Transformer(_cfg("triton", vocab_size=LOSS_V, fused_lm_loss=False)).to(DEVICE)
+    unfused.load_state_dict(eager.state_dict())
+    from mllm_kernels._common import record_path
+
+    record_path("sequence_logprobs", "none")
+    loss_u = unfused(ids, cu_seqlens=cu, labels=labels)
+    assert last_path("sequence_logprobs") == "none"  # logits + cross-entropy, not the fused kernel
+    _close(loss_u, eager(ids, cu_seqlens=cu, labels=labels), "unfused loss")
+    ignored = torch.full_like(labels, -100)
+    loss0 = fused(ids, cu_seqlens=cu, labels=ignored)
+    loss0.backward()
+    assert loss0.item() == 0.0 and float(fused.lm_head_weight.grad.abs().max()) == 0.0
+
+
+def test_lm_loss_rejects_misaligned_labels():
+    import pytest
+
+    _, fused = _models(vocab_size=LOSS_V)
+    ids, labels, cu = _batch(3, LOSS_V)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused(ids, cu_seqlens=cu, labels=labels[:, :-1])
