@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
+    from mllm.evaluation.common import command_line
     from mllm.evaluation.report import build_report
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
         ap.error("give --run RUN (and/or --results DIR)")
     results = Path(args.results) if args.results else Path(args.run) / "results"
     try:
-        build_report(results, args.run, args.out)
+        build_report(results, args.run, args.out,
+                     command=command_line("scripts/make_report.py", sys.argv[1:] if argv is None else argv))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,3 +96,13 @@ def test_evaluate_run_drops_results_of_a_vanished_checkpoint(tiny_run):
     assert not (run / "results" / "pretrain" / "sst2.json").exists()
     status = json.loads((run / "results" / "pretrain" / "status.json").read_text())
     assert status["result"]["reason"] == "no pretrain checkpoint in the run"
+
+
+def test_environment_names_the_commit(monkeypatch):
+    monkeypatch.delenv("MLLM_GIT_COMMIT", raising=False)
+    sw = runner.environment_info()["software"]
+    assert len(sw["mllm_git_commit"]) == 40 and isinstance(sw["mllm_git_dirty"], bool)
+    # a copied tree (GPU machine) names its commit through the environment; whether it was dirty is then unknown
+    monkeypatch.setenv("MLLM_GIT_COMMIT", "0123abc")
+    sw = runner.environment_info()["software"]
+    assert sw["mllm_git_commit"] == "0123abc" and sw["mllm_git_dirty"] is None

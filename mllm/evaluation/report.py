@@ -205,7 +205,8 @@ def section_environment(R: Results, training: Dict[str, Dict]) -> str:
         rows = [["evaluation CPU", f"{hw['cpu']} ({hw['cpu_cores']} cores)"],
                 ["evaluation GPUs", ", ".join(hw["gpus"]) if hw["gpus"] else "none (CPU only)"],
                 ["CUDA", hw["cuda"] or "none"], ["platform", hw["platform"]]]
-        rows += [[k, v if v is not None else "not installed"] for k, v in sw.items()]
+        rows += [[k, v if v is not None else ("not recorded" if k.startswith("mllm_") else "not installed")]
+                 for k, v in sw.items()]
         parts.append(table(["item", "value"], rows))
         parts.append(f"Source: [{R.rel(R.env['_path'])}]({R.rel(R.env['_path'])}), written by `{R.env.get('command')}`")
     if training:
@@ -482,6 +483,17 @@ def section_taxonomy(R: Results, n_examples: int = 2) -> str:
                        + examples + [R.sources("gsm8k")])
 
 
+def _stage_summary(run_dir: Optional[Path], stage: str) -> Tuple[Optional[Dict], Optional[Path]]:
+    """``summary.json[stage]`` of the run (written by run_pipeline.py after the stage), or None."""
+    if run_dir is None or not (run_dir / "summary.json").is_file():
+        return None, None
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text()).get(stage), path
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
 def section_dpo(R: Results, training: Dict[str, Dict], run_dir: Optional[Path]) -> str:
     head = "## DPO: reward accuracy and margins (held-out preference pairs)"
     t = training.get("dpo")
@@ -496,9 +508,28 @@ def section_dpo(R: Results, training: Dict[str, Dict], run_dir: Optional[Path]) 
         return head + "\n\n" + not_run("the dpo validation records hold no reward/margin/accuracy metrics")
     rows = [[k, f"{first.get(k, float('nan')):.4f}" if _num(first.get(k)) is not None else "not recorded",
              f"{last[k]:.4f}"] for k in keys]
-    return "\n\n".join([head, table(["metric", f"step {first.get('step')}", f"step {last.get('step')}"], rows),
-                        f"Source: `val` records of stage dpo in [{R.rel(run_dir / 'metrics.jsonl')}]"
-                        f"({R.rel(run_dir / 'metrics.jsonl')}), written by the DPO stage's evaluation."])
+    parts = [head, table(["metric", f"step {first.get('step')}", f"step {last.get('step')}"], rows),
+             "Reward r = β·(log π(y|x) − log π_ref(y|x)) summed over the answer tokens; accuracy = share of pairs with "
+             "r_chosen > r_rejected (strict: a tie counts as wrong, so at step 0, where the policy equals the reference "
+             "up to float rounding, it is about 0); margin = mean r_chosen − r_rejected.",
+             f"Source: `val` records of stage dpo in [{R.rel(run_dir / 'metrics.jsonl')}]"
+             f"({R.rel(run_dir / 'metrics.jsonl')}), written by the DPO stage's evaluation."]
+    summ, spath = _stage_summary(run_dir, "dpo")
+    if summ and _num(summ.get("final_heldout_reward_accuracy")) is not None:
+        n, ci = summ.get("heldout_pairs_evaluated"), summ.get("final_heldout_reward_accuracy_ci95")
+        line = f"Final held-out reward accuracy {fmt_pct(summ['final_heldout_reward_accuracy'])}"
+        if n:
+            line += f" on {n:,} pairs"
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(x) is not None for x in ci):
+            line += f", 95% Wilson interval [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]"
+            line += (" (above chance: the interval excludes 50%)" if ci[0] > 0.5 else
+                     " (not distinguishable from chance: the interval contains 50%)" if ci[1] >= 0.5 else
+                     " (below chance)")
+        if _num(summ.get("final_train_reward_accuracy")) is not None:
+            line += f"; last logged training-batch reward accuracy {fmt_pct(summ['final_train_reward_accuracy'])}"
+        parts.append(line + f". Source: `dpo` entry of [{R.rel(spath)}]({R.rel(spath)}), written by "
+                            "run_pipeline.py when the stage finished.")
+    return "\n\n".join(parts)
 
 
 def section_attention(R: Results) -> str:
@@ -537,8 +568,9 @@ def section_baselines(R: Results) -> str:
 
 
 def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
-                 out_path: str | Path = "report/REPORT.md") -> str:
-    """Write ``out_path`` (and ``figures/`` beside it) and return the markdown."""
+                 out_path: str | Path = "report/REPORT.md", command: Optional[str] = None) -> str:
+    """Write ``out_path`` (and ``figures/`` beside it) and return the markdown. ``command``: the command line that
+    builds the report (named in its header)."""
     out_path = Path(out_path)
     out_dir = out_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -551,8 +583,9 @@ def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
     training = training_rows(records, STAGE_ORDER)
     params = next((t.get("params") for t in training.values() if t.get("params")), None)
     head = [f"# mllm report: run `{run_name}` (config `{cfg_name}`)",
-            "Generated by `python scripts/make_report.py` from measured results only; every table names the "
-            "results JSON and the command behind each number, and anything that did not run says why.",
+            f"Generated by `{command or 'mllm.evaluation.report.build_report'}` from measured results only; every "
+            "table names the results JSON and the command behind each number, and anything that did not run says "
+            "why.",
             table(["item", "value"], [
                 ["run directory", R.rel(run) if run is not None else not_run("no --run given")],
                 ["results folder", R.rel(R.dir)],

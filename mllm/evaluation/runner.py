@@ -70,18 +70,30 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> Optional[str]:
+def _git_state() -> Dict[str, Any]:
+    """{"commit", "dirty"} of this source tree: ``$MLLM_GIT_COMMIT`` when set (a copied tree whose .git is stale or
+    absent, as on the GPU machine; dirty is then unknown), else ``git rev-parse HEAD`` and whether tracked files
+    differ from it (``git status --porcelain --untracked-files=no``); None where git cannot tell."""
+    named = os.environ.get("MLLM_GIT_COMMIT")
+    if named:
+        return {"commit": named, "dirty": None}
+    root = Path(__file__).resolve().parents[2]
     try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0 or not head.stdout.strip():
+            return {"commit": None, "dirty": None}
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                            text=True, timeout=10)
+        return {"commit": head.stdout.strip(), "dirty": bool(st.stdout.strip()) if st.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"commit": None, "dirty": None}
 
 
 def environment_info() -> Dict:
-    """Hardware and software of this process: CPU, cores, GPUs, python/torch/triton/transformers versions."""
+    """Hardware and software of this process: CPU, cores, GPUs, python/torch/triton/transformers versions, and the
+    mllm commit (with ``mllm_git_dirty``: tracked files had uncommitted changes)."""
     gpus = []
+    git = _git_state()
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {
@@ -89,7 +101,8 @@ def environment_info() -> Dict:
                      "cuda": torch.version.cuda, "platform": platform.platform()},
         "software": {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
                      "transformers": _version("transformers"), "numpy": _version("numpy"),
-                     "tiktoken": _version("tiktoken"), "mllm_git_commit": _git_commit()},
+                     "tiktoken": _version("tiktoken"), "mllm_git_commit": git["commit"],
+                     "mllm_git_dirty": git["dirty"]},
     }
 
 

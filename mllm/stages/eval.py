@@ -141,7 +141,7 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, recompute: bool = False, comman
     eval_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     rep = report_path(run_dir)
-    build_report(out, run_dir, rep)
+    build_report(out, run_dir, rep, command=command)
     report_s = time.perf_counter() - t1
     log(f"report: {rep}")
     st = read_state(out)
