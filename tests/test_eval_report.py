@@ -176,6 +176,12 @@ def test_evaluate_tasks_then_make_report(tmp_path, data_dir):
     ppl = json.loads((run / "results" / "pretrain" / "perplexity.json").read_text())
     assert ppl["step"] == 2 and "evaluate_tasks.py" in ppl["command"] and ppl["result"]["token"]["perplexity"] > 1
     assert json.loads((run / "results" / "sft" / "status.json").read_text())["result"]["status"] == "not run"
+    # --reuse: the pretrain results are newer than its checkpoint, so nothing is evaluated again
+    assert ev.main(["--stage-checkpoints", str(run), "--max-docs", "1", "--no-progress", "--device", "cpu",
+                    "--stages", "pretrain", "--reuse"]) == 0
+    inv = json.loads((run / "results" / "eval_state.json").read_text())["last_invocation"]
+    assert inv["reused"] == ["pretrain"] and inv["evaluated"] == []
+    assert json.loads((run / "results" / "pretrain" / "perplexity.json").read_text()) == ppl
     rep = _script("make_report", "scripts/make_report.py")
     out = tmp_path / "report" / "REPORT.md"
     assert rep.main(["--run", str(run), "--out", str(out)]) == 0

@@ -3,13 +3,16 @@
 
     python scripts/evaluation/evaluate_tasks.py --stage-checkpoints experiments/runs/<run>/ [--include-baselines]
         [--baseline gpt2] [--config NAME] [--set eval.gsm8k_examples=50] [--tasks perplexity,sst2,gsm8k,attention]
-        [--out DIR] [--max-docs N] [--device auto|cpu|cuda] [--batch-size 8] [--gen-batch-size 32]
+        [--out DIR] [--max-docs N] [--device auto|cpu|cuda] [--batch-size 8] [--gen-batch-size 32] [--reuse]
 
 Stages: checkpoints/{pretrain,sft,dpo,verifier}/ (final, else latest). Config: the run's config.json (or
 --config, a preset or file) with --set overrides; its ``eval`` section sets the task sizes. Baselines:
 --baseline NAME_OR_PATH (repeatable), or with --include-baselines the config's eval.baselines; a baseline
 that is not available (offline, no weights) gets a "skipped: ..." record. Results: <run>/results/ (see
 mllm.evaluation.runner); then `python scripts/make_report.py --run <run>` writes report/REPORT.md.
+--reuse keeps the results of models that are up to date (newer than their checkpoint, same eval settings), as the
+pipeline's eval stage does; --max-docs, --batch-size and --gen-batch-size default to the config's
+eval.perplexity_max_documents, eval.batch_size and eval.gen_batch_size.
 """
 from __future__ import annotations
 
@@ -36,10 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=None, help="comma list of perplexity,sst2,gsm8k,attention (default: all)")
     ap.add_argument("--stages", default=None, help="comma list of stages (default: pretrain,sft,dpo,verifier)")
     ap.add_argument("--out", default=None, help="results folder (default: RUN_DIR/results)")
-    ap.add_argument("--max-docs", type=int, default=None, help="only the first N WikiText articles")
+    ap.add_argument("--max-docs", type=int, default=None,
+                    help="only the first N WikiText articles (default: eval.perplexity_max_documents)")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's device)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per scoring forward (perplexity, SST-2)")
-    ap.add_argument("--gen-batch-size", type=int, default=32, help="prompts per generation call (GSM8K)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per scoring forward, perplexity and SST-2 (default: eval.batch_size)")
+    ap.add_argument("--gen-batch-size", type=int, default=None,
+                    help="prompts per generation call, GSM8K (default: eval.gen_batch_size)")
+    ap.add_argument("--reuse", action="store_true", help="keep up-to-date results instead of evaluating again")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -61,9 +68,13 @@ def main(argv=None) -> int:
         return 2
     baselines = list(args.baseline) + (list(cfg.eval.baselines) if args.include_baselines else [])
     command = command_line("scripts/evaluation/evaluate_tasks.py", sys.argv[1:] if argv is None else argv)
+    pick = lambda v, default: default if v is None else v  # noqa: E731
     written = evaluate_run(run, cfg, args.out, stages, list(dict.fromkeys(baselines)), tasks,
-                           args.device or cfg.device, args.batch_size, args.max_docs, command,
-                           progress=not args.no_progress, gen_batch_size=args.gen_batch_size)
+                           args.device or cfg.device, pick(args.batch_size, cfg.eval.batch_size),
+                           pick(args.max_docs, cfg.eval.perplexity_max_documents), command,
+                           progress=not args.no_progress,
+                           gen_batch_size=pick(args.gen_batch_size, cfg.eval.gen_batch_size), reuse=args.reuse,
+                           log=lambda line: print(line, file=sys.stderr))
     for name, files in written.items():
         print(f"{name}: " + ", ".join(str(p) for p in files.values()))
     return 0
