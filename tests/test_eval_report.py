@@ -127,6 +127,9 @@ def test_report_from_fake_results(fake, tmp_path):
               "| pretrain | 12.3 | 2026-11-26T02:00:00+0000 |",
               "| transformers | not installed |", "| mllm_git_commit | abc123 |", "| mllm_git_dirty | not recorded |"]:                            # eval time (eval_state)
         assert s in md, s
+    # notes shared by several models are printed once, naming the models
+    assert "- pretrain, sft: k = 2 shots (seed 1); data: SST-2 dev carve" in md
+    assert md.count("token-level perplexity, sliding window") == 1 and "- token ppl (pretrain, sft): " in md
     # deltas follow the pipeline's lineage: the verifier is trained from sft, not from dpo
     assert "| pretrain → sft |" in md and "| sft → dpo |" in md and "| sft → verifier |" in md
     assert "dpo → verifier" not in md
@@ -193,3 +196,10 @@ def test_evaluate_tasks_then_make_report(tmp_path, data_dir):
     assert "not run: no sft checkpoint in the run" in md
     assert "skipped: mllm-test/no-such-model not available offline" in md
     assert ev.main(["--stage-checkpoints", str(tmp_path / "nope")]) == 2
+
+
+def test_grouped_notes():
+    from mllm.evaluation.report import grouped
+
+    items = [("data", "a", "x"), ("data", "b", "y"), ("data", "c", "x"), ("", "a", "n"), ("", "b", "n")]
+    assert grouped(items) == ["data (a, c): x", "data (b): y", "a, b: n"]

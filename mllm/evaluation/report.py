@@ -289,6 +289,16 @@ def _eval_times(R: Results) -> str:
             f"runner (last invocation: `{(R.state.get('last_invocation') or {}).get('command') or 'not recorded'}`).")
 
 
+def grouped(items: Sequence[Tuple[str, str, str]]) -> List[str]:
+    """``(label, model, text)`` items as lines ``label (model, model, ...): text``, one line per distinct
+    (label, text) in first-seen order, so a note shared by every model is printed once."""
+    groups: Dict[Tuple[str, str], List[str]] = {}
+    for label, model, text in items:
+        groups.setdefault((label, text), []).append(model)
+    return [f"{label} ({', '.join(models)}): {text}" if label else f"{', '.join(models)}: {text}"
+            for (label, text), models in groups.items()]
+
+
 def section_perplexity(R: Results) -> str:
     rows, conventions = [], []
     for m in R.models:
@@ -299,13 +309,12 @@ def section_perplexity(R: Results) -> str:
         tok, roll = res["token"], res["rolling"]
         rows.append([m, f"{tok['perplexity']:.2f}", f"{tok['context']}/{tok['stride']}", f"{roll['word_perplexity']:.2f}",
                      f"{roll['byte_perplexity']:.4f}", f"{roll['bits_per_byte']:.4f}", f"{tok['n_tokens']:,}"])
-        for c in (f"token ppl ({m}): {tok['convention']}", f"word ppl / bits per byte ({m}): {roll['convention']}"):
-            conventions.append(c)
-        conventions.append(f"data ({m}): {res.get('source', 'not recorded')}"
-                           + ("; documents detokenised as lm-eval does" if res.get("detokenized") else ""))
+        conventions += [("token ppl", m, tok["convention"]), ("word ppl / bits per byte", m, roll["convention"]),
+                        ("data", m, str(res.get("source", "not recorded"))
+                         + ("; documents detokenised as lm-eval does" if res.get("detokenized") else ""))]
     out = ["## Perplexity (WikiText-2)",
            table(["model", "token ppl", "context/stride", "word ppl", "byte ppl", "bits/byte", "tokens scored"], rows),
-           "Conventions (each number uses the one stated for it):\n" + "\n".join(f"- {c}" for c in conventions)
+           "Conventions (each number uses the one stated for it):\n" + "\n".join(f"- {c}" for c in grouped(conventions))
            if conventions else "", PUBLISHED_ANCHORS, R.sources("perplexity")]
     return "\n\n".join(x for x in out if x)
 
@@ -332,7 +341,7 @@ def section_sst2(R: Results) -> str:
         rows.append([m] + cells + [fmt_pct(maj) if maj is not None else not_run(w), str(n) if n else not_run(w2)])
         k, _ = _sub(res, "k_shot", "shots")
         if k is not None:
-            notes.append(f"{m}: k = {k} shots (seed {res['k_shot']['seed']}); data: {res.get('source')}")
+            notes.append(("", m, f"k = {k} shots (seed {res['k_shot']['seed']}); data: {res.get('source')}"))
         for setting in ("k_shot", "zero_shot"):
             for cal in ("calibrated", "uncalibrated"):
                 c, _ = _sub(res, setting, cal, "confusion")
@@ -348,7 +357,7 @@ def section_sst2(R: Results) -> str:
            table(["model", "0-shot", "0-shot calibrated", "k-shot", "k-shot calibrated", "majority class", "n"], rows),
            "Label words \" negative\" / \" positive\" scored after `Review: <sentence>\\nSentiment:`; calibrated = "
            "contextual calibration with the content-free input \"N/A\" (Zhao et al. 2021).",
-           ("\n".join(f"- {x}" for x in notes)) if notes else "",
+           ("\n".join(f"- {x}" for x in grouped(notes))) if notes else "",
            "### Confusion counts (gold × predicted)\n\n" + (table(
                ["model", "setting", "neg→neg", "neg→pos", "pos→neg", "pos→pos"], conf) if conf else
                not_run("no SST-2 results")),
@@ -375,14 +384,14 @@ def section_gsm8k(R: Results) -> str:
             v, w, txt = _gsm(res, key)
             cells.append(txt if v is not None else not_run(w))
         rows.append([m] + cells)
-        notes.append(f"{m}: N = {res.get('n_samples')} samples at T = {res.get('temperature')}, "
-                     f"max {res.get('max_new_tokens')} new tokens; data: {res.get('source')}")
+        notes.append(("", m, f"N = {res.get('n_samples')} samples at T = {res.get('temperature')}, "
+                             f"max {res.get('max_new_tokens')} new tokens; data: {res.get('source')}"))
     out = ["## GSM8K (exact match)",
            table(["model", "greedy", "majority of N", "verifier best-of-N", "oracle (any of N right)"], rows),
            "Answer = the number after `####`, else the last number (commas, $, signs, trailing period and 5.0 = 5 "
            "normalised); majority-vote ties go to the answer seen first; verifier best-of-N picks the highest-scored "
            "sample (ties: earliest).",
-           "\n".join(f"- {x}" for x in notes), R.sources("gsm8k")]
+           "\n".join(f"- {x}" for x in grouped(notes)), R.sources("gsm8k")]
     return "\n\n".join(x for x in out if x)
 
 
