@@ -25,9 +25,11 @@ def _tiny(**kw):
     return cfg, model.eval()
 
 
-@pytest.mark.parametrize("tied,n_kv,sink_tokens", [(True, 2, 0), (False, 4, 0), (True, 1, 4)])
-def test_export_gives_same_logits(tmp_path, tied, n_kv, sink_tokens):
-    cfg, model = _tiny(tie_embeddings=tied, n_kv_heads=n_kv, n_sink_tokens=sink_tokens)
+@pytest.mark.parametrize("tied,n_kv,sink_tokens,pad", [(True, 2, 0, 1), (False, 4, 0, 1), (True, 1, 4, 1),
+                                                       (True, 2, 0, 64), (False, 2, 0, 64)])
+def test_export_gives_same_logits(tmp_path, tied, n_kv, sink_tokens, pad):
+    # pad: model.vocab_pad_multiple; the exported tables keep the 101 real rows
+    cfg, model = _tiny(tie_embeddings=tied, n_kv_heads=n_kv, n_sink_tokens=sink_tokens, vocab_pad_multiple=pad)
     out = export_llama(model, cfg, tmp_path / "hf", eot_id=100)
     conf = json.loads((out / "config.json").read_text())
     assert conf["num_key_value_heads"] == n_kv and conf["tie_word_embeddings"] is tied

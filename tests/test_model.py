@@ -61,10 +61,13 @@ def test_gpu_full_param_count_on_meta():
     n = model.num_params()
     assert abs(n - 252.9e6) / 252.9e6 < 0.005, n
     d, f, V, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
+    Vp = model.padded_vocab
+    assert (V, Vp) == (50257, 50304)  # gpu-full pads the tables to a multiple of 64
     per_layer = 4 * d * d + 3 * d * f + 2 * d  # q,k,v,o (MHA: n_kv_heads == n_heads) + SwiGLU + 2 norms
-    assert n == V * d + L * per_layer + d
-    assert model.num_params(exclude_embeddings=True) == n - V * d
-    assert model.flops_per_token(1024) == 6 * n + 12 * L * cfg.n_heads * cfg.head_dim * 1024
+    assert n == Vp * d + L * per_layer + d
+    assert model.num_params(exclude_embeddings=True) == n - Vp * d
+    # MFU counts useful FLOPs: the head's matmul over the V real rows
+    assert model.flops_per_token(1024) == 6 * (n - (Vp - V) * d) + 12 * L * cfg.n_heads * cfg.head_dim * 1024
 
 
 def test_tied_and_untied_heads():
@@ -416,3 +419,40 @@ def test_tiny_model_overfits_a_batch(variant):
     assert loss.item() < 0.3, loss.item()
     if variant == "all":
         assert all(layer.attn.sinks.grad.abs().sum() > 0 for layer in model.layers)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocab_tables_give_the_unpadded_model(tied):
+    """vocab_pad_multiple pads the embedding/head tables; logits, loss and gradients of the real rows equal
+    those of the unpadded model with the same weights, outputs have V entries, and generation never emits a
+    padding id."""
+    from mllm.models.generation import generate
+
+    base = ModelConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
+                       tie_embeddings=tied)
+    torch.manual_seed(0)
+    plain = Transformer(base)
+    padded = Transformer(ModelConfig(**{**base.__dict__, "vocab_pad_multiple": 64}))
+    assert padded.padded_vocab == 128 and padded.tok_emb.weight.shape[0] == 128
+    with torch.no_grad():
+        for (n, p), (n2, q) in zip(padded.named_parameters(), plain.named_parameters()):
+            assert n == n2
+            if p.shape != q.shape:
+                p[: q.shape[0]] = q
+                p[q.shape[0]:] = 5.0  # large padding rows: any leak into the real logits or softmax would show
+            else:
+                p.copy_(q)
+    ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(ids, -1, 1)
+    torch.testing.assert_close(padded(ids), plain(ids))
+    assert padded(ids).shape[-1] == 101 and padded.lm_head_weight.shape == (101, 32)
+    lp, lq = padded(ids, labels=labels), plain(ids, labels=labels)
+    torch.testing.assert_close(lp, lq)
+    lp.backward()
+    lq.backward()
+    gp = padded.tok_emb.weight.grad if tied else padded.lm_head.weight.grad
+    gq = plain.tok_emb.weight.grad if tied else plain.lm_head.weight.grad
+    torch.testing.assert_close(gp[:101], gq)
+    assert float(gp[101:].abs().max()) == 0.0
+    out = generate(padded, [[1, 2, 3]] * 4, max_new_tokens=12, temperature=5.0, seed=0)
+    assert max(max(o) for o in out) < 101

@@ -43,6 +43,8 @@ class ModelConfig:
     # triton backend: the training loss fuses the LM head and the cross-entropy (mllm_kernels.dpo_logprobs: the
     # [B, T, V] logits are never materialised); False computes logits + cross-entropy as the eager backend does
     fused_lm_loss: bool = True
+    # embedding/head tables padded to a multiple of this many rows (aligned head GEMM; outputs keep vocab_size)
+    vocab_pad_multiple: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -172,7 +174,8 @@ def _gpu_full() -> PipelineConfig:
     return PipelineConfig(
         name="gpu-full",
         seed=42,
-        model=ModelConfig(),  # d_model 1024, 12 layers, 16 heads, ffn 4096, vocab 50257, seq 1024
+        model=ModelConfig(vocab_pad_multiple=64),  # d_model 1024, 12 layers, 16 heads, ffn 4096, vocab 50257
+        # (tables padded to 50,304 rows), seq 1024
         data=DataConfig(pretrain_datasets=["wikitext103", "tinystories"], packing=True),
         pretrain=PretrainConfig(steps=40_000, batch_size=128, micro_batch_size=8, seq_len=1024, lr=3e-4,
                                 warmup_steps=500, eval_every=1000, save_every=2000),
@@ -360,6 +363,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.window is None or m.window > 0, "model.window", "must be positive or None")
     need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
          f"must be 'eager' or 'triton', got {m.kernel_backend!r}")
+    need(isinstance(m.vocab_pad_multiple, int) and m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple",
+         f"must be a positive integer, got {m.vocab_pad_multiple!r}")
     need(isinstance(m.fused_lm_loss, bool), "model.fused_lm_loss", f"must be true or false, got {m.fused_lm_loss!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")

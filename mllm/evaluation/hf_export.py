@@ -121,6 +121,8 @@ def llama_state_dict(state: Mapping[str, torch.Tensor], cfg) -> Dict[str, torch.
             raise ExportError(f"state dict has learned sinks ('{name}'): Llama cannot express them")
         else:
             raise ExportError(f"state dict entry '{name}' has no Llama equivalent")
+        if new in ("model.embed_tokens.weight", "lm_head.weight") and t.shape[0] > cfg.vocab_size:
+            t = t[: cfg.vocab_size]  # a padded table (model.vocab_pad_multiple): the extra rows are never used
         out[new] = t
         used.add(new)
     expected = {"model.embed_tokens.weight", "model.norm.weight"}

@@ -122,7 +122,7 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, e
         if not use_cache:
             cur = seq.shape[1]
             h = model.hidden_states(seq, position_ids[:, :cur], _cu_seqlens_from_doc_start(doc_start[:, :cur]))
-            logits = h[:, -1] @ model.lm_head_weight.t()
+            logits = model.head_logits(h[:, -1])
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)  # finished rows feed padding
         gen[:, step] = nxt
