@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from mllm.config.pipeline_config import ConfigError, PipelineConfig
-from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows
-from mllm.training.trainer import Trainer
+from mllm.training.batches import EvalBatches, TokenWindows
+
+from .common import SegmentRows, available_split, fit_stage, next_token_loss, stage_tokenizer, stage_trainer
 
 STAGE = "pretrain"
 
@@ -38,17 +39,6 @@ STAGE = "pretrain"
 # ----------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------
-def _pick_split(name: str, data_dir) -> str:
-    from mllm.data.datasets import local_splits
-
-    if data_dir is None:
-        return "train"  # the hub has every split
-    on_disk = local_splits(name, data_dir)
-    if not on_disk:
-        return "train"  # the loader then says where it looked (or goes to the hub)
-    return "train" if "train" in on_disk else on_disk[0]
-
-
 def load_documents(cfg: PipelineConfig) -> Tuple[List[str], Dict[str, Any]]:
     """Texts of all pretraining documents (``data.pretrain_datasets`` in order) and a description of the sources."""
     from mllm.data.datasets import load_dataset
@@ -57,7 +47,7 @@ def load_documents(cfg: PipelineConfig) -> Tuple[List[str], Dict[str, Any]]:
     texts: List[str] = []
     sources: Dict[str, Any] = {}
     for name in cfg.data.pretrain_datasets:
-        split = _pick_split(name, data_dir)
+        split = available_split(name, data_dir)
         try:
             recs = load_dataset(name, source=data_dir, split=split, max_rows=cfg.data.max_docs)
         except TypeError as e:
@@ -95,26 +85,6 @@ def token_shard(texts: Sequence[str], tok, cfg: PipelineConfig, split: str, dist
     return shard if shard is not None else build_shard(texts, tok, cfg.data.cache_dir, key, progress=False)
 
 
-class PackedRows(Sequence):
-    """Rows of ``mllm.data.packing.build_rows``: each item has input_ids, labels, position_ids [T] and that
-    row's own ``cu_seqlens`` (document starts = where position_ids is 0, then T), which ``collate_rows`` offsets
-    into batch-level FlashAttention-varlen boundaries."""
-
-    def __init__(self, rows: Dict[str, Any]):
-        self.input_ids = rows["input_ids"]
-        self.labels = rows["labels"]
-        self.position_ids = rows["position_ids"]
-        self.efficiency = float(rows.get("efficiency", 1.0))
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
-        pos = self.position_ids[i]
-        cu = np.append(np.flatnonzero(pos == 0), pos.shape[0]).astype(np.int64)
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": pos, "cu_seqlens": cu}
-
-
 def build_datasets(cfg: PipelineConfig, tok, dist=None, progress: bool = True) -> Tuple[Sequence, Sequence, Dict[str, Any]]:
     """(train rows, validation rows, info) for ``cfg`` (see the module docstring)."""
     T = cfg.pretrain.seq_len
@@ -135,10 +105,10 @@ def build_datasets(cfg: PipelineConfig, tok, dist=None, progress: bool = True) -
 
         def rows(shard, seed):
             if shard is None:
-                return PackedRows({"input_ids": empty, "labels": empty, "position_ids": empty})
+                return SegmentRows({"input_ids": empty, "labels": empty, "position_ids": empty})
             docs = [shard.doc(i) for i in range(shard.n_docs)]  # each ends with eot, which is a target
-            return PackedRows(build_rows(docs, T, pad_id=tok.eot_id, packing=True, eot_id=None,
-                                         algorithm=cfg.data.packing_algorithm, overflow="split", seed=seed))
+            return SegmentRows(build_rows(docs, T, pad_id=tok.eot_id, packing=True, eot_id=None,
+                                          algorithm=cfg.data.packing_algorithm, overflow="split", seed=seed))
 
         train, val = rows(train_sh, cfg.seed), rows(val_sh, cfg.seed + 1)
         info["packing_efficiency"] = train.efficiency
@@ -153,12 +123,7 @@ def build_datasets(cfg: PipelineConfig, tok, dist=None, progress: bool = True) -
 # ----------------------------------------------------------------------------------------------------
 # loss
 # ----------------------------------------------------------------------------------------------------
-def lm_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
-    """Mean next-token cross-entropy over non-ignored labels; weight = number of target tokens."""
-    labels = batch["labels"]
-    loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
-                 labels=labels)  # through forward: DDP hooks, and the fused head + loss on the triton backend
-    return loss, {}, (labels != -100).sum()
+lm_loss = next_token_loss  # mean next-token cross-entropy over non-ignored labels; weight = their number
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,37 +131,20 @@ def lm_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     """Pretrain ``Transformer(cfg.model)`` for ``cfg.pretrain.steps`` steps; ``ctx`` is a ``StageContext``."""
-    from mllm.data.tokenizer import tokenizer_from_config
     from mllm.models.transformer import Transformer
 
     dist = ctx.dist
-    tok = tokenizer_from_config(cfg.data)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                          f"{tok.name} tokenizer's {tok.vocab_size} ids")
+    tok = stage_tokenizer(cfg)
     train_rows, val_rows, info = build_datasets(cfg, tok, dist, ctx.progress)
     sc = cfg.pretrain
-    train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
-                               rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     # eval_batches micro-batches in total, spread over the ranks: the same validation rows for any world size
     val_src = EvalBatches(val_rows, micro_batch_size=sc.micro_batch_size, rank=dist.rank, world_size=dist.world_size,
                           max_examples=sc.eval_batches * sc.micro_batch_size) if len(val_rows) else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = Transformer(cfg.model)
-    trainer = Trainer(model, lm_loss, train_src, sc, cfg.optim, stage=STAGE, run_dir=ctx.run_dir, val_data=val_src,
-                      dist=dist, compile=cfg.compile, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
-                      config=cfg.to_dict())
-    del model  # the trainer holds the only reference, so close() really frees it
-    try:
-        trainer.log({"kind": "data", **info})
-        trainer.info(f"data: {info['train_rows']} train rows / {info['val_rows']} val rows of {sc.seq_len} tokens "
+    # the model is built inline so that the trainer holds the only reference and close() really frees it
+    trainer = stage_trainer(cfg, ctx, STAGE, sc, Transformer(cfg.model), lm_loss, train_rows, val_src)
+    return fit_stage(trainer, ctx, info,
+                     f"data: {info['train_rows']} train rows / {info['val_rows']} val rows of {sc.seq_len} tokens "
                      f"({info['train_tokens']:,} / {info['val_tokens']:,} tokens, packing={cfg.data.packing}) "
                      f"from {info['sources']}")
-        if ctx.resume:
-            trainer.resume()
-        summary = trainer.fit()
-        summary["data"] = info
-        return summary
-    finally:
-        trainer.close()

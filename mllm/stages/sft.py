@@ -49,8 +49,9 @@ from mllm.config.pipeline_config import ConfigError, PipelineConfig
 from mllm.evaluation.gsm8k import PROMPT_TEMPLATE as GSM8K_PROMPT_TEMPLATE
 from mllm.evaluation.gsm8k import truncate_completion
 from mllm.training import checkpoint as ckpt
-from mllm.training.batches import EvalBatches, RowBatchSource
-from mllm.training.trainer import Trainer
+from mllm.training.batches import EvalBatches
+
+from .common import SegmentRows, available_split, fit_stage, next_token_loss, stage_tokenizer, stage_trainer
 
 STAGE = "sft"
 INPUT_STAGE = "pretrain"
@@ -70,30 +71,9 @@ __all__ = ["ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "GSM8K_PROMPT_TEMPLA
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers shared by the post-training stages (dpo and verifier import them)
+# helpers shared by the post-training stages (dpo and verifier import them, and available_split and
+# stage_tokenizer, which live in .common, from here)
 # ----------------------------------------------------------------------------------------------------
-def available_split(name: str, data_dir) -> str:
-    """``train`` when it is on disk (or there is no local folder: the hub has it), else the first split on disk
-    (the shared folder holds only hh-rlhf's test files; held-out slices are carved from what is used)."""
-    from mllm.data.datasets import local_splits
-
-    if data_dir is None:
-        return "train"
-    on_disk = local_splits(name, data_dir)
-    return "train" if (not on_disk or "train" in on_disk) else on_disk[0]
-
-
-def stage_tokenizer(cfg: PipelineConfig):
-    """The config's tokenizer, checked against ``model.vocab_size``."""
-    from mllm.data.tokenizer import tokenizer_from_config
-
-    tok = tokenizer_from_config(cfg.data)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                          f"{tok.name} tokenizer's {tok.vocab_size} ids")
-    return tok
-
-
 def load_input_model(cfg: PipelineConfig, run_dir, input_stage: str, consumer: str):
     """``(Transformer(cfg.model), path)`` with the weights of ``input_stage``'s final checkpoint in ``run_dir``.
     A missing checkpoint raises ``CheckpointError`` naming the file and the stage that writes it; a checkpoint of
@@ -266,28 +246,8 @@ def select_examples(pairs: Sequence[Tuple[str, str]], n: int, seq_len: int, tok,
     return kept, counts
 
 
-class SFTRows(Sequence):
-    """Rows of ``build_rows`` (input_ids, labels, position_ids [R, T]); item ``i`` also carries its own
-    ``cu_seqlens`` (segment starts = where position_ids is 0), which ``collate_rows`` offsets into batch-level
-    FlashAttention-varlen boundaries."""
-
-    def __init__(self, rows: Dict[str, Any]):
-        self.input_ids = rows["input_ids"]
-        self.labels = rows["labels"]
-        self.position_ids = rows["position_ids"]
-        self.efficiency = float(rows.get("efficiency", 1.0))
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
-        pos = self.position_ids[i]
-        cu = np.append(np.flatnonzero(pos == 0), pos.shape[0]).astype(np.int64)
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": pos, "cu_seqlens": cu}
-
-
 def build_rows(examples: Sequence[Tuple[List[int], List[int]]], cfg: PipelineConfig, tok, packing: bool,
-               seed: int) -> SFTRows:
+               seed: int) -> SegmentRows:
     from mllm.data.packing import build_rows as _build
 
     T = cfg.sft.seq_len
@@ -295,7 +255,7 @@ def build_rows(examples: Sequence[Tuple[List[int], List[int]]], cfg: PipelineCon
     rows = _build(list(docs), T, pad_id=tok.eot_id, packing=packing, ignore_index=IGNORE_INDEX,
                   loss_masks=list(masks), eot_id=tok.eot_id, algorithm=cfg.data.packing_algorithm,
                   overflow="truncate", seed=seed if packing else None)
-    return SFTRows(rows)
+    return SegmentRows(rows)
 
 
 def _mix(a: Sequence, b: Sequence, n_b: int, n: int, seed: int) -> List:
@@ -305,7 +265,7 @@ def _mix(a: Sequence, b: Sequence, n_b: int, n: int, seed: int) -> List:
     return [items[i] for i in order]
 
 
-def build_sft_data(cfg: PipelineConfig, tok) -> Tuple[SFTRows, Optional[SFTRows], List[Tuple[str, str]], Dict]:
+def build_sft_data(cfg: PipelineConfig, tok) -> Tuple[SegmentRows, Optional[SegmentRows], List[Tuple[str, str]], Dict]:
     """(train rows, validation rows, sample prompts [(source, prompt text)], info) — see the module docstring."""
     sc = cfg.sft
     t0 = time.perf_counter()
@@ -360,12 +320,9 @@ def build_sft_data(cfg: PipelineConfig, tok) -> Tuple[SFTRows, Optional[SFTRows]
 # ----------------------------------------------------------------------------------------------------
 # loss and evaluation samples
 # ----------------------------------------------------------------------------------------------------
-def response_loss(model, batch) -> Tuple[torch.Tensor, Dict[str, Any], torch.Tensor]:
-    """Mean next-token cross-entropy over the response tokens (labels != -100); weight = their number."""
-    labels = batch["labels"]  # IGNORE_INDEX (-100) on prompt tokens, as the model's loss expects
-    loss = model(batch["input_ids"], position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
-                 labels=labels)
-    return loss, {}, (labels != IGNORE_INDEX).sum()
+# labels are IGNORE_INDEX (-100) on prompt tokens, so this is the mean cross-entropy over the response tokens (and
+# the eot), weighted by their number
+response_loss = next_token_loss
 
 
 def generate_samples(model, tok, prompts: Sequence[Tuple[str, str]], max_new_tokens: int) -> List[Dict[str, str]]:
@@ -414,25 +371,18 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     model, src = load_input_model(cfg, ctx.run_dir, INPUT_STAGE, STAGE)
     train_rows, val_rows, sample_prompts, info = build_sft_data(cfg, tok)
     info["init_checkpoint"] = str(src)
-    train_src = RowBatchSource(train_rows, batch_size=sc.batch_size, micro_batch_size=sc.micro_batch_size,
-                               rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
     val_src = eval_source(val_rows, sc, dist) if val_rows else None
-    trainer = Trainer(model, response_loss, train_src, sc, cfg.optim, stage=STAGE, run_dir=ctx.run_dir,
-                      val_data=val_src, dist=dist, compile=cfg.compile, seed=cfg.seed, profile=ctx.profile,
-                      progress=ctx.progress, config=cfg.to_dict(), eval_fn=samples_eval_fn(tok, sample_prompts))
-    del model
-    try:
-        trainer.log({"kind": "data", **info})
-        trainer.info(f"data: {info['train_examples']} examples ({info['gsm8k']['train_examples']} GSM8K, "
+    trainer = stage_trainer(cfg, ctx, STAGE, sc, model, response_loss, train_rows, val_src,
+                            eval_fn=samples_eval_fn(tok, sample_prompts))
+    del model  # the trainer holds the only reference, so close() really frees it
+
+    def extra(tr) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"input_checkpoint": str(src)}
+        if "samples" in tr.last_eval:
+            out["final_samples"] = tr.last_eval["samples"]
+        return out
+
+    return fit_stage(trainer, ctx, info,
+                     f"data: {info['train_examples']} examples ({info['gsm8k']['train_examples']} GSM8K, "
                      f"{info['alpaca']['train_examples']} Alpaca) in {info['train_rows']} rows of {sc.seq_len}, "
-                     f"{info['val_examples']} held-out; skipped {info['skipped']}; from {src}")
-        if ctx.resume:
-            trainer.resume()
-        summary = trainer.fit()
-        summary["data"] = info
-        summary["input_checkpoint"] = str(src)
-        if "samples" in trainer.last_eval:
-            summary["final_samples"] = trainer.last_eval["samples"]
-        return summary
-    finally:
-        trainer.close()
+                     f"{info['val_examples']} held-out; skipped {info['skipped']}; from {src}", extra)
