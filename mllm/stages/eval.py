@@ -9,7 +9,7 @@ record and a line in the report). Tasks and sizes come from the ``eval`` config 
 ``mllm.evaluation.runner``): WikiText-2 perplexity (``eval.perplexity_max_documents`` articles at most), SST-2,
 GSM8K (greedy, majority of ``eval.gsm8k_samples``, verifier best-of-N) and attention maps.
 
-Outputs (rank 0; the other ranks wait, see :func:`_wait_for_main`):
+Outputs (rank 0; the other ranks wait, see :func:`_wait_group`):
   ``<run>/results/<model>/<task>.json``, ``<run>/results/environment.json``, ``<run>/results/eval_state.json``
   ``<run>/report/REPORT.md`` (+ ``<run>/report/figures/``), written by ``mllm.evaluation.report.build_report``.
 The report lives inside the run directory so that runs never overwrite each other's report; the project's
@@ -101,13 +101,20 @@ def _headline(results: Path, model: str) -> Dict[str, Any]:
             "gsm8k_verifier": get("gsm8k", "verifier", "accuracy")}
 
 
-def _wait_for_main(ctx) -> None:
-    """Non-main ranks wait for rank 0's evaluation on a gloo group with a long timeout (the default group's
-    timeout would abort a long evaluation); a no-op in a single process."""
+def _wait_group(ctx):
+    """A gloo group with a long timeout over every rank (None in a single process), created up front on all ranks:
+    the non-main ranks wait on it for rank 0's evaluation, which the default group's timeout (init_distributed,
+    30 min) would abort on a large config."""
     if not ctx.dist.is_distributed:
+        return None
+    import torch.distributed as dist
+    return dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+
+
+def _wait_for_main(group) -> None:
+    if group is None:
         return
     import torch.distributed as dist
-    group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     dist.barrier(group=group)
     dist.destroy_process_group(group)
 
@@ -161,13 +168,14 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     run_dir = Path(ctx.run_dir)
     summary = None
     error: Optional[BaseException] = None
+    group = _wait_group(ctx)
     if ctx.dist.is_main:
         try:
             summary = evaluate(cfg, run_dir, getattr(ctx, "recompute", False), getattr(ctx, "command", None),
                                ctx.progress)
         except ckpt.CheckpointError as e:  # raised on every rank below, so all exit the same way
             error = e
-    _wait_for_main(ctx)
+    _wait_for_main(group)
     summary, why = ctx.dist.broadcast_object((summary, str(error) if error is not None else None))
     if why is not None:
         raise ckpt.CheckpointError(why)
