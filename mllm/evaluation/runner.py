@@ -114,14 +114,10 @@ def _data_source(cfg):
 
 
 def pretrain_split(name: str, cfg) -> str:
-    """The split the pretrain stage reads for text dataset ``name``: ``train`` when on disk (or no data folder:
-    the hub has every split), else the first split on disk (same rule as ``mllm.stages.pretrain``)."""
-    from mllm.data.datasets import local_splits
-    src = _data_source(cfg)
-    if src is None:
-        return "train"
-    on_disk = local_splits(name, src)
-    return "train" if not on_disk or "train" in on_disk else on_disk[0]
+    """The split the pretrain stage reads for text dataset ``name`` (its own rule,
+    ``mllm.stages.common.available_split``: ``train`` when on disk or no data folder, else the first split on disk)."""
+    from mllm.stages.common import available_split
+    return available_split(name, _data_source(cfg))
 
 
 def pretrained_articles(cfg, split: str) -> Dict[str, Any]:
