@@ -101,7 +101,13 @@ def fake(tmp_path):
     (run / "summary.json").write_text(json.dumps({"dpo": {"final_heldout_reward_accuracy": 0.6875,
                                                           "heldout_pairs_evaluated": 256,
                                                           "final_heldout_reward_accuracy_ci95": [0.6282, 0.7413],
-                                                          "final_train_reward_accuracy": 0.75}}))
+                                                          "final_train_reward_accuracy": 0.75},
+                                                  "verifier": {"gsm8k_dev": {
+                                                      "n_questions": 16, "n_samples": 4,
+                                                      "greedy": {"accuracy": 0.0625, "correct": 1, "n": 16},
+                                                      "sampled_solutions": {"n": 64, "positives": 0, "auc": None},
+                                                      "reference_vs_samples": {"auc": 0.8105, "top1_rate": 0.5625,
+                                                                               "chance_top1_rate": 0.2}}}}))
     return run
 
 
@@ -127,6 +133,12 @@ def test_report_from_fake_results(fake, tmp_path):
               "| pretrain | 12.3 | 2026-11-26T02:00:00+0000 |",
               "| transformers | not installed |", "| mllm_git_commit | abc123 |", "| mllm_git_dirty | not recorded |"]:                            # eval time (eval_state)
         assert s in md, s
+    # the verifier stage's own dev check, from summary.json
+    for x in ["| dev greedy accuracy | 6.2% (1/16) |", "| sampled solutions: correct / total | 0/64 |",
+              "| AUC, correct vs wrong samples | not run: needs both correct and wrong samples |",
+              "| AUC, reference solution vs its question's samples | 0.810 |",
+              "| reference ranked first among reference + samples | 56.2% (chance 20.0%) |"]:
+        assert x in md, x
     # notes shared by several models are printed once, naming the models
     assert "- pretrain, sft: k = 2 shots (seed 1); data: SST-2 dev carve" in md
     assert md.count("token-level perplexity, sliding window") == 1 and "- token ppl (pretrain, sft): " in md

@@ -433,7 +433,43 @@ def section_deltas(R: Results) -> str:
                         "sources)."])
 
 
-def section_verifier(R: Results) -> str:
+def _verifier_stage_check(run_dir: Optional[Path], R: Results) -> str:
+    """The verifier stage's own check on its dev questions (``summary.json["verifier"]["gsm8k_dev"]``): how well
+    its scores separate correct from wrong solutions, which the best-of-N accuracy alone cannot show when the
+    generator rarely samples a right answer."""
+    summ, spath = _stage_summary(run_dir, "verifier")
+    dev = (summ or {}).get("gsm8k_dev")
+    if not isinstance(dev, dict):
+        return ""
+    rows = []
+    ss, rv = dev.get("sampled_solutions") or {}, dev.get("reference_vs_samples") or {}
+    for label, d in (("greedy", dev.get("greedy")), (f"majority of {dev.get('n_samples')}", dev.get("majority")),
+                     ("verifier best-of-N", dev.get("verifier")), ("oracle", dev.get("oracle"))):
+        if isinstance(d, dict) and _num(d.get("accuracy")) is not None:
+            rows.append([f"dev {label} accuracy", f"{fmt_pct(d['accuracy'])} ({d.get('correct')}/{d.get('n')})"])
+    if ss:
+        rows.append(["sampled solutions: correct / total", f"{ss.get('positives')}/{ss.get('n')}"])
+        rows.append(["AUC, correct vs wrong samples",
+                     f"{ss['auc']:.3f}" if _num(ss.get("auc")) is not None else
+                     not_run("needs both correct and wrong samples" if ss.get("positives") in (0, ss.get("n"))
+                             else "no AUC recorded")])
+    if _num(rv.get("auc")) is not None:
+        rows.append(["AUC, reference solution vs its question's samples", f"{rv['auc']:.3f}"])
+    if _num(rv.get("top1_rate")) is not None:
+        rows.append(["reference ranked first among reference + samples",
+                     f"{fmt_pct(rv['top1_rate'])} (chance {fmt_pct(rv.get('chance_top1_rate') or 0)})"])
+    if not rows:
+        return ""
+    return ("### The verifier stage's own dev check\n\n"
+            f"On {dev.get('n_questions')} held-out GSM8K questions with the SFT generator (the verifier's input "
+            "checkpoint). The reference-vs-samples numbers ask whether the verifier scores each question's gold "
+            "solution above the model's own samples, which is informative when few samples are right.\n\n"
+            + table(["metric", "value"], rows)
+            + f"\n\nSource: `verifier.gsm8k_dev` of [{R.rel(spath)}]({R.rel(spath)}), written by run_pipeline.py "
+              "when the verifier stage finished.")
+
+
+def section_verifier(R: Results, run_dir: Optional[Path] = None) -> str:
     rows = []
     for m in R.models:
         res, why, doc = R.get(m, "gsm8k")
@@ -453,8 +489,11 @@ def section_verifier(R: Results) -> str:
                      fmt_delta(v - mj, pct=True) if mj is not None else not_run(wm)])
     body = table(["model", "greedy", "majority of N", "verifier best-of-N", "verifier − greedy",
                   "verifier − majority"], rows) if rows else not_run("no GSM8K results")
-    return "\n\n".join(["## Verifier impact on GSM8K", body,
-                        "Same samples for majority vote and verifier selection. Source: the GSM8K table's JSONs."])
+    parts = ["## Verifier impact on GSM8K", body,
+             "Same samples for majority vote and verifier selection; every row uses the run's verifier "
+             "checkpoint as the scorer. Source: the GSM8K table's JSONs."]
+    own = _verifier_stage_check(run_dir, R)
+    return "\n\n".join(parts + ([own] if own else []))
 
 
 def section_taxonomy(R: Results, n_examples: int = 2) -> str:
@@ -603,7 +642,7 @@ def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
                 ["model parameters", f"{params:,}" if params else not_run("no start record in metrics.jsonl")]])]
     sections = [
         "\n\n".join(head), section_environment(R, training), section_training(R, training, run, cfg_name, out_dir),
-        section_perplexity(R), section_sst2(R), section_gsm8k(R), section_deltas(R), section_verifier(R),
+        section_perplexity(R), section_sst2(R), section_gsm8k(R), section_deltas(R), section_verifier(R, run),
         section_taxonomy(R), section_dpo(R, training, run), section_attention(R), section_baselines(R)]
     md = "\n\n".join(sections).rstrip() + "\n"
     out_path.write_text(md)
