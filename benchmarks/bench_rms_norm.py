@@ -28,7 +28,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, compiled, run_cases  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 EPS = 1e-6
@@ -56,24 +56,15 @@ def _providers(op: str):
     K = __import__("importlib").import_module("mllm_kernels.rms_norm")  # the package root exports a function of the same name
 
     if op == "rms_norm":
-        ref = lambda x, w: R.rms_norm(x, w, EPS)  # noqa: E731
-        return {"triton": lambda x, w: K.rms_norm(x, w, EPS), "eager": ref, "compile": compiled(ref)}
-    ref = lambda x, r, w: R.fused_add_rms_norm(x, r, w, EPS)  # noqa: E731
-    return {"triton": lambda x, r, w: K.fused_add_rms_norm(x, r, w, EPS), "eager": ref, "compile": compiled(ref)}
+        return reference_providers(lambda x, w: K.rms_norm(x, w, EPS), lambda x, w: R.rms_norm(x, w, EPS))
+    return reference_providers(lambda x, r, w: K.fused_add_rms_norm(x, r, w, EPS),
+                               lambda x, r, w: R.fused_add_rms_norm(x, r, w, EPS))
 
 
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        shapes, dtype = (QUICK_GPU_SHAPES if quick else GPU_SHAPES), torch.bfloat16
-    else:
-        shapes, dtype = CPU_SHAPES, torch.float32
-    rows = []
-    for shape in shapes:
-        for case in _cases(shape, dtype, device):
-            rows += run_cases([case], _providers(case.op), device, progress=progress)
-    return rows
+    return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
 
 
 # ----------------------------------------------------------------------------------------------------

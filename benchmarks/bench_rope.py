@@ -23,7 +23,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, compiled, run_cases  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 THETA = 10000.0
@@ -32,43 +32,37 @@ QUICK_GPU_SHAPES = [(8, 1024, 16, 16, 64)]
 CPU_SHAPES = [(2, 128, 4, 2, 64)]
 
 
-def _case(shape, dtype, device):
+def _cases(shape, dtype, device):
     B, T, Hq, Hkv, D = shape
     g = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(B, T, Hq, D, generator=g).to(device=device, dtype=dtype)
     k = torch.randn(B, T, Hkv, D, generator=g).to(device=device, dtype=dtype)
     pos = torch.arange(T, device=device)[None].repeat(B, 1)
     one = 2 * B * T * (Hq + Hkv) * D * q.element_size() + 8 * B * T
-    return Case("apply_rope", shape, dtype, (q, k, pos), diff=(0, 1), bytes={"fwd": one, "bwd": one, "fwd+bwd": 2 * one})
+    return [Case("apply_rope", shape, dtype, (q, k, pos), diff=(0, 1),
+                 bytes={"fwd": one, "bwd": one, "fwd+bwd": 2 * one})]
 
 
-def _providers():
+def _providers(op: str):
     K = __import__("importlib").import_module("mllm_kernels.rope")  # the package root exports a function of the same name
 
-    ref = lambda q, k, p: R.apply_rope(q, k, p, THETA)  # noqa: E731
-    return {"triton": lambda q, k, p: K.apply_rope(q, k, p, THETA), "eager": ref, "compile": compiled(ref)}
+    return reference_providers(lambda q, k, p: K.apply_rope(q, k, p, THETA),
+                               lambda q, k, p: R.apply_rope(q, k, p, THETA))
 
 
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        shapes, dtype = (QUICK_GPU_SHAPES if quick else GPU_SHAPES), torch.bfloat16
-    else:
-        shapes, dtype = CPU_SHAPES, torch.float32
-    rows = []
-    for shape in shapes:
-        rows += run_cases([_case(shape, dtype, device)], _providers(), device, progress=progress)
-    return rows
+    return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
 
 
 def test_apply_rope_eager_fwd_cpu(benchmark):
-    q, k, pos = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    q, k, pos = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
     benchmark(R.apply_rope, q, k, pos, THETA)
 
 
 def test_apply_rope_eager_fwd_bwd_cpu(benchmark):
-    q, k, pos = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    q, k, pos = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
     q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     benchmark(lambda: torch.autograd.grad(R.apply_rope(q, k, pos, THETA), (q, k), (dq, dk)))

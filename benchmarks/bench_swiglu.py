@@ -24,7 +24,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, compiled, run_cases  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096), (32768, 4096), (32768, 11008)]
@@ -32,42 +32,35 @@ QUICK_GPU_SHAPES = [(8192, 4096), (32768, 4096)]
 CPU_SHAPES = [(256, 1024)]
 
 
-def _case(shape, dtype, device):
+def _cases(shape, dtype, device):
     N, F = shape
     g = torch.Generator(device="cpu").manual_seed(0)
     gate = torch.randn(N, F, generator=g).to(device=device, dtype=dtype)
     up = torch.randn(N, F, generator=g).to(device=device, dtype=dtype)
     b = gate.element_size()
     nbytes = {"fwd": 3 * N * F * b, "bwd": 5 * N * F * b, "fwd+bwd": 8 * N * F * b}
-    return Case("swiglu", shape, dtype, (gate, up), diff=(0, 1), bytes=nbytes)
+    return [Case("swiglu", shape, dtype, (gate, up), diff=(0, 1), bytes=nbytes)]
 
 
-def _providers():
+def _providers(op: str):
     K = __import__("importlib").import_module("mllm_kernels.swiglu")  # the package root exports a function of the same name
 
-    return {"triton": K.swiglu, "eager": R.swiglu, "compile": compiled(R.swiglu)}
+    return reference_providers(K.swiglu, R.swiglu)
 
 
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        shapes, dtype = (QUICK_GPU_SHAPES if quick else GPU_SHAPES), torch.bfloat16
-    else:
-        shapes, dtype = CPU_SHAPES, torch.float32
-    rows = []
-    for shape in shapes:
-        rows += run_cases([_case(shape, dtype, device)], _providers(), device, progress=progress)
-    return rows
+    return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
 
 
 def test_swiglu_eager_fwd_cpu(benchmark):
-    gate, up = _case(CPU_SHAPES[0], torch.float32, "cpu").args
+    gate, up = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
     benchmark(R.swiglu, gate, up)
 
 
 def test_swiglu_eager_fwd_bwd_cpu(benchmark):
-    gate, up = (t.clone().requires_grad_() for t in _case(CPU_SHAPES[0], torch.float32, "cpu").args)
+    gate, up = (t.clone().requires_grad_() for t in _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args)
     dout = torch.randn_like(gate)
     benchmark(lambda: torch.autograd.grad(R.swiglu(gate, up), (gate, up), dout))
 

@@ -172,6 +172,12 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def reference_providers(kernel: Callable, reference: Callable) -> Dict[str, Callable]:
+    """The three providers of a row-kernel case: ``triton`` (the kernel's functional API), ``eager`` (the
+    ``mllm_kernels.reference`` function) and ``compile`` (``torch.compile`` of that reference)."""
+    return {"triton": kernel, "eager": reference, "compile": compiled(reference)}
+
+
 def run_cases(cases: Sequence[Case], providers: Dict[str, Callable], device: torch.device,
               modes: Sequence[str] = MODES, progress: bool = True) -> List[dict]:
     """All (case, mode, provider) rows. On CPU only the ``eager`` provider runs; the others get ``skipped`` rows."""
@@ -201,6 +207,26 @@ def run_cases(cases: Sequence[Case], providers: Dict[str, Callable], device: tor
     if copy_gbps:
         for r in rows:
             r.setdefault("copy_bw_gbps", copy_gbps)
+    return rows
+
+
+def run_shapes(make_cases: Callable[[tuple, torch.dtype, torch.device], Sequence[Case]],
+               providers: Callable[[str], Dict[str, Callable]], device=None, quick: bool = False,
+               progress: bool = True, *, gpu_shapes: Sequence[tuple], quick_gpu_shapes: Sequence[tuple],
+               cpu_shapes: Sequence[tuple]) -> List[dict]:
+    """A bench module's ``run``: every case of every shape through ``run_cases``, with ``providers(case.op)``
+    built afresh per case (a new ``torch.compile`` per shape). On CUDA (the default when there is one) the shapes
+    are ``quick_gpu_shapes`` (``quick``) or ``gpu_shapes`` in bf16; on CPU ``cpu_shapes`` in fp32.
+    ``make_cases(shape, dtype, device)`` lists the cases of one shape."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        shapes, dtype = (quick_gpu_shapes if quick else gpu_shapes), torch.bfloat16
+    else:
+        shapes, dtype = cpu_shapes, torch.float32
+    rows: List[dict] = []
+    for shape in shapes:
+        for case in make_cases(shape, dtype, device):
+            rows += run_cases([case], providers(case.op), device, progress=progress)
     return rows
 
 
