@@ -37,6 +37,24 @@ IGNORE_INDEX = reference.IGNORE_INDEX
 
 
 @triton.jit
+def _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_wv,
+            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """z = h[offs_m]·W[offs_v]ᵀ: [BLOCK_M, BLOCK_V] fp32, accumulated over d in BLOCK_K steps; masked rows and
+    columns (and d ≥ D) load as 0, so their z is 0. Inlined into both kernels."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :],
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _dpo_logprobs_fwd_kernel(
     h_ptr, w_ptr, y_ptr, m_out_ptr, s_out_ptr, tgt_out_ptr,
     M, V, D, v_per_split,
@@ -57,15 +75,8 @@ def _dpo_logprobs_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < D
-            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :],
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PREC)
+        acc = _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_wv,
+                      BLOCK_M, BLOCK_V, BLOCK_K, DOT_DTYPE, DOT_PREC)
         z = tl.where(mask_v[None, :], acc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         # a split with no valid column keeps m = -inf; guard the rescale against (-inf) - (-inf)
@@ -93,15 +104,8 @@ def _dpo_logprobs_bwd_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_m = offs_m < M
     mask_v = offs_v < V
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < D
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :],
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=DOT_PREC)
+    acc = _z_tile(h_ptr, w_ptr, offs_m, offs_v, mask_m, mask_v, D, stride_hm, stride_wv,
+                  BLOCK_M, BLOCK_V, BLOCK_K, DOT_DTYPE, DOT_PREC)
     y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
     g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)  # per-token upstream grad; 0 on ignored labels
