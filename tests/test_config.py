@@ -31,6 +31,18 @@ def test_local_smoke_is_small_and_never_uses_wikitext103():
     assert "wikitext103" not in c.data.pretrain_datasets
 
 
+def test_local_smoke_dpo_evaluates_every_heldout_pair_and_sees_each_train_pair_once():
+    """The held-out reward accuracy and its Wilson interval are over ``eval_batches · micro_batch_size`` pairs:
+    that must be the whole held-out slice (reference log-probs of pairs never evaluated are wasted time, and a
+    smaller n widens the interval). Training is one pass over distinct pairs (steps · batch ≤ max_pairs): on
+    hh-rlhf a tiny model's held-out accuracy grows with the number of distinct pairs, not with epochs."""
+    d = load_config("local-smoke").dpo
+    assert d.heldout_pairs == d.eval_batches * d.micro_batch_size
+    assert d.heldout_pairs >= 500  # Wilson half-width ≤ 0.044 at 95%: room to tell ~0.55 from chance
+    assert d.max_pairs is not None and d.steps * d.batch_size <= d.max_pairs
+    assert 0 < d.max_prompt_len < d.seq_len and d.eval_every <= d.steps
+
+
 def test_overrides_coerce_types():
     c = load_config("local-smoke", overrides=[
         "model.n_layers=4", "pretrain.lr=1e-3", "model.learned_sinks=true", "model.window=16",

@@ -168,3 +168,15 @@ def test_few_dpo_steps_raise_heldout_reward_accuracy_on_synthetic_preferences():
     assert first["val_rewards/accuracies"] <= 0.25 and abs(first["val_rewards/margins"]) < 1e-3
     assert last["val_rewards/accuracies"] >= 0.9
     assert last["val_rewards/margins"] > 0.1 and last["val_loss"] < math.log(2) - 0.05
+
+
+def test_wilson_interval_known_values():
+    """The 95% Wilson score interval the held-out reward accuracy is reported with (textbook values: 50/100 ->
+    [0.4038, 0.5962], 0/10 -> [0, 0.2775]); it is not the normal (Wald) interval, which gives [0, 0] at p = 0."""
+    lo, hi = dpo.wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.40383, abs=1e-4) and hi == pytest.approx(0.59617, abs=1e-4)
+    lo, hi = dpo.wilson_interval(0.0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.27754, abs=1e-4)
+    # more pairs narrow it: the same 0.55 is compatible with chance at n=256 but not at n=1024
+    assert dpo.wilson_interval(0.55, 256)[0] < 0.5 < dpo.wilson_interval(0.55, 1024)[0]
+    assert dpo.wilson_interval(0.7, 0) is None

@@ -201,9 +201,13 @@ def _local_smoke() -> PipelineConfig:
                                 warmup_steps=6, eval_every=30, eval_batches=4, save_every=30, log_every=5),
         sft=SFTConfig(steps=60, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3, warmup_steps=3,
                       eval_every=30, eval_batches=4, save_every=30, log_every=5, max_examples=800),
-        dpo=DPOConfig(steps=40, batch_size=8, micro_batch_size=4, seq_len=128, lr=5e-4, warmup_steps=2,
-                      eval_every=40, eval_batches=64, save_every=20, log_every=5, max_pairs=320,
-                      max_prompt_len=96, heldout_pairs=256),
+        # DPO: one pass over 2,000 distinct pairs (more pairs seen once generalise better than few pairs seen
+        # often); answers are what DPO learns from and each answer token costs a 50k-vocab LM-head row, while
+        # prompt tokens are nearly free but barely help: prompts keep their last 16 tokens, answers >= 48 of the 64;
+        # 1,024 held-out pairs (all evaluated) give a 95% Wilson half-width of ~0.03 on the held-out reward accuracy.
+        dpo=DPOConfig(steps=125, batch_size=16, micro_batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2,
+                      eval_every=125, eval_batches=256, save_every=125, log_every=10, max_pairs=2000,
+                      max_prompt_len=16, heldout_pairs=1024),
         verifier=VerifierConfig(steps=40, batch_size=8, micro_batch_size=8, seq_len=128, lr=1e-3,
                                 warmup_steps=2, eval_every=40, eval_batches=10, save_every=20, log_every=5,
                                 samples_per_question=4, num_questions=64, max_new_tokens=48,
