@@ -210,6 +210,20 @@ def test_evaluate_tasks_then_make_report(tmp_path, data_dir):
     assert ev.main(["--stage-checkpoints", str(tmp_path / "nope")]) == 2
 
 
+def test_training_source_names_the_pipeline_command(fake, tmp_path):
+    """Results written by `--stage all` of this run name the command that trained every stage too."""
+    cmd = "python scripts/run_pipeline.py --config local-smoke --stage all --run-name smoke-1 --no-progress"
+    env = fake / "results" / "environment.json"
+    env.write_text(env.read_text().replace(CMD, cmd))
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    assert f"written by the trainer during `{cmd}` (the `--stage all` command" in md
+    assert "commands reconstructed" not in md
+    # another run's pipeline command does not count
+    env.write_text(env.read_text().replace("smoke-1", "smoke-2"))
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    assert "commands reconstructed" in md
+
+
 def test_grouped_notes():
     from mllm.evaluation.report import grouped
 

@@ -244,11 +244,14 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     parts.append("MFU (mean over logged steps): " + (", ".join(f"{st} {fmt_pct(v)}" for st, v in mf) if mf else
                  not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
     if training:
+        whole = _pipeline_command(R, run_dir.name)
+        made_by = (f"`{whole}` (the `--stage all` command recorded in the results JSONs, which ran every stage)"
+                   if whole else
+                   ", ".join(f"`python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
+                             f"{run_dir.name}`" for st in training)
+                   + " (commands reconstructed from config.json and the run name)")
         parts.append(f"tokens/s = tokens_seen / train_time_s of each stage's `end` record. Source: "
-                     f"[{R.rel(mpath)}]({R.rel(mpath)}), written by the trainer during "
-                     + ", ".join(f"`python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
-                                 f"{run_dir.name}`" for st in training)
-                     + " (commands reconstructed from config.json and the run name).")
+                     f"[{R.rel(mpath)}]({R.rel(mpath)}), written by the trainer during {made_by}.")
     else:
         parts.append(f"Source: {R.rel(mpath)}, which holds no stage records"
                      + ("" if mpath.is_file() else " (the file does not exist)") + ".")
@@ -272,6 +275,17 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
         else:
             figs.append(f"{st}: " + not_run(f"no {R.rel(src)} and no '{st}' loss records in metrics.jsonl"))
     return "\n\n".join(parts + figs)
+
+
+def _pipeline_command(R: Results, run_name: str) -> Optional[str]:
+    """The ``run_pipeline.py --stage all --run-name <run_name>`` command recorded in the results JSONs (the eval
+    stage of that pipeline wrote them), or None when they were written by another command."""
+    for doc in list(R.docs.values()) + ([R.env] if R.env else []):
+        cmd = str(doc.get("command") or "")
+        words = cmd.split()
+        if "run_pipeline.py" in cmd and "--stage all" in cmd and run_name in words:
+            return cmd
+    return None
 
 
 def _eval_times(R: Results) -> str:
