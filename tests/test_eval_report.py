@@ -229,3 +229,22 @@ def test_grouped_notes():
 
     items = [("data", "a", "x"), ("data", "b", "y"), ("data", "c", "x"), ("", "a", "n"), ("", "b", "n")]
     assert grouped(items) == ["data (a, c): x", "data (b): y", "a, b: n"]
+
+
+def test_sst2_constant_predictions_are_named(tmp_path):
+    from mllm.evaluation.report import _constant_label
+
+    assert _constant_label({"negative": {"negative": 29, "positive": 0}, "positive": {"negative": 35, "positive": 0}}) \
+        == 'always "negative"'
+    assert _constant_label({"negative": {"negative": 0, "positive": 3}, "positive": {"negative": 0, "positive": 5}}) \
+        == 'always "positive"'
+    assert _constant_label({"negative": {"negative": 2, "positive": 1}, "positive": {"negative": 0, "positive": 5}}) \
+        is None
+    res = _sst2(0.5, 0.525, 0.55, 0.6)
+    res["zero_shot"]["uncalibrated"] = {"accuracy": 0.45, "correct": 18, "n": 40,
+                                        "confusion": {"negative": {"negative": 18, "positive": 0},
+                                                      "positive": {"negative": 22, "positive": 0}}}
+    write_result(tmp_path / "res" / "pretrain" / "sst2.json", res, CMD, model="pretrain")
+    md = build_report(tmp_path / "res", None, tmp_path / "r" / "REPORT.md")
+    assert '- pretrain (zero-shot uncalibrated): always "negative"' in md
+    assert md.count("always ") == 1

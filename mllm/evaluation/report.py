@@ -338,8 +338,24 @@ def _sst2_acc(res, setting, cal):
     return v, why
 
 
+def _constant_label(confusion) -> Optional[str]:
+    """The label a setting predicted for every example (from its confusion counts gold → predicted), else None."""
+    if not isinstance(confusion, dict):
+        return None
+    try:
+        pred = {p: sum(int(confusion[g][p]) for g in ("negative", "positive")) for p in ("negative", "positive")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if sum(pred.values()) == 0:
+        return None
+    for p, other in (("negative", "positive"), ("positive", "negative")):
+        if pred[other] == 0:
+            return f'always "{p}"'
+    return None
+
+
 def section_sst2(R: Results) -> str:
-    rows, conf, notes = [], [], []
+    rows, conf, notes, constant = [], [], [], []
     for m in R.models:
         res, why, _ = R.get(m, "sst2")
         if res is None:
@@ -356,6 +372,12 @@ def section_sst2(R: Results) -> str:
         k, _ = _sub(res, "k_shot", "shots")
         if k is not None:
             notes.append(("", m, f"k = {k} shots (seed {res['k_shot']['seed']}); data: {res.get('source')}"))
+        for setting in ("zero_shot", "k_shot"):
+            for cal in ("uncalibrated", "calibrated"):
+                c, _ = _sub(res, setting, cal, "confusion")
+                label = _constant_label(c)
+                if label:
+                    constant.append((f"{setting.replace('_', '-')} {cal}", m, label))
         for setting in ("k_shot", "zero_shot"):
             for cal in ("calibrated", "uncalibrated"):
                 c, _ = _sub(res, setting, cal, "confusion")
@@ -372,6 +394,10 @@ def section_sst2(R: Results) -> str:
            "Label words \" negative\" / \" positive\" scored after `Review: <sentence>\\nSentiment:`; calibrated = "
            "contextual calibration with the content-free input \"N/A\" (Zhao et al. 2021).",
            ("\n".join(f"- {x}" for x in grouped(notes))) if notes else "",
+           ("Settings that gave every example the same label (their accuracy is that label's share of the data, "
+            "not a measure of sentiment; from the confusion counts in the JSONs):\n"
+            + "\n".join(f"- {x}" for x in grouped([(m, setting, lab) for setting, m, lab in constant])))
+           if constant else "",
            "### Confusion counts (gold × predicted)\n\n" + (table(
                ["model", "setting", "neg→neg", "neg→pos", "pos→neg", "pos→pos"], conf) if conf else
                not_run("no SST-2 results")),
