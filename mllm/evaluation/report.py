@@ -652,7 +652,8 @@ def section_baselines(R: Results) -> str:
             src = R.docs.get((m, "perplexity"), {}).get("source") or m
             lines.append(f"- {m}: evaluated ({src})")
     return "## Baselines\n\n" + ("\n".join(lines) if lines else
-                                 "No baselines were requested (evaluate_tasks.py --include-baselines / --baseline).")
+                                 "No baselines were requested (the config's eval.baselines is empty for the eval stage; "
+                                 "evaluate_tasks.py takes --include-baselines / --baseline NAME).")
 
 
 def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
