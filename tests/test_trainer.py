@@ -270,3 +270,18 @@ def test_pretrain_stage_end_to_end_loss_decreases(data_dir, tmp_path):
     s = json.loads((tmp_path / "p1" / "summary.json").read_text())["pretrain"]
     assert s["data"]["packing"] and 0.5 < s["data"]["packing_efficiency"] <= 1.0
     assert math.isfinite(s["final_val_loss"])
+
+
+def test_loss_curve_y_label_names_the_stage_loss(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from mllm.training.metrics import LOSS_LABELS
+
+    seen = []
+    orig = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda self, label, *a, **k: (seen.append(label), orig(self, label, *a, **k))[1])
+    recs = [{"kind": "train", "step": s, "loss": 0.7 - 0.01 * s} for s in range(1, 5)]
+    plot_loss_curve(recs, tmp_path / "dpo.png", ylabel=LOSS_LABELS["dpo"])
+    plot_loss_curve(recs, tmp_path / "pre.png")
+    assert seen == [LOSS_LABELS["dpo"], "cross-entropy (nats/token)"] and "DPO" in seen[0]

@@ -266,9 +266,9 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
             shutil.copyfile(src, dst)
             made = f"copied from {R.rel(src)}"
         elif st in training:
-            from mllm.training.metrics import plot_loss_curve
+            from mllm.training.metrics import LOSS_LABELS, plot_loss_curve
             recs = [r for r in read_metrics(mpath) if r.get("stage") == st]
-            if plot_loss_curve(recs, dst, title=f"{st} loss") is not None:
+            if plot_loss_curve(recs, dst, title=f"{st} loss", ylabel=LOSS_LABELS.get(st)) is not None:
                 made = f"plotted from {R.rel(mpath)}"
         if made:
             figs.append(f"![{st} loss]({os.path.relpath(dst, out_dir)})\n\n*{st}: train and validation loss ({made}).*")

@@ -116,9 +116,18 @@ def read_metrics(path: str | Path, stage: Optional[str] = None) -> List[Dict[str
     return out
 
 
-def plot_loss_curve(records: Iterable[Dict[str, Any]], out_png: str | Path, title: str = "") -> Optional[Path]:
+LOSS_LABELS = {  # what each stage's logged ``loss`` is (y-axis of its loss curve)
+    "pretrain": "cross-entropy (nats/token)",
+    "sft": "response cross-entropy (nats/token)",
+    "dpo": "DPO loss −log σ(β·(Δ_chosen − Δ_rejected)) (nats/pair)",
+    "verifier": "verifier loss: value BCE + weighted LM cross-entropy",
+}
+
+
+def plot_loss_curve(records: Iterable[Dict[str, Any]], out_png: str | Path, title: str = "",
+                    ylabel: Optional[str] = None) -> Optional[Path]:
     """Train loss (``loss``) and validation loss (``val_loss``) against step; returns the PNG path or None
-    when there is nothing to plot."""
+    when there is nothing to plot. ``ylabel`` defaults to the cross-entropy label (see ``LOSS_LABELS``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +149,7 @@ def plot_loss_curve(records: Iterable[Dict[str, Any]], out_png: str | Path, titl
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2, ms=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel or LOSS_LABELS["pretrain"])
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig
 from mllm.training import checkpoint as ckpt
 from mllm.training.distributed import DistContext
-from mllm.training.metrics import MetricsWriter, device_peak_flops, mfu, peak_memory_gib, plot_loss_curve, read_metrics
+from mllm.training.metrics import (LOSS_LABELS, MetricsWriter, device_peak_flops, mfu, peak_memory_gib, plot_loss_curve,
+                                   read_metrics)
 from mllm.training.profiling import NVTX_BACKEND, maybe_profiler, trace_range
 
 Batch = Dict[str, torch.Tensor]
@@ -551,7 +552,8 @@ class Trainer:
         self.log({"kind": "end", **{k: v for k, v in summary.items() if k != "stage"}})
         if self.dist.is_main and self.run_dir is not None:
             png = plot_loss_curve(read_metrics(self.run_dir / "metrics.jsonl", self.stage),
-                                  self.run_dir / "figures" / f"{self.stage}_loss.png", title=f"{self.stage} loss")
+                                  self.run_dir / "figures" / f"{self.stage}_loss.png", title=f"{self.stage} loss",
+                                  ylabel=LOSS_LABELS.get(self.stage))
             if png is not None:
                 summary["loss_curve"] = str(png)
         return summary
