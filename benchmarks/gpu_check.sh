@@ -28,8 +28,13 @@ for s in $SECTIONS; do
     env) section env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'" ;;
     dpo_tests) section dpo_tests "${T_DPO_TESTS:-90}" $PY -m pytest tests/kernels/test_dpo_logprobs.py -q -x -p no:cacheprovider ;;
     bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
-    bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py --set model.vocab_size=50304 \
+    bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py \
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
+    bench_train_ablation)  # tuning steps 6 and 7 of benchmarks/NOTES.md: fused LM loss off, CUDA graphs
+      section train_unfused "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends triton,triton+compile \
+        --set model.fused_lm_loss=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
+      section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends eager+compile,triton+compile \
+        --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;
     stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes)
@@ -40,9 +45,16 @@ for s in $SECTIONS; do
           ${STAGE_SET:-}
       done ;;
     profile) section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \
-        --out "$OUT/profile" -- --set model.vocab_size=50304 --grad-accum 1 ;;
+        --out "$OUT/profile" -- --grad-accum 1 ;;
     attn_cache_tests) section attn_cache_tests "${T_ATTN:-90}" $PY -m pytest tests/kernels/test_attention.py -q \
         -p no:cacheprovider -k "cache or gpu_long" ;;
     *) summary "unknown section $s" ;;
   esac
 done
+# The device tool brings back at most 8 files: pack everything but checkpoints and Nsight reports into one archive
+# (BUNDLE=0 keeps the tree as it is).
+if [ "${BUNDLE:-1}" = 1 ]; then
+  tar czf "$OUT/../gpu_check_bundle.tgz" --exclude='*.ncu-rep' --exclude='*.nsys-rep' --exclude='*.pt' \
+    --exclude='*.sqlite' -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.txt -delete \
+    && mv "$OUT/../gpu_check_bundle.tgz" "$OUT/bundle.tgz" && summary "bundle: $OUT/bundle.tgz"
+fi
