@@ -181,8 +181,9 @@ class Transformer(nn.Module):
                 raise ValueError("cu_seqlens must be a 1-D integer tensor of cumulative document lengths")
             if cu_seqlens.device != input_ids.device:
                 raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {input_ids.device}")
-        # value checks read the data; on CUDA that is a host sync per step, so they run on CPU only
-        if input_ids.device.type == "cpu":
+        # value checks read the data; on CUDA that is a host sync per step, so they run on CPU only (and not
+        # while torch.compile traces, where reading a value would break the graph)
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
                 raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got range "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -314,7 +315,8 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     h, w = hidden.to(dt), weight.to(dt)
     # label range is checked on CPU only: on the GPU it would cost a host sync per step (the data pipeline
     # produces labels from the same ids the embedding already bounds-checks)
-    logp = sequence_logprobs(h, w, labels.long(), ignore_index=ignore_index, check_labels=dev == "cpu")
+    logp = sequence_logprobs(h, w, labels.long(), ignore_index=ignore_index,
+                             check_labels=dev == "cpu" and not torch.compiler.is_compiling())
     return -logp.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 

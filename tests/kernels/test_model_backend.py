@@ -133,3 +133,19 @@ def test_lm_loss_rejects_misaligned_labels():
     ids, labels, cu = _batch(3, LOSS_V)
     with pytest.raises(ValueError, match="labels must have shape"):
         fused(ids, cu_seqlens=cu, labels=labels[:, :-1])
+
+
+def test_fused_lm_loss_traces_under_torch_compile_fullgraph():
+    """The whole model + fused loss is one graph (the kernels are torch.library ops; data-reading input checks step
+    aside while tracing); aot_eager runs the same kernels, so loss and gradients match the uncompiled call."""
+    eager, fused = _models(vocab_size=LOSS_V)
+    ids, labels, cu = _batch(4, LOSS_V)
+    ref = fused(ids, labels=labels)
+    ref.backward()
+    ref_grad = fused.lm_head_weight.grad.clone()
+    fused.zero_grad(set_to_none=True)
+    compiled = torch.compile(lambda i, y: fused(i, labels=y), backend="aot_eager", fullgraph=True)
+    out = compiled(ids, labels)
+    out.backward()
+    _close(out.detach(), ref.detach(), "compiled loss")
+    _close(fused.lm_head_weight.grad, ref_grad, "compiled head grad")
