@@ -286,7 +286,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     V = logits.shape[-1]
-    total = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1).long(), ignore_index=ignore_index,
+    # upcast before flattening: with a padded head (sliced, non-contiguous logits) that is one copy, not two
+    total = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1).long(), ignore_index=ignore_index,
                             reduction="sum")
     if reduction == "sum":
         return total
