@@ -1,0 +1,40 @@
+"""benchmarks/gpu_check.sh, the one-call GPU session, on CPU: sections run under their own limits, one that fails or
+overruns is recorded and the next still runs, and everything is packed into bundle.tgz next to summary.txt (the
+device tool brings back at most 8 files)."""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def _run(out, sections, **env):
+    e = {**os.environ, "PY": sys.executable, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+         "MLLM_DATA_DIR": "", "SECTIONS": sections, **env}
+    return subprocess.run(["bash", str(SCRIPT), str(out)], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+
+
+def test_sections_summary_and_bundle(tmp_path):
+    out = tmp_path / "out"
+    res = _run(out, "dpo_tests nonsense stages", T_DPO_TESTS="120")
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "dpo_tests rc=0" in summary and "passed" in summary
+    assert "unknown section nonsense" in summary
+    assert "stages skipped: MLLM_DATA_DIR unset" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.tgz", "summary.txt"]
+    with tarfile.open(out / "bundle.tgz") as tar:
+        names = tar.getnames()
+    assert "./dpo_tests.log" in names and "./summary.txt" in names
+
+
+def test_a_section_over_its_limit_is_recorded_and_the_next_runs(tmp_path):
+    out = tmp_path / "out"
+    res = _run(out, "dpo_tests env", T_DPO_TESTS="1", BUNDLE="0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("dpo_tests rc=124") and lines[1].startswith("env rc=")
+    assert (out / "dpo_tests.log").exists() and not (out / "bundle.tgz").exists()
