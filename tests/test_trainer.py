@@ -285,3 +285,12 @@ def test_loss_curve_y_label_names_the_stage_loss(tmp_path, monkeypatch):
     plot_loss_curve(recs, tmp_path / "dpo.png", ylabel=LOSS_LABELS["dpo"])
     plot_loss_curve(recs, tmp_path / "pre.png")
     assert seen == [LOSS_LABELS["dpo"], "cross-entropy (nats/token)"] and "DPO" in seen[0]
+
+
+def test_perplexity_only_for_token_cross_entropy_losses():
+    toks = torch.from_numpy(stream(n=80)[:68].copy())
+    val = [{"input_ids": toks.view(4, 17)[:, :16], "labels": toks.view(4, 17)[:, 1:]}]
+    with_ppl = make_trainer(val_data=val).evaluate()
+    without = make_trainer(val_data=val, perplexity=False).evaluate()  # e.g. the DPO and verifier losses
+    assert "val_ppl" in with_ppl and abs(with_ppl["val_ppl"] - math.exp(with_ppl["val_loss"])) < 1e-6
+    assert "val_ppl" not in without and without["val_loss"] == with_ppl["val_loss"]

@@ -201,11 +201,13 @@ class Trainer:
                  flops_per_token: Optional[float] = None, eval_fn: Optional[Callable[["Trainer"], Dict]] = None,
                  profile: bool = False, progress: bool = True, config: Optional[Dict[str, Any]] = None,
                  find_unused_parameters: bool = False,
-                 count_tokens: Callable[[Mapping[str, Any]], int] = count_input_tokens):
+                 count_tokens: Callable[[Mapping[str, Any]], int] = count_input_tokens,
+                 perplexity: bool = True):
         check_stage_config(stage_cfg, optim_cfg, stage)
         self.dist = dist if dist is not None else DistContext(device=torch.device(device or "cpu"))
         self.device = self.dist.device
         self.stage = stage
+        self.perplexity = perplexity  # val_ppl = exp(val_loss) only means something for a token cross-entropy
         self.stage_cfg = stage_cfg
         self.optim_cfg = optim_cfg
         self.accum_steps = accumulation_steps(stage_cfg, self.dist.world_size, stage)
@@ -358,7 +360,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
         """Token-weighted mean validation loss (and loss_fn metrics, prefixed ``val_``) over at most
-        ``eval_batches`` micro-batches per rank, all ranks combined; ``val_ppl = exp(val_loss)``; plus eval_fn.
+        ``eval_batches`` micro-batches per rank, all ranks combined; ``val_ppl = exp(val_loss)`` (unless built with
+        ``perplexity=False``: losses that are not a token cross-entropy); plus eval_fn.
         The RNG states are restored afterwards, so how often one evaluates never changes the training run."""
         out: Dict[str, Any] = {}
         saved_rng = rng_state()  # evaluation must not shift the training RNG streams (eval cadence-independent)
@@ -386,7 +389,8 @@ class Trainer:
             if vals[1] > 0:
                 val_loss = vals[0] / vals[1]
                 out["val_loss"] = val_loss
-                out["val_ppl"] = math.exp(val_loss) if val_loss < 700 else float("inf")
+                if self.perplexity:
+                    out["val_ppl"] = math.exp(val_loss) if val_loss < 700 else float("inf")
                 out["val_tokens"] = int(vals[1])
                 out.update({f"val_{k}": vals[2 + j] / vals[1] for j, k in enumerate(keys)})
         if self.eval_fn is not None:
@@ -403,7 +407,8 @@ class Trainer:
             self.first_eval = dict(res)
         self.log({"kind": "val", **res})
         if "val_loss" in res:
-            self.info(f"step {self.step}: val_loss {res['val_loss']:.4f}  val_ppl {res['val_ppl']:.2f}")
+            ppl = f"  val_ppl {res['val_ppl']:.2f}" if "val_ppl" in res else ""
+            self.info(f"step {self.step}: val_loss {res['val_loss']:.4f}{ppl}")
 
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
