@@ -119,8 +119,8 @@ def read_metrics(path: str | Path, stage: Optional[str] = None) -> List[Dict[str
 LOSS_LABELS = {  # what each stage's logged ``loss`` is (y-axis of its loss curve)
     "pretrain": "cross-entropy (nats/token)",
     "sft": "response cross-entropy (nats/token)",
-    "dpo": "DPO loss −log σ(β·(Δ_chosen − Δ_rejected)) (nats/pair)",
-    "verifier": "verifier loss: value BCE + weighted LM cross-entropy",
+    "dpo": "DPO loss −log σ(β·margin) (nats/pair)",
+    "verifier": "value BCE + λ·LM cross-entropy",
 }
 
 
