@@ -8,6 +8,7 @@ compiled kernels run.
 """
 import dataclasses
 
+import pytest
 import torch
 
 from mllm.config import load_config
@@ -92,10 +93,12 @@ def test_triton_backend_training_steps_match_eager():
     torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
 
 
-def test_fused_lm_loss_matches_logits_cross_entropy_and_gradients():
+@pytest.mark.parametrize("pad", [1, 64])
+def test_fused_lm_loss_matches_logits_cross_entropy_and_gradients(pad):
     """forward(labels=...) on the triton backend fuses the head and the loss (sequence_logprobs kernel); the eager
-    backend computes logits + causal_lm_loss. Same value and the same gradient for every parameter."""
-    eager, fused = _models(vocab_size=LOSS_V)
+    backend computes logits + causal_lm_loss. Same value and the same gradient for every parameter, also with
+    padded embedding/head tables (pad = model.vocab_pad_multiple: 509 ids in 512 rows)."""
+    eager, fused = _models(vocab_size=LOSS_V, vocab_pad_multiple=pad)
     ids, labels, cu = _batch(1, LOSS_V)
     loss_e = eager(ids, cu_seqlens=cu, labels=labels)
     loss_f = fused(ids, cu_seqlens=cu, labels=labels)
@@ -127,8 +130,6 @@ def test_unfused_lm_loss_option_and_all_ignored_labels():
 
 
 def test_lm_loss_rejects_misaligned_labels():
-    import pytest
-
     _, fused = _models(vocab_size=LOSS_V)
     ids, labels, cu = _batch(3, LOSS_V)
     with pytest.raises(ValueError, match="labels must have shape"):
