@@ -97,7 +97,15 @@ def _check(B, T, HQ, HKV, D, dtype, *, causal=True, docs=False, window=None, n_s
         assert torch.isfinite(kx).all(), f"{name}: non-finite values"
         k_err = (kx - rx).abs().max().item()
         e_err = (ex - rx).abs().max().item()
-        bound = 2 * e_err + ATOL[dtype] * max(1.0, rx.abs().max().item())
+        atol = ATOL[dtype] * max(1.0, rx.abs().max().item())
+        if name == "dsinks" and dtype != torch.float32:
+            # dsinks[h] = -Σ over all B·T query rows of p_sink · delta, with delta = rowsum(dO ∘ O) taken from the
+            # output rounded to 16 bits (as FlashAttention's backward does); the eager path differentiates the
+            # fp32 sink column through autograd without that rounding. Independent per-row rounding errors add up
+            # like √rows, so the absolute floor grows with √(rows / 16) (measured: 1 seed in 30 exceeded the
+            # unscaled floor by 5% at B·T = 80, bf16)
+            atol *= math.sqrt(B * T / 16)
+        bound = 2 * e_err + atol
         assert k_err <= bound, f"{name}: kernel err {k_err:.3e} > {bound:.3e} (eager {dtype} err {e_err:.3e}, seed {seed})"
 
 
