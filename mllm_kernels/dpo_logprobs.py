@@ -204,7 +204,7 @@ def _bwd_launch(h2, w, y1, lse, g_tok, tune: Optional[dict] = None):
             h2.stride(0), w.stride(0), dzc.stride(0),
             **_dot_args(h2.dtype), **cfg,
         )
-        dh[r0:r1] = dzc @ w_p.to(dzc.dtype)
+        dh[r0:r1] = dzc @ w_p
         dw += (dzc.t() @ h2[r0:r1]).float()
     return dh, dw[:V].to(w.dtype)
 

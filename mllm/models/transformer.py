@@ -110,10 +110,15 @@ class Transformer(nn.Module):
         self.cfg.kernel_backend = backend
 
     @property
+    def _head_table(self) -> torch.Tensor:
+        """The whole (possibly padded) output table [padded_vocab, d]."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         """The output projection [V, d] (V = cfg.vocab_size; a view of the first V rows when the table is
         padded): logits = hidden @ lm_head_weight.T."""
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        w = self._head_table
         return w if self.padded_vocab == self.cfg.vocab_size else w[: self.cfg.vocab_size]
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -121,8 +126,7 @@ class Transformer(nn.Module):
         rows (aligned width: a 50,304-token vocabulary made the eager training step 21% faster than 50,257 on
         an H100, benchmarks/NOTES.md; this sliced variant is not yet measured) and the padding columns are
         sliced off."""
-        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, w)
+        logits = F.linear(h, self._head_table)
         return logits if self.padded_vocab == self.cfg.vocab_size else logits[..., : self.cfg.vocab_size]
 
     @property
