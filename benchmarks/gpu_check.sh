@@ -30,10 +30,12 @@ for s in $SECTIONS; do
     bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
     bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py \
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
-    bench_train_ablation)  # tuning steps 6 and 7 of benchmarks/NOTES.md: fused LM loss off, CUDA graphs
-      section train_unfused "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends triton,triton+compile \
+    bench_train_ablation)  # tuning steps 6-8 of benchmarks/NOTES.md: fused LM loss off, RoPE outside attention, CUDA graphs
+      section train_unfused "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
         --set model.fused_lm_loss=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
-      section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends eager+compile,triton+compile \
+      section train_rope_separate "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
+        --set model.rope_in_attention=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
+      section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
         --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;

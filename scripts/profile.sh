@@ -118,34 +118,8 @@ run_torch() {
   "${BENCH[@]}" --steps "$STEPS" --torch-profile "$OUT/torch" "${EXTRA[@]}"
   local trace="$OUT/torch/bench_train_${TAG}_rank0.json"
   [[ -f "$trace" ]] || { echo "profile.sh: torch.profiler wrote no trace at $trace" >&2; return 1; }
-  # per-range totals: the same breakdown the Nsight timeline shows under the NVTX rows
-  "$PY" - "$trace" > "$OUT/torch_summary.txt" <<'EOF'
-import collections, json, sys
-events = json.load(open(sys.argv[1]))
-events = events["traceEvents"] if isinstance(events, dict) else events
-ranges = ("step", "data", "forward", "backward", "optimizer")
-# user_annotation: the host-side record_function span; gpu_user_annotation: the same range on the GPU stream
-tot, cnt, kern = collections.Counter(), collections.Counter(), collections.Counter()
-for e in events:
-    if e.get("ph") != "X":
-        continue
-    if e.get("name") in ranges and e.get("cat") in ("user_annotation", "gpu_user_annotation"):
-        side = "gpu" if e["cat"] == "gpu_user_annotation" else "cpu"
-        tot[e["name"], side] += e.get("dur", 0) / 1e3
-        cnt[e["name"], side] += 1
-    elif e.get("cat") == "kernel":
-        kern[e["name"]] += e.get("dur", 0) / 1e3
-print(f"trace: {sys.argv[1]}")
-print("range      side   count   total ms   mean ms")
-for r in ranges:
-    for side in ("cpu", "gpu"):
-        if cnt[r, side]:
-            print(f"{r:<10} {side:<5} {cnt[r, side]:>6} {tot[r, side]:>10.2f} {tot[r, side] / cnt[r, side]:>9.2f}")
-if kern:
-    print("\ntop GPU kernels by total time (ms)")
-    for name, ms in kern.most_common(15):
-        print(f"{ms:>10.2f}  {name[:110]}")
-EOF
+  # per-range totals (the breakdown the Nsight timeline shows under the NVTX rows), GPU busy/idle, top kernels
+  "$PY" -m mllm.training.trace_summary "$trace" > "$OUT/torch_summary.txt"
   cat "$OUT/torch_summary.txt"
   echo "profile.sh: wrote $trace (open in https://ui.perfetto.dev) and $OUT/torch_summary.txt"
 }

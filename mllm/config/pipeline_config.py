@@ -43,6 +43,10 @@ class ModelConfig:
     # triton backend: the training loss fuses the LM head and the cross-entropy (mllm_kernels.dpo_logprobs: the
     # [B, T, V] logits are never materialised); False computes logits + cross-entropy as the eager backend does
     fused_lm_loss: bool = True
+    # triton backend: RoPE inside the attention kernel (True: q, k rotated per tile, no extra HBM round trip) or
+    # the separate RoPE kernel first and the attention kernel without RoPE (False: the kernel's inner loop is
+    # shorter; the rotated q, k are saved for the backward instead of q, k). Same function; benchmarks/NOTES.md
+    rope_in_attention: bool = True
     # embedding/head tables padded to a multiple of this many rows (aligned head GEMM; outputs keep vocab_size)
     vocab_pad_multiple: int = 1
 
@@ -370,6 +374,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(isinstance(m.vocab_pad_multiple, int) and m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple",
          f"must be a positive integer, got {m.vocab_pad_multiple!r}")
     need(isinstance(m.fused_lm_loss, bool), "model.fused_lm_loss", f"must be true or false, got {m.fused_lm_loss!r}")
+    need(isinstance(m.rope_in_attention, bool), "model.rope_in_attention",
+         f"must be true or false, got {m.rope_in_attention!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")

@@ -14,7 +14,8 @@ Semantics (the spec is ``mllm_kernels.reference.attention`` / ``attention_mask``
 
 Paths (all compute the same function; tests check each against the reference):
 
-* triton backend: ``mllm_kernels.attention.attention`` (RoPE fused in).
+* triton backend: ``mllm_kernels.attention.attention`` (RoPE fused in; with ``model.rope_in_attention=False``
+  the separate RoPE kernel rotates q, k first and the attention kernel runs with ``rope_theta=None``).
 * eager backend: ``reference.attention``; when there are no sinks, no window and no packed documents it is
   plain causal attention, so reference RoPE + ``F.scaled_dot_product_attention(is_causal=True)`` is used
   instead (same maths, without materialising the [B, H, T, T] scores).
@@ -130,6 +131,7 @@ class Attention(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.window = cfg.window
         self.n_sink_tokens = cfg.n_sink_tokens
+        self.rope_in_attention = cfg.rope_in_attention
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -174,8 +176,12 @@ class Attention(nn.Module):
         elif self.uses_sdpa_fast_path(cu_seqlens):
             out = sdpa_causal_attention(q, k, v, position_ids, self.rope_theta, self.ops.apply_rope)
         else:
+            theta = self.rope_theta
+            if not self.rope_in_attention:  # rotate once here; the attention kernel then runs without RoPE
+                q, k = self.ops.apply_rope(q, k, position_ids, theta)
+                theta = None
             out = self.ops.attention(
                 q, k, v, position_ids, causal=True, cu_seqlens=cu_seqlens, window=self.window,
-                n_sink_tokens=self.n_sink_tokens, sinks=self.sinks, rope_theta=self.rope_theta,
+                n_sink_tokens=self.n_sink_tokens, sinks=self.sinks, rope_theta=theta,
             )
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))

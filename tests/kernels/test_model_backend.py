@@ -13,7 +13,7 @@ import torch
 
 from mllm.config import load_config
 from mllm.models import Transformer, causal_lm_loss
-from mllm_kernels._common import last_path
+from mllm_kernels._common import last_path, record_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_PATH = "triton" if DEVICE == "cuda" else "interpreter"
@@ -54,13 +54,19 @@ def _close(a, b, name):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_backend_matches_eager_logits_and_gradients():
-    eager, fused = _models()
+@pytest.mark.parametrize("rope_in_attention", [True, False])
+def test_triton_backend_matches_eager_logits_and_gradients(rope_in_attention):
+    """rope_in_attention=False runs the separate RoPE kernel and the attention kernel without RoPE: the same
+    function, so the same logits and gradients."""
+    eager, fused = _models(rope_in_attention=rope_in_attention)
     ids, labels, cu = _batch()
     pos = Transformer.default_position_ids(ids, cu)
     logits_e = eager(ids, position_ids=pos, cu_seqlens=cu)
     logits_f = fused(ids, position_ids=pos, cu_seqlens=cu)
     assert last_path("fused_add_rms_norm") == KERNEL_PATH and last_path("swiglu") == KERNEL_PATH
+    record_path("apply_rope", "none")
+    fused(ids, position_ids=pos, cu_seqlens=cu)
+    assert last_path("apply_rope") == ("none" if rope_in_attention else KERNEL_PATH)
     _close(logits_f, logits_e, "logits")
 
     causal_lm_loss(logits_e, labels).backward()
@@ -117,8 +123,6 @@ def test_unfused_lm_loss_option_and_all_ignored_labels():
     ids, labels, cu = _batch(2, LOSS_V)
     unfused = Transformer(_cfg("triton", vocab_size=LOSS_V, fused_lm_loss=False)).to(DEVICE)
     unfused.load_state_dict(eager.state_dict())
-    from mllm_kernels._common import record_path
-
     record_path("sequence_logprobs", "none")
     loss_u = unfused(ids, cu_seqlens=cu, labels=labels)
     assert last_path("sequence_logprobs") == "none"  # logits + cross-entropy, not the fused kernel
