@@ -21,27 +21,31 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = x · rsqrt(mean(x², -1) + eps) · w.
 
-    x: [..., C], weight: [C] -> y: [..., C] in x.dtype. Statistics and the product are computed in fp32.
+    x: [..., C], weight: [C] -> y: [..., C] in out_dtype (default x.dtype). Statistics and the product are
+    computed in fp32 and rounded once to the output dtype.
     """
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * weight.float()).to(out_dtype or x.dtype)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pre-norm block entry: h = x + residual; returns (rms_norm(h, w, eps), h).
+    """Pre-norm block entry: h = x + residual; returns (rms_norm(h, w, eps, out_dtype), h).
 
-    x, residual: [..., C] (same dtype), weight: [C]. The new residual h is rounded to x.dtype *before*
-    it is normalised, so the normed output is exactly rms_norm(new_residual) — the same thing a model
-    that stores the residual stream in x.dtype computes.
+    x, residual: [..., C], weight: [C]. x may have another dtype than residual (a bf16 branch output added
+    into an fp32 stream under autocast). The new residual h is rounded to residual.dtype *before* it is
+    normalised, so the normed output is exactly rms_norm(new_residual) — the same thing a model that stores the
+    residual stream in residual.dtype computes. y: out_dtype (default residual.dtype).
     """
-    h = (x.float() + residual.float()).to(x.dtype)
-    return rms_norm(h, weight, eps), h
+    h = (x.float() + residual.float()).to(residual.dtype)
+    return rms_norm(h, weight, eps, out_dtype), h
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """RMSNorm and the fused pre-norm residual add, forward and backward, as Triton kernels and torch ops.
 
     rms_norm:            y = x · r · w,            r = rsqrt(mean(x², -1) + eps)
-    fused_add_rms_norm:  h = x + residual  (rounded to x.dtype);  y = h · rsqrt(mean(h², -1) + eps) · w
+    fused_add_rms_norm:  h = x + residual  (rounded to residual.dtype);  y = h · rsqrt(mean(h², -1) + eps) · w
                          returns (y, h): one pass reads x, residual and writes y, h (the eager path needs
                          an add kernel plus the norm's three to five).
 
 Shapes: x, residual, y, h: [..., C] (flattened to [N, C] rows); w: [C]. Statistics and products are fp32
 whatever the input dtype (loads are converted to fp32 at once, results cast back just before the store: this
-also keeps the Triton interpreter, whose bf16 arithmetic is wrong, exact). y has x's dtype; dw has w's.
+also keeps the Triton interpreter, whose bf16 arithmetic is wrong, exact). y has the normalised tensor's dtype
+unless ``out_dtype`` says otherwise; dw has w's. x and residual may differ in dtype (bf16 branch output, fp32
+stream under autocast), which costs nothing: every load converts anyway.
 
 Backward, with n = x · r (the normalised row) and g = dy · w:
     dx = r · (g − n · mean(g · n, -1))            (+ dh, the gradient reaching the new residual, when fused)
@@ -35,7 +37,7 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path, record_path
+from ._common import SUPPORTED_DTYPES, check_same_device, check_tensor, interpreting, kernel_path, record_path
 
 # Widest row kept whole in registers (fp32: 32K x 4 B over up to 32 warps = 32 values per thread).
 MAX_SINGLE_PASS = 32768
@@ -236,16 +238,19 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 # launchers
 # ----------------------------------------------------------------------------------------------------
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
-                 block_cols: Optional[int] = None, tune: Optional[dict] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the forward kernel. x, residual: [..., C]; weight: [C] -> (y [..., C], h [..., C] or None)."""
+                 block_cols: Optional[int] = None, tune: Optional[dict] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launch the forward kernel. x, residual: [..., C]; weight: [C] -> (y [..., C], h [..., C] or None).
+    h has residual's dtype; y has ``out_dtype``, default the dtype of the normalised tensor (h, else x)."""
     shape = x.shape
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    norm_dtype = residual.dtype if residual is not None else x.dtype
+    y = torch.empty(shape, dtype=out_dtype or norm_dtype, device=x.device)
     y2 = y.view(n_rows, n_cols)
     if residual is not None:
         r2 = _as_rows(residual)
-        h = torch.empty(shape, dtype=x.dtype, device=x.device)
+        h = torch.empty(shape, dtype=residual.dtype, device=x.device)
         h2 = h.view(n_rows, n_cols)
     else:
         r2, h, h2 = x2, None, y2  # unused pointers (HAS_RESIDUAL=False)
@@ -293,14 +298,15 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: f
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mllm::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     record_path("rms_norm", kernel_path(x))
-    return rms_norm_fwd(x, weight, eps)[0]
+    return rms_norm_fwd(x, weight, eps, out_dtype=out_dtype)[0]
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, weight, eps, out_dtype=None):
+    return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("mllm::rms_norm_backward", mutates_args=())
@@ -315,7 +321,7 @@ def _(dy, x, weight, eps):
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, eps = inputs
+    x, weight, eps, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.eps = eps
 
@@ -324,23 +330,23 @@ def _rms_norm_backward(ctx, dy):
     # a separate op so that AOT tracing of the backward sees an opaque call instead of a Triton launch
     x, weight = ctx.saved_tensors
     dx, dw = _rms_norm_backward_op(dy.contiguous(), x, weight, ctx.eps)
-    return dx, dw, None
+    return dx, dw, None, None
 
 
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 
 
 @torch.library.custom_op("mllm::fused_add_rms_norm", mutates_args=())
-def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     record_path("fused_add_rms_norm", kernel_path(x))
-    return rms_norm_fwd(x, weight, eps, residual=residual)
+    return rms_norm_fwd(x, weight, eps, residual=residual, out_dtype=out_dtype)
 
 
 @_fused_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+def _(x, residual, weight, eps, out_dtype=None):
+    return (torch.empty_like(residual, dtype=out_dtype or residual.dtype, memory_format=torch.contiguous_format),
+            torch.empty_like(residual, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op("mllm::fused_add_rms_norm_backward", mutates_args=())
@@ -355,9 +361,10 @@ def _(dy, dh, h, weight, eps):
 
 
 def _fused_add_setup_context(ctx, inputs, output):
-    _, _, weight, eps = inputs
+    x, _, weight, eps, _ = inputs
     ctx.save_for_backward(output[1], weight)  # only h is needed: x and residual are not kept alive
     ctx.eps = eps
+    ctx.x_dtype = x.dtype
 
 
 def _fused_add_backward(ctx, dy, dh):
@@ -365,8 +372,10 @@ def _fused_add_backward(ctx, dy, dh):
     if dh is None:
         dh = torch.zeros_like(h)
     dsum, dw = _fused_add_rms_norm_backward_op(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
-    # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a leaf)
-    return dsum, dsum, dw, None
+    # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a leaf);
+    # dsum has h's (the residual's) dtype, x's share is rounded to x's dtype as an x.to(residual.dtype) would do
+    dx = dsum if ctx.x_dtype == dsum.dtype else dsum.to(ctx.x_dtype)
+    return dx, dsum, dw, None, None
 
 
 _fused_add_rms_norm_op.register_autograd(_fused_add_backward, setup_context=_fused_add_setup_context)
@@ -375,7 +384,8 @@ _fused_add_rms_norm_op.register_autograd(_fused_add_backward, setup_context=_fus
 # ----------------------------------------------------------------------------------------------------
 # functional API
 # ----------------------------------------------------------------------------------------------------
-def _validate(x: torch.Tensor, weight: torch.Tensor, eps, residual: Optional[torch.Tensor] = None) -> None:
+def _validate(x: torch.Tensor, weight: torch.Tensor, eps, residual: Optional[torch.Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None) -> None:
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=1)
     if x.dim() < 1:
@@ -389,36 +399,43 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps, residual: Optional[tor
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}: they must match")
-        check_same_dtype(x=x, residual=residual)
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"out_dtype must be None or one of {names}, got {out_dtype!r}")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """y = x · rsqrt(mean(x², -1) + eps) · weight. x: [..., C], weight: [C] -> [..., C] (x.dtype).
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """y = x · rsqrt(mean(x², -1) + eps) · weight. x: [..., C], weight: [C] -> [..., C] (out_dtype, default x.dtype).
 
+    ``out_dtype`` rounds the fp32 result straight to e.g. bf16 (what a following autocast linear would cast it
+    to anyway, minus a cast kernel and an fp32 round trip through HBM).
     Differentiable in x and weight. Dispatch: CUDA -> compiled kernel, CPU with TRITON_INTERPRET=1 -> the kernel
     under the interpreter, CPU otherwise -> ``reference.rms_norm`` (``last_path("rms_norm")`` tells which ran)."""
-    _validate(x, weight, eps)
+    _validate(x, weight, eps, out_dtype=out_dtype)
     path = kernel_path(x)
     record_path("rms_norm", path)
     if path == "eager":
-        return reference.rms_norm(x, weight, eps)
-    return _rms_norm_op(x, weight, float(eps))
+        return reference.rms_norm(x, weight, eps, out_dtype)
+    return _rms_norm_op(x, weight, float(eps), out_dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pre-norm block entry in one pass: h = x + residual; returns (rms_norm(h, weight, eps), h).
+                       eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm block entry in one pass: h = x + residual; returns (rms_norm(h, weight, eps, out_dtype), h).
 
-    x, residual: [..., C] (same dtype), weight: [C]. h is rounded to x.dtype before it is normalised (as in
-    ``reference.fused_add_rms_norm``). Differentiable in x, residual and weight; dispatch as ``rms_norm``."""
-    _validate(x, weight, eps, residual)
+    x, residual: [..., C], weight: [C]. The dtypes may differ (a bf16 branch output added into an fp32 residual
+    stream under autocast: the kernel converts on load, no cast kernel). h is rounded to residual.dtype before it
+    is normalised (as in ``reference.fused_add_rms_norm``); y has out_dtype (default residual.dtype).
+    Differentiable in x, residual and weight; dispatch as ``rms_norm``."""
+    _validate(x, weight, eps, residual, out_dtype)
     path = kernel_path(x)
     record_path("fused_add_rms_norm", path)
     if path == "eager":
-        return reference.fused_add_rms_norm(x, residual, weight, eps)
-    return _fused_add_rms_norm_op(x, residual, weight, float(eps))
+        return reference.fused_add_rms_norm(x, residual, weight, eps, out_dtype)
+    return _fused_add_rms_norm_op(x, residual, weight, float(eps), out_dtype)
 
 
 class RMSNorm(torch.nn.Module):

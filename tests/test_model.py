@@ -456,3 +456,26 @@ def test_padded_vocab_tables_give_the_unpadded_model(tied):
     assert float(gp[101:].abs().max()) == 0.0
     out = generate(padded, [[1, 2, 3]] * 4, max_new_tokens=12, temperature=5.0, seed=0)
     assert max(max(o) for o in out) < 101
+
+
+def test_norms_emit_the_autocast_dtype_with_an_fp32_stream():
+    """Under autocast the model's norms write y in the autocast dtype (what the next autocast linear would cast it
+    to: the same fp32 value rounded once) and keep the residual stream h in the residual's dtype (fp32)."""
+    from mllm.models.layers import RMSNorm
+    from mllm.models.ops import get_ops
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6, get_ops("eager"))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64).bfloat16()  # a branch output
+    res = torch.randn(3, 5, 64)  # the fp32 stream
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0 = norm(res)
+        y, h = norm(x, res)
+    assert y0.dtype == y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, x.float() + res)
+    assert torch.equal(y, reference.rms_norm(h, norm.weight, 1e-6).bfloat16())
+    assert torch.equal(y0, reference.rms_norm(res, norm.weight, 1e-6).bfloat16())
+    y_plain, h_plain = norm(x, res)  # autocast off: the stream's dtype
+    assert y_plain.dtype == torch.float32 and torch.equal(h_plain, h)

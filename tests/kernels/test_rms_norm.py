@@ -160,6 +160,49 @@ def test_empty_rows():
 
 
 # ----------------------------------------------------------------------------------------------------
+# autocast layout: bf16 branch output into an fp32 residual stream, output straight to bf16
+# ----------------------------------------------------------------------------------------------------
+def _assert_fa_mixed(name, kern, eager, oracle, ctx):
+    # the tolerance follows each output's own dtype (y, dx: bf16; h, dresidual, dw: fp32)
+    assert kern.dtype == eager.dtype, f"{name}: dtype {kern.dtype} vs eager {eager.dtype} ({ctx})"
+    _assert_fa(name, kern, eager, oracle, kern.dtype, ctx)
+
+
+@pytest.mark.parametrize("shape", [(3, 1023), (27, 19, 64), (129, 4096)])
+def test_mixed_dtypes_and_out_dtype(shape):
+    """x bf16 + residual fp32 -> h fp32 (the stream), y bf16 (out_dtype): what the model runs under autocast.
+    Gradients: d residual fp32, dx bf16 (the same sum, rounded to x's dtype), dw fp32."""
+    seed = _seed()
+    x, res, w, dy, dh = _inputs(shape, torch.float32, seed)
+    x = x.bfloat16()
+    dy = dy.bfloat16()
+    ctx = f"mixed shape={shape} seed={seed}"
+    fn = lambda mod: (lambda a, r, b: mod.fused_add_rms_norm(a, r, b, EPS, torch.bfloat16))
+    kern = _run(fn(K), (x, res, w), (dy, dh))
+    assert last_path("fused_add_rms_norm") == KERNEL_PATH
+    eager = _run(fn(R), (x, res, w), (dy, dh))
+    oracle = _run(lambda a, r, b: _oracle_fused(a, r, b, EPS, torch.float32), (x.double(), res.double(), w.double()),
+                  (dy.double(), dh.double()))
+    assert [t.dtype for t in kern] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32]
+    for name, k, e, o in zip(("y", "h", "dx", "dresidual", "dw"), kern, eager, oracle):
+        _assert_fa_mixed(name, k, e, o, ctx)
+
+    # plain norm of an fp32 tensor with a bf16 output
+    kern = _run(lambda a, b: K.rms_norm(a, b, EPS, torch.bfloat16), (res, w), (dy,))
+    eager = _run(lambda a, b: R.rms_norm(a, b, EPS, torch.bfloat16), (res, w), (dy,))
+    oracle = _run(lambda a, b: _oracle_rms_norm(a, b, EPS), (res.double(), w.double()), (dy.double(),))
+    assert [t.dtype for t in kern] == [torch.bfloat16, torch.float32, torch.float32]
+    for name, k, e, o in zip(("y", "dx", "dw"), kern, eager, oracle):
+        _assert_fa_mixed(name, k, e, o, ctx)
+
+
+def test_out_dtype_validation():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out_dtype must be None or one of"):
+        K.rms_norm(x, torch.ones(8, device=DEVICE), EPS, torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
 # torch.library
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -173,6 +216,10 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.mllm.rms_norm_backward.default, (dy, x.detach(), w.detach(), EPS))
     torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm_backward.default,
                           (dy, dh, x.detach(), w.detach(), EPS))
+    # the autocast layout: bf16 branch output, fp32 stream, bf16 normalised output
+    torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm.default,
+                          (x.detach().bfloat16().requires_grad_(), res.float(), w, EPS, torch.bfloat16))
+    torch.library.opcheck(torch.ops.mllm.rms_norm.default, (x, w, EPS, torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,7 +230,7 @@ def test_opcheck(dtype):
     ("weight_width", "weight has shape"),
     ("int_dtype", "x has dtype int64"),
     ("residual_shape", "residual has shape"),
-    ("residual_dtype", "residual has dtype"),
+    ("residual_dtype", "residual has dtype"),  # float64 is not a kernel dtype (bf16/fp32 mixes are fine)
     ("mixed_device", "weight is on meta"),
     ("negative_eps", "eps must be"),
     ("scalar", "x must have at least 1 dimension"),
