@@ -87,3 +87,18 @@ def dot_dtype_for(dtype: torch.dtype):
     if interpreting():
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+
+
+def warm_rope_table(make_table, head_dim: int, theta: float, device) -> None:
+    """Build a cached RoPE table while torch.compile traces an op (called from its fake implementation).
+
+    The kernels read per-(head dim, θ, device) tables that are cached for the life of the process. Built at the
+    first real call, a table made inside a CUDA-graph capture (torch.compile mode="reduce-overhead") would sit in
+    the graph's private memory pool without being a graph output, which CUDA-graph trees refuse. Tracing runs
+    before any capture, so building the real table here (fake mode switched off) keeps it out of the pool."""
+    if device.type == "meta":
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        make_table(int(head_dim), float(theta), device)

@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import check_same_device, check_tensor, dot_dtype_for, interpreting, kernel_path, record_path
+from ._common import (check_same_device, check_tensor, dot_dtype_for, interpreting, kernel_path, record_path,
+                      warm_rope_table)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -599,7 +600,6 @@ def _dot_args(dtype: torch.dtype) -> dict:
 # Host-side helpers
 # ----------------------------------------------------------------------------------------------------
 _FREQ_CACHE: dict = {}
-_ARANGE_CACHE: dict = {}
 
 
 class _PerTensorCache:
@@ -628,7 +628,6 @@ class _PerTensorCache:
 
 
 _DOC_CACHE = _PerTensorCache()
-_POS_CACHE = _PerTensorCache()
 _CU_VALID_CACHE = _PerTensorCache()
 
 
@@ -661,16 +660,12 @@ def _compute_doc_bounds(cu_seqlens: torch.Tensor, B: int, T: int, device):
 
 
 def _positions(position_ids: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
+    """[B, T] contiguous int32/int64 positions: the kernels read either width, so a contiguous tensor is used as
+    it is. Nothing derived from a per-step tensor is cached: a cached device tensor would outlive the call, which
+    CUDA graphs (torch.compile mode="reduce-overhead") reject for memory allocated inside the graph's pool."""
     if position_ids is None:
-        key = (B, T, str(device))
-        pos = _ARANGE_CACHE.get(key)
-        if pos is None:
-            if len(_ARANGE_CACHE) > 16:
-                _ARANGE_CACHE.clear()
-            pos = _ARANGE_CACHE[key] = torch.arange(T, device=device, dtype=torch.int32).expand(B, T).contiguous()
-        return pos
-    return _POS_CACHE.get(position_ids, (B, T, str(device)),
-                          lambda: position_ids.to(device=device, dtype=torch.int32).contiguous())
+        return torch.arange(T, device=device, dtype=torch.int32).expand(B, T).contiguous()
+    return position_ids if position_ids.is_contiguous() else position_ids.contiguous()
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -821,6 +816,8 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale):
     B, T, HQ, D = q.shape
+    if rope_theta is not None:
+        warm_rope_table(_rope_turns, D, rope_theta, q.device)
     return q.new_empty((B, T, HQ, D)), q.new_empty((B, HQ, T), dtype=torch.float32)
 
 

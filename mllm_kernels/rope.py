@@ -32,7 +32,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path, record_path
+from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path, record_path,
+                      warm_rope_table)
 
 TWO_PI = 2.0 * math.pi
 
@@ -209,6 +210,7 @@ def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
 
 @_apply_rope_op.register_fake
 def _(q, k, position_ids, theta):
+    warm_rope_table(rope_turn_table, q.shape[-1], theta, q.device)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
 

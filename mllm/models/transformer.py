@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         t = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         if cu_seqlens is None:
-            return t
+            return t.contiguous()  # made once per forward; the kernels read [B, T] rows in place
         return t - reference.doc_start_from_cu_seqlens(cu_seqlens, B, T, input_ids.device).long()
 
     def _run(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, probs_out=None) -> torch.Tensor:

@@ -326,10 +326,36 @@ def test_per_tensor_cache_hits_and_invalidation():
     assert A._PerTensorCache().get(u, "k", lambda: compute(u)) == 10 and len(calls) == 5  # CPU: never cached
 
 
+def test_tracing_builds_the_rope_table_outside_any_cuda_graph():
+    """torch.compile traces the op through its fake implementation, which builds the cached RoPE table for real
+    then (before any CUDA-graph capture could put it in a graph's private pool); positions of either int width
+    are read in place."""
+    D, theta = 64, 12345.0
+    q, k, v = (torch.randn(1, 16, 2, D, device=DEVICE) for _ in range(3))
+    key = (D, theta, str(q.device))
+    A._FREQ_CACHE.pop(key, None)
+    pos = torch.arange(16, device=DEVICE)[None]
+
+    def f(q, k, v, pos):
+        return A.attention(q, k, v, pos, rope_theta=theta)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # what tracing runs: the fake implementation only, no kernel
+        fq, fk, fv, fpos = (mode.from_tensor(t) for t in (q, k, v, pos))
+        torch.ops.mllm.attention(fq, fk, fv, fpos, None, None, True, None, 0, theta, D ** -0.5)
+    assert key in A._FREQ_CACHE and A._FREQ_CACHE[key].device == q.device
+    assert not isinstance(A._FREQ_CACHE[key], torch._subclasses.fake_tensor.FakeTensor)
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, pos)
+    torch.testing.assert_close(out, f(q, k, v, pos.int()), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_per_tensor_caches_follow_in_place_changes():
-    """Document bounds, int32 positions and the cu_seqlens validation are cached per CUDA tensor object and
-    version counter: an in-place change must be seen (new masks, new positions, and a new validation)."""
+    """Document bounds and the cu_seqlens validation are cached per CUDA tensor object and version counter
+    (positions are read in place, not cached): an in-place change must be seen (new masks, new positions, and a
+    new validation)."""
     B, T, HQ, D = 1, 96, 2, 64
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(B, T, HQ, D, generator=g).cuda() for _ in range(3))
