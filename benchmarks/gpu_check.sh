@@ -3,8 +3,10 @@
 # the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
-# Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_BENCH_TRAIN, T_KERNEL_TESTS) so
-# (T_STAGE per stage) so that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
+# Sections: env dpo_tests bench_dpo bench_train bench_train_ablation kernel_tests kernel_tests_fast attention_tests
+# stages profile profile_compiled attn_cache_tests. Section limits (seconds) are environment variables (T_DPO_TESTS,
+# T_BENCH_DPO, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE) so
+# that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
@@ -48,6 +50,14 @@ for s in $SECTIONS; do
       done ;;
     profile) section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \
         --out "$OUT/profile" -- --grad-accum 1 ;;
+    profile_compiled)  # torch.profiler trace of the compiled triton step: GPU busy %, kernels inductor emits around ours
+      section profile_compiled "${T_PROFILE:-120}" bash scripts/profile.sh --tool torch --backend triton+compile \
+        --steps 3 --warmup 2 --out "$OUT/profile_compiled" -- --grad-accum 1 ;;
+    kernel_tests_fast)  # every kernel file but the long attention grid (which has its own section)
+      section kernel_tests_fast "${T_KERNEL_FAST:-150}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
+        --ignore tests/kernels/test_attention.py ;;
+    attention_tests) section attention_tests "${T_ATTN_ALL:-150}" $PY -m pytest tests/kernels/test_attention.py -q \
+        -p no:cacheprovider ;;
     attn_cache_tests) section attn_cache_tests "${T_ATTN:-90}" $PY -m pytest tests/kernels/test_attention.py -q \
         -p no:cacheprovider -k "cache or gpu_long" ;;
     *) summary "unknown section $s" ;;

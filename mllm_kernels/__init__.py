@@ -3,6 +3,7 @@
 Depends on torch + triton only; never imports ``mllm``. Functional API::
 
     sequence_logprobs(hidden, weight, labels)     # chunked LM-head log-probs per sequence (DPO)
+    linear_cross_entropy(hidden, weight, labels)  # fused LM head + cross-entropy (training loss, summed)
     dpo_loss(pc, pr, rc, rr, beta)
 
 Dispatch: CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under the Triton
@@ -11,6 +12,7 @@ interpreter when TRITON_INTERPRET=1, else the eager reference (``_common.last_pa
 from . import reference  # noqa: F401
 from ._common import last_path  # noqa: F401
 from .dpo_logprobs import SequenceLogprobs, dpo_loss, sequence_logprobs  # noqa: F401
+from .lm_loss import LinearCrossEntropy, linear_cross_entropy  # noqa: F401
 
 __version__ = "0.1.0"
 from .attention import Attention, attention  # noqa: F401,E402

@@ -228,6 +228,25 @@ def sequence_logprobs(
     return (tok * mask).sum(-1)
 
 
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy through the LM head:
+
+        loss = Σ_{i: y_i ≠ ignore} ( logsumexp_{v < V}(h_i · w_v) − h_i · w_{y_i} )
+
+    hidden: [..., d], weight: [V_rows, d] (a padded table may have more rows than the vocabulary), labels: [...]
+    int, vocab_size V ≤ V_rows (default V_rows: rows ≥ V never enter the softmax). Logits are h·Wᵀ in the
+    inputs' dtype (as an autocast linear computes them), the softmax in fp32 -> scalar fp32 (the sum, not the
+    mean: the caller divides by its own count).
+    """
+    V = weight.shape[0] if vocab_size is None else vocab_size
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight[:V].t()).float()
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1).long(), ignore_index=ignore_index,
+                                             reduction="sum")
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         if labels is None:
             return self.head_logits(h)
         if self.cfg.kernel_backend == "triton" and self.cfg.fused_lm_loss:
-            return fused_lm_loss(h, self.lm_head_weight, labels)
+            return fused_lm_loss(h, self._head_table, labels, vocab_size=self.cfg.vocab_size)
         return causal_lm_loss(self.head_logits(h), labels)
 
     @torch.no_grad()
@@ -299,16 +299,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                  ignore_index: int = reference.IGNORE_INDEX) -> torch.Tensor:
-    """Mean next-token cross-entropy through the LM head without the [B, T, V] logits:
+                  ignore_index: int = reference.IGNORE_INDEX, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy through the LM head without the [B, T, V] fp32 logits:
 
         loss = −Σ_{b,t: y ≠ ignore} log softmax(h_bt · Wᵀ)_{y_bt} / #non-ignored   (0 when all are ignored)
 
-    hidden [B, T, d], weight [V, d] (the tied head), labels [B, T] int. The per-row sums come from
-    ``mllm_kernels.dpo_logprobs.sequence_logprobs`` (vocabulary processed in tiles, chunked backward), which
-    falls back to the eager reference on CPU tensors without TRITON_INTERPRET=1. Under autocast both operands
-    are cast to the autocast dtype, as ``F.linear`` would be (the gradient reaches the fp32 master weight)."""
-    from mllm_kernels.dpo_logprobs import sequence_logprobs
+    hidden [B, T, d], weight [V_rows, d] (the tied head, possibly padded: only its first ``vocab_size`` rows, default
+    all, enter the softmax), labels [B, T] int. The sum comes from ``mllm_kernels.lm_loss.linear_cross_entropy``
+    (chunked cuBLAS logits + a Triton softmax-gradient pass; the gradient is taken in the forward), which falls
+    back to the eager reference on CPU tensors without TRITON_INTERPRET=1. Under autocast both operands are cast
+    to the autocast dtype, as ``F.linear`` would be (the gradient reaches the fp32 master weight)."""
+    from mllm_kernels.lm_loss import linear_cross_entropy
 
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (aligned to hidden [B, T, d]), "
@@ -320,9 +321,9 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     h, w = hidden.to(dt), weight.to(dt)
     # label range is checked on CPU only: on the GPU it would cost a host sync per step (the data pipeline
     # produces labels from the same ids the embedding already bounds-checks)
-    logp = sequence_logprobs(h, w, labels.long(), ignore_index=ignore_index,
-                             check_labels=dev == "cpu" and not torch.compiler.is_compiling())
-    return -logp.sum() / (labels != ignore_index).sum().clamp(min=1)
+    total = linear_cross_entropy(h, w, labels, vocab_size=vocab_size, ignore_index=ignore_index,
+                                 check_labels=dev == "cpu" and not torch.compiler.is_compiling())
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def build_model(cfg, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> Transformer:

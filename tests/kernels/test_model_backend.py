@@ -101,14 +101,14 @@ def test_triton_backend_training_steps_match_eager():
 
 @pytest.mark.parametrize("pad", [1, 64])
 def test_fused_lm_loss_matches_logits_cross_entropy_and_gradients(pad):
-    """forward(labels=...) on the triton backend fuses the head and the loss (sequence_logprobs kernel); the eager
+    """forward(labels=...) on the triton backend fuses the head and the loss (lm_loss.linear_cross_entropy); the eager
     backend computes logits + causal_lm_loss. Same value and the same gradient for every parameter, also with
     padded embedding/head tables (pad = model.vocab_pad_multiple: 509 ids in 512 rows)."""
     eager, fused = _models(vocab_size=LOSS_V, vocab_pad_multiple=pad)
     ids, labels, cu = _batch(1, LOSS_V)
     loss_e = eager(ids, cu_seqlens=cu, labels=labels)
     loss_f = fused(ids, cu_seqlens=cu, labels=labels)
-    assert last_path("sequence_logprobs") == KERNEL_PATH
+    assert last_path("linear_cross_entropy") == KERNEL_PATH
     torch.testing.assert_close(loss_e, causal_lm_loss(eager(ids, cu_seqlens=cu), labels))
     _close(loss_f, loss_e, "loss")
     loss_e.backward()
@@ -123,9 +123,9 @@ def test_unfused_lm_loss_option_and_all_ignored_labels():
     ids, labels, cu = _batch(2, LOSS_V)
     unfused = Transformer(_cfg("triton", vocab_size=LOSS_V, fused_lm_loss=False)).to(DEVICE)
     unfused.load_state_dict(eager.state_dict())
-    record_path("sequence_logprobs", "none")
+    record_path("linear_cross_entropy", "none")
     loss_u = unfused(ids, cu_seqlens=cu, labels=labels)
-    assert last_path("sequence_logprobs") == "none"  # logits + cross-entropy, not the fused kernel
+    assert last_path("linear_cross_entropy") == "none"  # logits + cross-entropy, not the fused kernel
     _close(loss_u, eager(ids, cu_seqlens=cu, labels=labels), "unfused loss")
     ignored = torch.full_like(labels, -100)
     loss0 = fused(ids, cu_seqlens=cu, labels=ignored)

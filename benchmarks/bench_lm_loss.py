@@ -1,0 +1,74 @@
+"""Benchmark: fused LM head + cross-entropy (``mllm_kernels.lm_loss``) vs logits + cross-entropy.
+
+GPU (bf16; median of ``triton.testing.do_bench``; columns from ``benchmarks/common.py``):
+  * shapes (tokens M, width d, table rows V_rows, vocabulary V): the gpu-full micro-batch 8,192 x 1,024 over the
+    padded table 50,304 (V = 50,257), and 16,384 tokens;
+  * modes fwd (no gradient wanted: one GEMM + the row pass), bwd, fwd+bwd; providers
+    ``triton`` (``lm_loss.linear_cross_entropy``: the gradient is taken in the forward, so its ``fwd`` under
+    autograd costs what ``fwd+bwd`` shows), ``eager`` (``reference.linear_cross_entropy``: bf16 logits, fp32
+    cross-entropy) and ``compile`` (``torch.compile`` of the reference).
+FLOPs: 2·M·d·V_rows per GEMM; fwd = 1 GEMM, fwd+bwd = 3 (``tflops`` column, useful work). ``peak_mem_mb`` shows
+what the fusion saves: eager keeps [M, V] logits in bf16 plus their fp32 copy and softmax gradient.
+
+CPU: ``pytest benchmarks/bench_lm_loss.py --benchmark-enable`` times the eager reference at a small shape.
+
+    python benchmarks/bench_lm_loss.py --out benchmarks/results/
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
+from mllm_kernels import reference as R  # noqa: E402
+
+GPU_SHAPES = [(8192, 1024, 50304, 50257), (16384, 1024, 50304, 50257)]
+QUICK_GPU_SHAPES = [(8192, 1024, 50304, 50257)]
+CPU_SHAPES = [(256, 64, 1024, 1000)]
+
+
+def _cases(shape, dtype, device):
+    M, d, v_rows, V = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(M, d, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(v_rows, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype)
+    y = torch.randint(0, V, (M,), generator=g).to(device)
+    b = h.element_size()
+    io = (M * d + v_rows * d) * b + 8 * M  # h, W, labels read once
+    nbytes = {"fwd": io, "bwd": io + (M * d + v_rows * d) * b, "fwd+bwd": io + (M * d + v_rows * d) * b}
+    flops = 2 * M * d * v_rows
+    return [Case("linear_cross_entropy", shape, dtype, (h, w, y, V), diff=(0, 1), bytes=nbytes,
+                 extra=dict(flops_fwd=flops))]
+
+
+def _providers(op: str):
+    from mllm_kernels import lm_loss as K
+
+    return reference_providers(lambda h, w, y, V: K.linear_cross_entropy(h, w, y, V, check_labels=False),
+                               R.linear_cross_entropy)
+
+
+def run(device=None, quick: bool = False, progress: bool = True):
+    """Rows: op, shape, dtype, mode, provider, ms, tflops (useful GEMM work), peak_mem_mb (+ gbps of the I/O)."""
+    rows = run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
+    for r in rows:
+        f = r.pop("flops_fwd", None)
+        if f and r.get("ms"):
+            r["tflops"] = f * (1 if r["mode"] == "fwd" else 2 if r["mode"] == "bwd" else 3) / (r["ms"] * 1e-3) / 1e12
+    return rows
+
+
+def test_lm_loss_eager_fwd_bwd_cpu(benchmark):
+    h, w, y, V = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    benchmark(lambda: torch.autograd.grad(R.linear_cross_entropy(h, w, y, V), (h, w)))
+
+
+if __name__ == "__main__":
+    cli("lm_loss", run)

@@ -1,0 +1,162 @@
+"""Fused LM head + cross-entropy (``mllm_kernels.lm_loss``) vs the eager reference.
+
+Accuracy rule (FlashAttention's), for the loss and both gradients:
+    max|kernel − oracle64| ≤ 2 · max|eager − oracle64| + ATOL[dtype] · max(1, max|oracle64|)
+with ``eager`` = ``reference.linear_cross_entropy`` at the same dtype and ``oracle64`` the same formula in
+float64 (logits not rounded). The upstream gradient is a random scalar, so the backward's scaling is exercised.
+
+Shape grid (rows M, width d, table rows V_rows, vocabulary V): a single row; 37 rows over a padded table
+(509 ids in 512 rows, the model's ``vocab_pad_multiple`` case: padding columns must get no probability and no
+gradient); an unpadded odd vocabulary of 1,000 with leading dims [2, 19]; and 40 rows forced through 3 chunks of
+16 (the fp32 dW accumulation across chunks). Under the interpreter the file runs in a few seconds.
+"""
+import os
+
+import pytest
+import torch
+
+from mllm_kernels import reference as R
+from mllm_kernels import lm_loss as K
+from mllm_kernels._common import last_path
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_PATH = "triton" if DEVICE == "cuda" else "interpreter"
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [((1,), 32, 64, 64), ((37,), 64, 512, 509), ((2, 19), 48, 1000, 1000)]
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def _inputs(lead, d, v_rows, V, dtype, seed, n_ignored=3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, d, generator=g) * 2
+    w = torch.randn(v_rows, d, generator=g) * d ** -0.5
+    y = torch.randint(0, V, lead, generator=g)
+    y.view(-1)[: min(n_ignored, y.numel() - 1)] = -100
+    gscale = float(torch.rand((), generator=g)) + 0.5
+    return h.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE), gscale
+
+
+def _oracle(h, w, y, V):
+    z = h.reshape(-1, h.shape[-1]) @ w[:V].t()
+    return torch.nn.functional.cross_entropy(z, y.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def _run(fn, h, w, gscale):
+    hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = fn(hh, ww)
+    (loss * gscale).backward()
+    return [loss.detach().reshape(1), hh.grad, ww.grad]
+
+
+def _assert_fa(name, kern, eager, oracle, dtype, ctx):
+    assert kern.shape == oracle.shape and kern.dtype == eager.dtype, f"{name}: {kern.shape}/{kern.dtype} ({ctx})"
+    assert torch.isfinite(kern).all(), f"{name}: non-finite values ({ctx})"
+    k_err = (kern.double() - oracle).abs().max().item()
+    e_err = (eager.double() - oracle).abs().max().item()
+    bound = 2 * e_err + ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert k_err <= bound, f"{name}: kernel err {k_err:.3e} > 2 x eager err {e_err:.3e} + atol = {bound:.3e} ({ctx})"
+
+
+def _check(lead, d, v_rows, V, dtype, seed, chunk_rows=None):
+    h, w, y, gscale = _inputs(lead, d, v_rows, V, dtype, seed)
+    ctx = f"lead={lead} d={d} rows={v_rows} V={V} dtype={dtype} seed={seed} chunk_rows={chunk_rows}"
+    if chunk_rows is None:
+        kern = _run(lambda a, b: K.linear_cross_entropy(a, b, y, V), h, w, gscale)
+        assert last_path("linear_cross_entropy") == KERNEL_PATH
+    else:  # launcher level, to force several chunks
+        loss, dh, dw = K.lce_forward(h.reshape(-1, d), w, y.reshape(-1), V, -100, True, chunk_rows=chunk_rows)
+        kern = [loss.reshape(1), (dh * gscale).view(h.shape), dw * gscale]
+    eager = _run(lambda a, b: R.linear_cross_entropy(a, b, y, V), h, w, gscale)
+    oracle = _run(lambda a, b: _oracle(a, b, y, V), h.double(), w.double(), gscale)
+    for name, k, e, o in zip(("loss", "dh", "dW"), kern, eager, oracle):
+        _assert_fa(name, k, e, o, dtype, ctx)
+    if v_rows > V:  # padding rows of the table: never a target, never in the softmax
+        assert kern[2][V:].abs().max().item() == 0.0, ctx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d,v_rows,V", SHAPES)
+def test_matches_reference(lead, d, v_rows, V, dtype):
+    _check(lead, d, v_rows, V, dtype, _seed())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_several_chunks(dtype):
+    _check((40,), 32, 128, 120, dtype, _seed(), chunk_rows=16)
+
+
+def test_all_ignored_and_no_grad():
+    h, w, y, _ = _inputs((6,), 16, 64, 64, torch.float32, _seed())
+    hh = h.clone().requires_grad_()
+    loss = K.linear_cross_entropy(hh, w, torch.full_like(y, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hh.grad.abs().max().item() == 0.0
+    with torch.no_grad():  # no gradient wanted: the forward skips the dz pass and both GEMMs
+        got = K.linear_cross_entropy(h, w, y)
+    torch.testing.assert_close(got, R.linear_cross_entropy(h, w, y), rtol=1e-5, atol=1e-5)
+    out = K._lce_op(h, w, y, 64, -100, False)
+    assert out[1].numel() == 0 and out[2].numel() == 0
+
+
+def test_gradient_of_the_weight_only():
+    h, w, y, _ = _inputs((9,), 16, 64, 60, torch.float32, _seed())
+    ww = w.clone().requires_grad_()
+    K.linear_cross_entropy(h, ww, y, 60).backward()
+    w2 = w.clone().requires_grad_()
+    R.linear_cross_entropy(h, w2, y, 60).backward()
+    torch.testing.assert_close(ww.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    h, w, y, _ = _inputs((5,), 16, 64, 64, torch.float32, _seed())
+    torch.library.opcheck(torch.ops.mllm.linear_cross_entropy.default,
+                          (h.requires_grad_(), w.requires_grad_(), y, 64, -100, True))
+    torch.library.opcheck(torch.ops.mllm.linear_cross_entropy.default, (h.detach(), w.detach(), y, 64, -100, False))
+
+
+def test_traces_under_torch_compile_fullgraph():
+    h, w, y, _ = _inputs((2, 7), 16, 64, 61, torch.float32, _seed())
+
+    def f(a, b):
+        return K.linear_cross_entropy(a, b, y, 61, check_labels=False) / 3
+
+    torch._dynamo.reset()
+    got = _run(torch.compile(f, backend="aot_eager", fullgraph=True), h, w, 1.0)
+    want = _run(lambda a, b: R.linear_cross_entropy(a, b, y, 61) / 3, h, w, 1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("label_range", "labels hold ids outside"),
+    ("dtype", "weight has dtype"),
+    ("width", "hidden's last dim"),
+    ("labels_shape", "labels shape"),
+    ("vocab_size", "vocab_size must be"),
+    ("ignore_index", "ignore_index must be"),
+    ("float_labels", "labels has dtype"),
+])
+def test_validation_errors(case, match):
+    h, w, y, _ = _inputs((4,), 8, 16, 16, torch.float32, 1)
+    kw = {}
+    if case == "label_range":
+        y = y.clone()
+        y[0] = 16
+    elif case == "dtype":
+        w = w.double()
+    elif case == "width":
+        w = w[:, :7]
+    elif case == "labels_shape":
+        y = y[:3]
+    elif case == "vocab_size":
+        kw["vocab_size"] = 17
+    elif case == "ignore_index":
+        kw["ignore_index"] = 3
+    elif case == "float_labels":
+        y = y.float()
+    with pytest.raises(ValueError, match=match):
+        K.linear_cross_entropy(h, w, y, **kw)
