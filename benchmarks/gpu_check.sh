@@ -3,7 +3,7 @@
 # the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
-# Sections: env dpo_tests bench_dpo bench_train bench_train_ablation kernel_tests kernel_tests_fast attention_tests
+# Sections: env dpo_tests bench_dpo bench_lm_loss bench_train train_triton_alone bench_train_ablation train_cudagraphs kernel_tests kernel_tests_fast attention_tests
 # stages profile profile_compiled attn_cache_tests. Section limits (seconds) are environment variables (T_DPO_TESTS,
 # T_BENCH_DPO, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
@@ -32,12 +32,19 @@ for s in $SECTIONS; do
     bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
     bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py \
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
+    bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;
+    train_triton_alone)  # the host-bound triton (no compile) row in a process of its own
+      section train_triton_alone "${T_ALONE:-60}" $PY scripts/bench_train.py --backends triton --grad-accum 4 \
+        --steps 4 --warmup 2 --out "$OUT/results" ;;
     bench_train_ablation)  # tuning steps 6-8 of benchmarks/NOTES.md: fused LM loss off, RoPE outside attention, CUDA graphs
       section train_unfused "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
         --set model.fused_lm_loss=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
       section train_rope_separate "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
         --set model.rope_in_attention=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
       section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
+        --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;
+    train_cudagraphs)  # CUDA graphs alone (the last part of bench_train_ablation)
+      section train_cudagraphs "${T_CG:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
         --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;
