@@ -66,7 +66,7 @@ for s in $SECTIONS; do
     attention_tests) section attention_tests "${T_ATTN_ALL:-150}" $PY -m pytest tests/kernels/test_attention.py -q \
         -p no:cacheprovider ;;
     attn_cache_tests) section attn_cache_tests "${T_ATTN:-90}" $PY -m pytest tests/kernels/test_attention.py -q \
-        -p no:cacheprovider -k "cache or gpu_long" ;;
+        -p no:cacheprovider -k "cache or gpu_long or tracing" ;;
     *) summary "unknown section $s" ;;
   esac
 done
