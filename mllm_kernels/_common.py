@@ -102,3 +102,58 @@ def warm_rope_table(make_table, head_dim: int, theta: float, device) -> None:
 
     with unset_fake_temporarily():
         make_table(int(head_dim), float(theta), device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: keep inductor's implicit-fallback message cheap
+# ----------------------------------------------------------------------------------------------------
+_INDUCTOR_PATCHED = False
+
+
+def _shallow(arg, depth: int = 0) -> str:
+    """One line for an inductor IR argument: its class, buffer name, size and dtype, never its inputs."""
+    if isinstance(arg, (list, tuple)) and depth < 2:
+        inner = ", ".join(_shallow(a, depth + 1) for a in list(arg)[:8])
+        return f"[{inner}{', ...' if len(arg) > 8 else ''}]"
+    if hasattr(arg, "get_size") or hasattr(arg, "get_name"):
+        parts = []
+        for key in ("get_name", "get_size", "get_dtype"):
+            try:
+                parts.append(f"{key[4:]}={getattr(arg, key)()}")
+            except Exception:  # noqa: BLE001 - a node without that property
+                pass
+        return f"{type(arg).__name__}({', '.join(parts)})"
+    text = repr(arg)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _bounded_operator_str(target, args, kwargs) -> str:
+    lines = [f"target: {target}"] + [f"args[{i}]: {_shallow(a)}" for i, a in enumerate(args)]
+    if kwargs:
+        lines.append(f"kwargs: {{{', '.join(f'{k}: {_shallow(v)}' for k, v in kwargs.items())}}}")
+    return "\n".join("  " + line for line in lines)
+
+
+def patch_inductor_operator_str() -> None:
+    """Bound the text inductor builds for each custom-op ("implicit fallback") node.
+
+    Inductor describes every such node with ``OperatorIssue.operator_str``, which prints each argument's IR
+    *with all of its inputs, recursively*. In a decoder the fused norm's inputs reach the previous norm along two
+    paths (the residual stream and the branch through attention or the MLP), so that text doubles per layer:
+    torch 2.11 builds it eagerly for its info log on every fallback and compiling the 12-layer gpu-full model
+    hung in it (H200, 2026-11-26); later versions build it lazily, but still when inductor logs at INFO
+    (reproduced on CPU: 6 layers 4.5 s, 7 layers > 100 s). The replacement prints one line per argument (class,
+    buffer name, size, dtype). Only message text changes. Called from the ops' fake implementations, which run
+    whenever torch.compile traces them, i.e. before inductor lowers them; idempotent."""
+    global _INDUCTOR_PATCHED
+    if _INDUCTOR_PATCHED:
+        return
+    import sys
+
+    exc = sys.modules.get("torch._inductor.exc")
+    if exc is None:  # inductor not in use (yet): aot_eager / eager tracing; try again on the next trace
+        return
+    issue = getattr(exc, "OperatorIssue", None)
+    if issue is not None and hasattr(issue, "operator_str"):
+        issue.operator_str = staticmethod(_bounded_operator_str)
+    _INDUCTOR_PATCHED = True

@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._common import (check_same_device, check_tensor, dot_dtype_for, interpreting, kernel_path, record_path,
-                      warm_rope_table)
+from ._common import (check_same_device, check_tensor, dot_dtype_for, interpreting, kernel_path,
+                      patch_inductor_operator_str, record_path, warm_rope_table)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -815,6 +815,7 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale):
+    patch_inductor_operator_str()
     B, T, HQ, D = q.shape
     if rope_theta is not None:
         warm_rope_table(_rope_turns, D, rope_theta, q.device)
@@ -836,6 +837,7 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta,
       softmax_scale):
+    patch_inductor_operator_str()
     ds = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 

@@ -30,6 +30,7 @@ from ._common import (
     dot_dtype_for,
     interpreting,
     kernel_path,
+    patch_inductor_operator_str,
     record_path,
 )
 
@@ -230,6 +231,7 @@ def _sequence_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 @_sequence_logprobs_op.register_fake
 def _(hidden, weight, labels, ignore_index):
+    patch_inductor_operator_str()
     N, T, _ = hidden.shape
     return hidden.new_empty(N, dtype=torch.float32), hidden.new_empty(N, T, dtype=torch.float32)
 
@@ -255,6 +257,7 @@ def _sequence_logprobs_bwd_op(grad_logp: torch.Tensor, hidden: torch.Tensor, wei
 
 @_sequence_logprobs_bwd_op.register_fake
 def _(grad_logp, hidden, weight, labels, lse, ignore_index):
+    patch_inductor_operator_str()
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 

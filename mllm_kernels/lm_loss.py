@@ -32,7 +32,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import check_same_device, check_tensor, interpreting, kernel_path, record_path
+from ._common import (check_same_device, check_tensor, interpreting, kernel_path, patch_inductor_operator_str,
+                      record_path)
 
 IGNORE_INDEX = reference.IGNORE_INDEX
 # default size of the chunk's logits buffer: one chunk for a micro-batch of 8 x 1,024 tokens at V = 50,304 in bf16
@@ -134,6 +135,7 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vo
 
 @_lce_op.register_fake
 def _(hidden, weight, labels, vocab_size, ignore_index, need_grad):
+    patch_inductor_operator_str()
     loss = hidden.new_empty((), dtype=torch.float32)
     if need_grad:
         return loss, torch.empty_like(hidden), torch.empty_like(weight)

@@ -37,7 +37,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import SUPPORTED_DTYPES, check_same_device, check_tensor, interpreting, kernel_path, record_path
+from ._common import (SUPPORTED_DTYPES, check_same_device, check_tensor, interpreting, kernel_path,
+                      patch_inductor_operator_str, record_path)
 
 # Widest row kept whole in registers (fp32: 32K x 4 B over up to 32 warps = 32 values per thread).
 MAX_SINGLE_PASS = 32768
@@ -306,6 +307,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @_rms_norm_op.register_fake
 def _(x, weight, eps, out_dtype=None):
+    patch_inductor_operator_str()
     return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
@@ -317,6 +319,7 @@ def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 @_rms_norm_backward_op.register_fake
 def _(dy, x, weight, eps):
+    patch_inductor_operator_str()
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
@@ -345,6 +348,7 @@ def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 @_fused_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps, out_dtype=None):
+    patch_inductor_operator_str()
     return (torch.empty_like(residual, dtype=out_dtype or residual.dtype, memory_format=torch.contiguous_format),
             torch.empty_like(residual, memory_format=torch.contiguous_format))
 
@@ -357,6 +361,7 @@ def _fused_add_rms_norm_backward_op(dy: torch.Tensor, dh: torch.Tensor, h: torch
 
 @_fused_add_rms_norm_backward_op.register_fake
 def _(dy, dh, h, weight, eps):
+    patch_inductor_operator_str()
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path, record_path,
-                      warm_rope_table)
+from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path,
+                      patch_inductor_operator_str, record_path, warm_rope_table)
 
 TWO_PI = 2.0 * math.pi
 
@@ -210,6 +210,7 @@ def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
 
 @_apply_rope_op.register_fake
 def _(q, k, position_ids, theta):
+    patch_inductor_operator_str()
     warm_rope_table(rope_turn_table, q.shape[-1], theta, q.device)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
@@ -223,6 +224,7 @@ def _apply_rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, position_ids: to
 
 @_apply_rope_backward_op.register_fake
 def _(dq, dk, position_ids, theta):
+    patch_inductor_operator_str()
     return (torch.empty_like(dq, memory_format=torch.contiguous_format),
             torch.empty_like(dk, memory_format=torch.contiguous_format))
 

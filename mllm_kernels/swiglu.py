@@ -33,7 +33,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path, record_path
+from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path,
+                      patch_inductor_operator_str, record_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
+    patch_inductor_operator_str()
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
@@ -153,6 +155,7 @@ def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 
 @_swiglu_backward_op.register_fake
 def _(dout, gate, up):
+    patch_inductor_operator_str()
     return (torch.empty_like(gate, memory_format=torch.contiguous_format),
             torch.empty_like(up, memory_format=torch.contiguous_format))
 

@@ -298,6 +298,14 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     timer = PhaseTimer(device)
 
     accum = args.grad_accum
+    # CUDA graphs (mode="reduce-overhead") keep graph outputs in a private pool that the next replay overwrites.
+    # The first micro-batch's backward would hand its weight gradients to AccumulateGrad, which keeps them as
+    # .grad (no copy); the next replay then overwrites them ("accessing tensor output of CUDAGraphs that has been
+    # overwritten", H200 2026-11-26). With .grad allocated up front, AccumulateGrad adds in place instead.
+    cudagraphs = compiled and "reduce-overhead" in (args.compile_mode or "")
+    if cudagraphs:
+        for p in params:
+            p.grad = torch.zeros_like(p)
 
     def step(i: int, timed: bool) -> torch.Tensor:
         """One optimizer step over ``accum`` micro-batches (mean loss, as the trainer's accumulation)."""
@@ -311,6 +319,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
                 with trace_range("data"):
                     b = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in hb.items()}
                 mark("data")
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with trace_range("forward"), autocast():
                     loss = fwd(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"]) / accum
                 mark("forward")
@@ -321,7 +331,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
             with trace_range("optimizer"):
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
                 opt.step()
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=not cudagraphs)
             mark("optimizer")
         return total
 
