@@ -3,7 +3,8 @@
 # the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
-# Sections: env dpo_tests bench_dpo bench_lm_loss bench_train train_triton_alone bench_train_ablation train_cudagraphs kernel_tests kernel_tests_fast attention_tests
+# Sections: env dpo_tests bench_dpo bench_lm_loss bench_train train_triton_alone bench_train_ablation train_fused_qkv
+# train_cudagraphs kernel_tests kernel_tests_fast attention_tests
 # stages profile profile_compiled attn_cache_tests. Section limits (seconds) are environment variables (T_DPO_TESTS,
 # T_BENCH_DPO, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
@@ -43,6 +44,9 @@ for s in $SECTIONS; do
         --set model.rope_in_attention=false --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
       section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
         --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;
+    train_fused_qkv)  # model.fused_qkv (one q/k/v GEMM) on vs the default, both triton backends
+      section train_fused_qkv "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
+        --set model.fused_qkv=true --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
     train_cudagraphs)  # CUDA graphs alone (the last part of bench_train_ablation)
       section train_cudagraphs "${T_CG:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
         --compile-mode reduce-overhead --grad-accum 4 --steps 4 --warmup 3 --out "$OUT/results" ;;

@@ -47,6 +47,9 @@ class ModelConfig:
     # the separate RoPE kernel first and the attention kernel without RoPE (False: the kernel's inner loop is
     # shorter; the rotated q, k are saved for the backward instead of q, k). Same function; benchmarks/NOTES.md
     rope_in_attention: bool = True
+    # q, k, v projections as one GEMM over the concatenated weights (one launch and one autocast cast instead of
+    # three, no sum of three input gradients; the parameters stay q_proj/k_proj/v_proj). Off until measured on a GPU
+    fused_qkv: bool = False
     # embedding/head tables padded to a multiple of this many rows (aligned head GEMM; outputs keep vocab_size)
     vocab_pad_multiple: int = 1
 
@@ -376,6 +379,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(isinstance(m.fused_lm_loss, bool), "model.fused_lm_loss", f"must be true or false, got {m.fused_lm_loss!r}")
     need(isinstance(m.rope_in_attention, bool), "model.rope_in_attention",
          f"must be true or false, got {m.rope_in_attention!r}")
+    need(isinstance(m.fused_qkv, bool), "model.fused_qkv", f"must be true or false, got {m.fused_qkv!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")

@@ -132,6 +132,7 @@ class Attention(nn.Module):
         self.window = cfg.window
         self.n_sink_tokens = cfg.n_sink_tokens
         self.rope_in_attention = cfg.rope_in_attention
+        self.fused_qkv = cfg.fused_qkv
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
@@ -142,6 +143,19 @@ class Attention(nn.Module):
         else:
             self.register_parameter("sinks", None)
         self.ops = ops
+
+    def project_qkv(self, x: torch.Tensor):
+        """x [B, T, d] -> q [B, T, Hq, D], k, v [B, T, Hkv, D]. With ``fused_qkv`` one GEMM over the concatenated
+        weights (the same products; q, k, v are then strided views of its output, which every attention path
+        reads through its strides)."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        if self.fused_qkv:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            q, k, v = F.linear(x, w).split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.view(B, T, self.n_heads, D), k.view(B, T, self.n_kv_heads, D), v.view(B, T, self.n_kv_heads, D)
 
     def uses_sdpa_fast_path(self, cu_seqlens: Optional[torch.Tensor]) -> bool:
         """True when the eager path may use SDPA(is_causal): no learned sinks, no window, one document per row."""
@@ -160,9 +174,7 @@ class Attention(nn.Module):
         from the cache). With ``probs_out`` (a list), the reference's probabilities [B, Hq, T, T] fp32 are
         appended to it (debug/visualisation; always the eager reference, whatever the backend)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
         if cache is not None:
             q, k = self.ops.apply_rope(q, k, position_ids, self.rope_theta)
             k_all, v_all = cache.update(layer_idx, k, v)

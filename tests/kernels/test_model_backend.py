@@ -231,3 +231,25 @@ def test_bounded_operator_str_never_formats_an_argument_deeply():
     text = _bounded_operator_str("mllm.rms_norm.default", [Node(), [Node(), 3], 1e-6], {"out_dtype": torch.bfloat16})
     assert "args[0]: Node(name=buf7, size=[8, 1024])" in text and "args[2]: 1e-06" in text
     assert "[Node(name=buf7, size=[8, 1024]), 3]" in text and "out_dtype: torch.bfloat16" in text
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_fused_qkv_projection_is_the_same_model(backend):
+    """model.fused_qkv runs q, k, v as one GEMM over the concatenated weights (strided q/k/v views into the
+    attention path): same parameters, same logits and gradients as three projections (up to GEMM blocking)."""
+    torch.manual_seed(0)
+    plain = Transformer(_cfg(backend)).to(DEVICE)
+    fused = Transformer(_cfg(backend, fused_qkv=True)).to(DEVICE)
+    fused.load_state_dict(plain.state_dict())
+    ids, labels, cu = _batch(5)
+    outs = []
+    for model in (plain, fused):
+        logits = model(ids, cu_seqlens=cu)
+        causal_lm_loss(logits, labels).backward()
+        outs.append(logits.detach())
+    _close(outs[1], outs[0], "logits")
+    grads = dict(plain.named_parameters())
+    for name, p in fused.named_parameters():
+        _close(p.grad, grads[name].grad, f"grad {name}")
+    with torch.no_grad():  # one document per row: the eager backend's SDPA fast path reads the strided views too
+        _close(fused(ids), plain(ids), "logits without cu_seqlens")
