@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from fa_rule import assert_fa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,12 +90,7 @@ def _run(fn, q, k, pos, dq, dk):
 
 
 def _assert_fa(name, kern, eager, oracle, dtype, ctx):
-    assert kern.shape == oracle.shape and kern.dtype == eager.dtype, f"{name}: {kern.shape}/{kern.dtype} ({ctx})"
-    assert torch.isfinite(kern).all(), f"{name}: non-finite values ({ctx})"
-    k_err = (kern.double() - oracle).abs().max().item()
-    e_err = (eager.double() - oracle).abs().max().item()
-    bound = 2 * e_err + ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert k_err <= bound, f"{name}: kernel err {k_err:.3e} > 2 x eager err {e_err:.3e} + atol = {bound:.3e} ({ctx})"
+    assert_fa(name, kern, eager, oracle, ATOL[dtype], ctx)
 
 
 def _check(shape, dtype, seed, mode):
