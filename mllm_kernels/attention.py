@@ -603,10 +603,11 @@ _FREQ_CACHE: dict = {}
 
 
 class _PerTensorCache:
-    """The last result computed from one CUDA tensor (position_ids, cu_seqlens), reused while the *same
-    tensor object* comes back unmodified (same version counter) with the same key. A model hands the same
-    tensors to every layer and to the backward, so host syncs (validation) and index bookkeeping happen
-    once per step instead of once per layer. CPU tensors are never cached (numpy views can change them
+    """The last result computed from one CUDA tensor (cu_seqlens: document bounds, validation), reused while the
+    *same tensor object* comes back unmodified (same version counter) with the same key. A model hands the same
+    tensor to every layer and to the backward, so host syncs (validation) and index bookkeeping happen
+    once per step instead of once per layer. (The document bounds it holds are device tensors: a packed batch
+    under CUDA graphs would need them computed outside the captured step; positions are not cached at all.) CPU tensors are never cached (numpy views can change them
     without touching the version counter); neither are writes that bypass autograd's counter (``.data``)."""
 
     def __init__(self, cuda_only: bool = True):
