@@ -31,7 +31,7 @@ for s in $SECTIONS; do
     env) section env 30 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'" ;;
     dpo_tests) section dpo_tests "${T_DPO_TESTS:-90}" $PY -m pytest tests/kernels/test_dpo_logprobs.py -q -x -p no:cacheprovider ;;
     bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
-    bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py \
+    bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py --isolate \
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;
     train_triton_alone)  # the host-bound triton (no compile) row in a process of its own

@@ -109,7 +109,50 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared CPU")
+    p.add_argument("--isolate", action="store_true",
+                   help="benchmark each backend in a process of its own (same arguments) and report them together: "
+                        "a host-bound backend measured after another one's torch.compile ran 5-35%% slower on an "
+                        "H200 than alone (benchmarks/NOTES.md)")
+    p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: write one result here
     return p.parse_args(argv)
+
+
+def _strip_args(argv: Sequence[str], names: Sequence[str], with_value: Sequence[str]) -> List[str]:
+    """argv without the flags ``names`` and the options ``with_value`` (as "--opt V" or "--opt=V")."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if a in names:
+            continue
+        if key in with_value:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def run_isolated(argv: Sequence[str], backends: Sequence[str]) -> List[Dict[str, Any]]:
+    """One child process per backend (this script, the same arguments, ``--backends NAME``); their results."""
+    import subprocess
+    import tempfile
+
+    base = _strip_args(argv, ["--isolate"], ["--backends", "--result-json"])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in backends:
+            path = Path(tmp) / f"{name.replace('+', '_')}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--backends", name, "--result-json", str(path)]
+            rc = subprocess.run(cmd).returncode
+            if path.exists():
+                res = json.loads(path.read_text())
+            else:
+                res = {"backend": name, "error": f"isolated child process exited with {rc} and wrote no result"}
+            res["isolated"] = True
+            results.append(res)
+    return results
 
 
 def resolve_args(args: argparse.Namespace):
@@ -453,6 +496,8 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append(goal)
         lines.append("")
     notes = [f"- {r['backend']}: kernel paths {r['kernel_paths']}" for r in report["results"] if r.get("kernel_paths")]
+    if any(r.get("isolated") for r in report["results"]):
+        notes.append("- each backend ran in a process of its own (--isolate)")
     if any(r.get("profiled") for r in report["results"]):
         notes.append("- profiled run (torch.profiler on): the timings above are perturbed by the profiler")
     return "\n".join(lines + notes).rstrip() + "\n"
@@ -500,6 +545,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"bench_train: {args.config} on {env['card']}: B={args.micro_batch} T={args.seq_len} {args.dtype}, "
           f"backends {', '.join(backends)}, {args.warmup}+{args.steps} steps")
     results = []
+    if args.isolate and len(backends) > 1:
+        results = run_isolated(list(argv) if argv is not None else sys.argv[1:], backends)
+        for res in results:
+            msg = res.get("error") or f"{res['tokens_per_s']:,.0f} tokens/s"
+            print(f"bench_train: {res['backend']} (own process): {msg}")
+        backends = []
     for name in backends:
         try:
             res = bench_backend(name, cfg, args, device, host_batches, peak)
@@ -511,6 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bench_train: {name}: {msg}")
         _free(device)
 
+    if args.result_json:  # --isolate's child: the parent writes the report
+        Path(args.result_json).write_text(json.dumps(jsonable(results[0])) + "\n")
+        return 1 if "error" in results[0] else 0
     report = {
         "environment": env,
         "args": {k: v for k, v in vars(args).items()},

@@ -114,3 +114,22 @@ def test_bad_arguments_name_the_problem(bt, tmp_path, capsys, extra, msg):
     assert bt.main(TINY + extra + ["--out", str(tmp_path)]) == 2
     assert msg in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_isolate_runs_each_backend_in_its_own_process(bt, tmp_path):
+    """--isolate: one child process per backend with the same arguments; the parent writes one report."""
+    head64 = ["--set", "model.d_model=128", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1"]
+    rc = bt.main(TINY + head64 + ["--backends", "eager,triton", "--steps", "2", "--warmup", "1", "--isolate",
+                                  "--out", str(tmp_path)])
+    assert rc == 0
+    rep, md = _report(tmp_path)
+    assert [r["backend"] for r in rep["results"]] == ["eager", "triton"]
+    assert all(r["isolated"] and r["tokens_per_s"] > 0 for r in rep["results"])
+    assert rep["results"][1]["kernel_paths"]["attention"] == "interpreter"
+    assert "process of its own (--isolate)" in md and "| triton |" in md
+    assert len(list(tmp_path.glob("bench_train_*.json"))) == 1  # the children wrote no reports of their own
+
+
+def test_strip_args(bt):
+    argv = ["--backends", "a,b", "--isolate", "--steps=3", "--result-json=x", "--out", "d"]
+    assert bt._strip_args(argv, ["--isolate"], ["--backends", "--result-json"]) == ["--steps=3", "--out", "d"]
