@@ -607,8 +607,9 @@ class _PerTensorCache:
     *same tensor object* comes back unmodified (same version counter) with the same key. A model hands the same
     tensor to every layer and to the backward, so host syncs (validation) and index bookkeeping happen
     once per step instead of once per layer. (The document bounds it holds are device tensors: a packed batch
-    under CUDA graphs would need them computed outside the captured step; positions are not cached at all.) CPU tensors are never cached (numpy views can change them
-    without touching the version counter); neither are writes that bypass autograd's counter (``.data``)."""
+    under CUDA graphs would need them computed outside the captured step; positions are not cached at all.)
+    CPU tensors are never cached (numpy views can change them without touching the version counter); neither
+    are writes that bypass autograd's counter (``.data``)."""
 
     def __init__(self, cuda_only: bool = True):
         self.cuda_only = cuda_only

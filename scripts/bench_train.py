@@ -111,8 +111,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's); 1 avoids OpenMP stalls on a shared CPU")
     p.add_argument("--isolate", action="store_true",
                    help="benchmark each backend in a process of its own (same arguments) and report them together: "
-                        "a host-bound backend measured after another one's torch.compile ran 5-35%% slower on an "
-                        "H200 than alone (benchmarks/NOTES.md)")
+                        "the host-bound triton backend measured 5%% slower after the other backends in one process "
+                        "than alone (H200, benchmarks/NOTES.md)")
     p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: write one result here
     return p.parse_args(argv)
 
