@@ -42,8 +42,9 @@ DEFAULT_OUT = BENCH_DIR / "results"
 TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "gbps", "tflops", "pct_copy_bw", "peak_mem_mb")
 COLUMN_TITLES = {"ms": "ms (median)", "gbps": "GB/s", "tflops": "TFLOP/s", "pct_copy_bw": "% copy BW", "peak_mem_mb": "peak MiB"}
 # A row's speed-up is reported against the first of these providers present for the same (op, shape,
-# dtype, mode): the eager PyTorch path is the baseline every kernel has to beat.
-BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch")
+# dtype, mode): the eager PyTorch path is the baseline every kernel has to beat ("dispatcher": the custom-op
+# launch path that bench_host_overhead compares the autograd.Function path with).
+BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch", "dispatcher")
 
 
 # ----------------------------------------------------------------------------------------------------

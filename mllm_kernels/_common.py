@@ -9,6 +9,7 @@ Dispatch rule (documented in the README and tested):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Iterable, Optional
 
@@ -102,6 +103,58 @@ def warm_rope_table(make_table, head_dim: int, theta: float, device) -> None:
 
     with unset_fake_temporarily():
         make_table(int(head_dim), float(theta), device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eager calls without the custom-op dispatcher
+# ----------------------------------------------------------------------------------------------------
+def eager_function(name: str, forward, setup_context, backward) -> type:
+    """An ``autograd.Function`` built from an op's Python implementation and the same ``setup_context`` /
+    ``backward`` that are registered on its ``torch.library.custom_op`` (whose backward calls the backward
+    op's implementation directly).
+
+    Why: outside torch.compile a custom op with ``register_autograd`` pays its dispatcher and Python wrappers on
+    every call, forward and backward (pytorch/pytorch#176592, #177109; measured here in benchmarks/NOTES.md,
+    tuning step 11), and the non-compiled triton training step is host-bound. The registered ops stay what
+    torch.compile traces (``call_op``)."""
+    def forward_with_ctx(ctx, *args):
+        # the ctx-taking form: a Function that defines ``setup_context`` re-binds its arguments with
+        # ``inspect.signature`` on every ``apply`` (torch/autograd/function.py), which costs as much host time
+        # as a kernel launch
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward_with_ctx),
+        "backward": staticmethod(backward),
+        "__doc__": f"Eager form of mllm::{name} (see mllm_kernels._common.eager_function).",
+    })
+
+
+_VIA_DISPATCHER = False
+
+
+@contextlib.contextmanager
+def dispatcher_in_eager(enabled: bool = True):
+    """Within this context eager calls go through the registered custom ops as under torch.compile (the path
+    before ``eager_function``): for ``benchmarks/bench_host_overhead.py`` and for bisecting a suspected
+    difference between the two paths."""
+    global _VIA_DISPATCHER
+    before, _VIA_DISPATCHER = _VIA_DISPATCHER, bool(enabled)
+    try:
+        yield
+    finally:
+        _VIA_DISPATCHER = before
+
+
+def call_op(op, function, *args):
+    """``op(*args)`` while torch.compile traces (an opaque node with a fake implementation), else
+    ``function.apply(*args)`` (same kernels, no dispatcher). ``args`` are all positional, as the op's schema
+    lists them, so both see the same ``inputs`` in ``setup_context``."""
+    if _VIA_DISPATCHER or torch.compiler.is_compiling():
+        return op(*args)
+    return function.apply(*args)
 
 
 # ----------------------------------------------------------------------------------------------------

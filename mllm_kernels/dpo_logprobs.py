@@ -25,9 +25,11 @@ import triton.language as tl
 
 from . import reference
 from ._common import (
+    call_op,
     check_same_device,
     check_tensor,
     dot_dtype_for,
+    eager_function,
     interpreting,
     kernel_path,
     patch_inductor_operator_str,
@@ -213,9 +215,8 @@ def _bwd_launch(h2, w, y1, lse, g_tok, tune: Optional[dict] = None):
 # ----------------------------------------------------------------------------------------------------
 # torch.library op
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mllm::sequence_logprobs", mutates_args=())
-def _sequence_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequence_logprobs_impl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     if kernel_path(hidden) == "eager":  # the raw op is kernel-only; the functional API falls back to eager
         raise RuntimeError(f"mllm::sequence_logprobs runs Triton kernels: hidden is on {hidden.device}, which needs "
                            "CUDA (or TRITON_INTERPRET=1 for CPU); use mllm_kernels.dpo_logprobs.sequence_logprobs, "
@@ -229,6 +230,9 @@ def _sequence_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return tok.view(N, T).sum(1), lse.view(N, T)
 
 
+_sequence_logprobs_op = torch.library.custom_op("mllm::sequence_logprobs", _sequence_logprobs_impl, mutates_args=())
+
+
 @_sequence_logprobs_op.register_fake
 def _(hidden, weight, labels, ignore_index):
     patch_inductor_operator_str()
@@ -240,11 +244,12 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, labels, ignore_index = inputs
     ctx.save_for_backward(hidden, weight, labels, output[1])
     ctx.ignore_index = ignore_index
+    ctx.set_materialize_grads(False)  # the lse output is for the backward; its gradient is never used
 
 
-@torch.library.custom_op("mllm::sequence_logprobs_bwd", mutates_args=())
-def _sequence_logprobs_bwd_op(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                              labels: torch.Tensor, lse: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequence_logprobs_bwd_impl(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                labels: torch.Tensor, lse: torch.Tensor,
+                                ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     N, T, D = hidden.shape
     y1 = labels.reshape(N * T).to(torch.int64)
     valid = y1 != ignore_index
@@ -255,20 +260,30 @@ def _sequence_logprobs_bwd_op(grad_logp: torch.Tensor, hidden: torch.Tensor, wei
     return dh.view(N, T, D), dw
 
 
+_sequence_logprobs_bwd_op = torch.library.custom_op("mllm::sequence_logprobs_bwd", _sequence_logprobs_bwd_impl,
+                                                    mutates_args=())
+
+
 @_sequence_logprobs_bwd_op.register_fake
 def _(grad_logp, hidden, weight, labels, lse, ignore_index):
     patch_inductor_operator_str()
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
-def _backward(ctx, grad_logp, grad_lse):
-    # a separate op, so that AOT tracing of the backward sees an opaque call instead of a Triton launch
-    hidden, weight, labels, lse = ctx.saved_tensors
-    dh, dw = _sequence_logprobs_bwd_op(grad_logp.contiguous(), hidden, weight, labels, lse, ctx.ignore_index)
-    return dh, dw, None, None
+def _backward(bwd):
+    def backward(ctx, grad_logp, grad_lse):
+        if grad_logp is None:  # only lse was used downstream, and it is not differentiated through
+            return None, None, None, None
+        hidden, weight, labels, lse = ctx.saved_tensors
+        dh, dw = bwd(grad_logp.contiguous(), hidden, weight, labels, lse, ctx.ignore_index)
+        return dh, dw, None, None
+    return backward
 
 
-_sequence_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+# the registered backward calls the backward *op*, so that AOT tracing sees an opaque call, not a Triton launch
+_sequence_logprobs_op.register_autograd(_backward(_sequence_logprobs_bwd_op), setup_context=_setup_context)
+_SequenceLogprobsFunction = eager_function("sequence_logprobs", _sequence_logprobs_impl, _setup_context,
+                                           _backward(_sequence_logprobs_bwd_impl))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,7 +317,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     record_path("sequence_logprobs", path)
     if path == "eager":
         return reference.sequence_logprobs(hidden, weight, labels, ignore_index)
-    return _sequence_logprobs_op(hidden, weight, labels, ignore_index)[0]
+    return call_op(_sequence_logprobs_op, _SequenceLogprobsFunction, hidden, weight, labels, ignore_index)[0]
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import (check_same_device, check_tensor, interpreting, kernel_path, patch_inductor_operator_str,
-                      record_path)
+from ._common import (call_op, check_same_device, check_tensor, eager_function, interpreting, kernel_path,
+                      patch_inductor_operator_str, record_path)
 
 IGNORE_INDEX = reference.IGNORE_INDEX
 # default size of the chunk's logits buffer: one chunk for a micro-batch of 8 x 1,024 tokens at V = 50,304 in bf16
@@ -121,9 +121,8 @@ def lce_forward(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor, vocab_size:
 # ----------------------------------------------------------------------------------------------------
 # torch.library op
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mllm::linear_cross_entropy", mutates_args=())
-def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, ignore_index: int,
-            need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lce_impl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, ignore_index: int,
+              need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [M, d], weight [V_rows, d], labels [M] int64 -> (loss_sum, dh, dW); arguments validated upstream."""
     if kernel_path(hidden) == "eager":
         raise RuntimeError(f"mllm::linear_cross_entropy runs a Triton kernel: hidden is on {hidden.device}, which "
@@ -131,6 +130,9 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vo
                            "which takes the eager reference there")
     return lce_forward(hidden.contiguous(), weight.contiguous(), labels.contiguous(), vocab_size, ignore_index,
                        need_grad)
+
+
+_lce_op = torch.library.custom_op("mllm::linear_cross_entropy", _lce_impl, mutates_args=())
 
 
 @_lce_op.register_fake
@@ -145,9 +147,14 @@ def _(hidden, weight, labels, vocab_size, ignore_index, need_grad):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.need_grad = inputs[5]
+    # dh and dW are outputs only to be saved here: without this, every backward would first fill two
+    # zero tensors of their size (the whole [V, d] table) as their unused incoming gradients
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, _g_dh, _g_dw):
+    if g_loss is None:  # only dh / dW were used downstream, and they are not differentiated through
+        return None, None, None, None, None, None
     if not ctx.need_grad:
         raise RuntimeError("mllm::linear_cross_entropy was called with need_grad=False, so it has no gradient to give")
     dh, dw = ctx.saved_tensors
@@ -155,6 +162,7 @@ def _backward(ctx, g_loss, _g_dh, _g_dw):
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
+_LinearCrossEntropyFunction = eager_function("linear_cross_entropy", _lce_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +211,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         return reference.linear_cross_entropy(hidden, weight, labels, V, ignore_index)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    return _lce_op(h2, weight, labels.reshape(-1).to(torch.int64), V, ignore_index, need_grad)[0]
+    return call_op(_lce_op, _LinearCrossEntropyFunction, h2, weight, labels.reshape(-1).to(torch.int64), V,
+                   ignore_index, need_grad)[0]
 
 
 class LinearCrossEntropy(torch.nn.Module):

@@ -23,8 +23,9 @@ column chunks (a statistics pass, then a normalise pass), so any width works.
 
 Layers: ``_rms_norm_fwd_kernel`` / ``_rms_norm_bwd_kernel`` (``@triton.jit``) → ``rms_norm_fwd`` /
 ``rms_norm_bwd`` (launchers) → ``torch.ops.mllm.rms_norm`` / ``mllm::fused_add_rms_norm`` (+ their backward ops,
-``register_fake``, ``register_autograd``) → ``rms_norm`` / ``fused_add_rms_norm`` (functional API, with dispatch
-and validation) → ``RMSNorm`` (nn.Module).
+``register_fake``, ``register_autograd``; outside torch.compile the same implementations run as an
+``autograd.Function``, without the dispatcher: ``_common.eager_function``) → ``rms_norm`` / ``fused_add_rms_norm``
+(functional API, with dispatch and validation) → ``RMSNorm`` (nn.Module).
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import (SUPPORTED_DTYPES, check_same_device, check_tensor, interpreting, kernel_path,
-                      patch_inductor_operator_str, record_path)
+from ._common import (SUPPORTED_DTYPES, call_op, check_same_device, check_tensor, eager_function, interpreting,
+                      kernel_path, patch_inductor_operator_str, record_path)
 
 # Widest row kept whole in registers (fp32: 32K x 4 B over up to 32 warps = 32 values per thread).
 MAX_SINGLE_PASS = 32768
@@ -298,11 +299,13 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: f
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mllm::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     record_path("rms_norm", kernel_path(x))
     return rms_norm_fwd(x, weight, eps, out_dtype=out_dtype)[0]
+
+
+_rms_norm_op = torch.library.custom_op("mllm::rms_norm", _rms_norm_impl, mutates_args=())
 
 
 @_rms_norm_op.register_fake
@@ -311,10 +314,12 @@ def _(x, weight, eps, out_dtype=None):
     return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mllm::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_bwd(dy, x, weight, eps)
+
+
+_rms_norm_backward_op = torch.library.custom_op("mllm::rms_norm_backward", _rms_norm_backward_impl, mutates_args=())
 
 
 @_rms_norm_backward_op.register_fake
@@ -329,21 +334,28 @@ def _rms_norm_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _rms_norm_backward(ctx, dy):
-    # a separate op so that AOT tracing of the backward sees an opaque call instead of a Triton launch
-    x, weight = ctx.saved_tensors
-    dx, dw = _rms_norm_backward_op(dy.contiguous(), x, weight, ctx.eps)
-    return dx, dw, None, None
+def _rms_norm_backward(bwd):
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dw = bwd(dy.contiguous(), x, weight, ctx.eps)
+        return dx, dw, None, None
+    return backward
 
 
-_rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+# the registered backward calls the backward *op*, so that AOT tracing sees an opaque call, not a Triton launch
+_rms_norm_op.register_autograd(_rms_norm_backward(_rms_norm_backward_op), setup_context=_rms_norm_setup_context)
+_RMSNormFunction = eager_function("rms_norm", _rms_norm_impl, _rms_norm_setup_context,
+                                  _rms_norm_backward(_rms_norm_backward_impl))
 
 
-@torch.library.custom_op("mllm::fused_add_rms_norm", mutates_args=())
-def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                           out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fused_add_rms_norm_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     record_path("fused_add_rms_norm", kernel_path(x))
     return rms_norm_fwd(x, weight, eps, residual=residual, out_dtype=out_dtype)
+
+
+_fused_add_rms_norm_op = torch.library.custom_op("mllm::fused_add_rms_norm", _fused_add_rms_norm_impl,
+                                                 mutates_args=())
 
 
 @_fused_add_rms_norm_op.register_fake
@@ -353,10 +365,13 @@ def _(x, residual, weight, eps, out_dtype=None):
             torch.empty_like(residual, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("mllm::fused_add_rms_norm_backward", mutates_args=())
-def _fused_add_rms_norm_backward_op(dy: torch.Tensor, dh: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                                    eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fused_add_rms_norm_backward_impl(dy: torch.Tensor, dh: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                                      eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_bwd(dy, h, weight, eps, dh=dh)
+
+
+_fused_add_rms_norm_backward_op = torch.library.custom_op(
+    "mllm::fused_add_rms_norm_backward", _fused_add_rms_norm_backward_impl, mutates_args=())
 
 
 @_fused_add_rms_norm_backward_op.register_fake
@@ -370,20 +385,28 @@ def _fused_add_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], weight)  # only h is needed: x and residual are not kept alive
     ctx.eps = eps
     ctx.x_dtype = x.dtype
+    ctx.y_meta = (output[0].shape, output[0].dtype)
 
 
-def _fused_add_backward(ctx, dy, dh):
-    h, weight = ctx.saved_tensors
-    if dh is None:
-        dh = torch.zeros_like(h)
-    dsum, dw = _fused_add_rms_norm_backward_op(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
-    # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a leaf);
-    # dsum has h's (the residual's) dtype, x's share is rounded to x's dtype as an x.to(residual.dtype) would do
-    dx = dsum if ctx.x_dtype == dsum.dtype else dsum.to(ctx.x_dtype)
-    return dx, dsum, dw, None, None
+def _fused_add_backward(bwd):
+    def backward(ctx, dy, dh):
+        h, weight = ctx.saved_tensors
+        if dh is None:
+            dh = torch.zeros_like(h)
+        if dy is None:  # only h was used downstream
+            dy = torch.zeros(ctx.y_meta[0], dtype=ctx.y_meta[1], device=h.device)
+        dsum, dw = bwd(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
+        # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a
+        # leaf); dsum has h's (the residual's) dtype, x's share is rounded to x's dtype as x.to(residual.dtype) would
+        dx = dsum if ctx.x_dtype == dsum.dtype else dsum.to(ctx.x_dtype)
+        return dx, dsum, dw, None, None
+    return backward
 
 
-_fused_add_rms_norm_op.register_autograd(_fused_add_backward, setup_context=_fused_add_setup_context)
+_fused_add_rms_norm_op.register_autograd(_fused_add_backward(_fused_add_rms_norm_backward_op),
+                                         setup_context=_fused_add_setup_context)
+_FusedAddRMSNormFunction = eager_function("fused_add_rms_norm", _fused_add_rms_norm_impl, _fused_add_setup_context,
+                                          _fused_add_backward(_fused_add_rms_norm_backward_impl))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,7 +447,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     record_path("rms_norm", path)
     if path == "eager":
         return reference.rms_norm(x, weight, eps, out_dtype)
-    return _rms_norm_op(x, weight, float(eps), out_dtype)
+    return call_op(_rms_norm_op, _RMSNormFunction, x, weight, float(eps), out_dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -440,7 +463,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     record_path("fused_add_rms_norm", path)
     if path == "eager":
         return reference.fused_add_rms_norm(x, residual, weight, eps, out_dtype)
-    return _fused_add_rms_norm_op(x, residual, weight, float(eps), out_dtype)
+    return call_op(_fused_add_rms_norm_op, _FusedAddRMSNormFunction, x, residual, weight, float(eps), out_dtype)
 
 
 class RMSNorm(torch.nn.Module):

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path,
-                      patch_inductor_operator_str, record_path, warm_rope_table)
+from ._common import (call_op, check_same_device, check_same_dtype, check_tensor, eager_function, interpreting,
+                      kernel_path, patch_inductor_operator_str, record_path, warm_rope_table)
 
 TWO_PI = 2.0 * math.pi
 
@@ -201,11 +201,13 @@ def rope_bwd(dq, dk, position_ids, theta: float, tune: Optional[dict] = None):
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mllm::apply_rope", mutates_args=())
-def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
-                   theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _apply_rope_impl(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+                     theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
     record_path("apply_rope", kernel_path(q))
     return rope_fwd(q, k, position_ids, theta)
+
+
+_apply_rope_op = torch.library.custom_op("mllm::apply_rope", _apply_rope_impl, mutates_args=())
 
 
 @_apply_rope_op.register_fake
@@ -216,10 +218,13 @@ def _(q, k, position_ids, theta):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("mllm::apply_rope_backward", mutates_args=())
-def _apply_rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, position_ids: torch.Tensor,
-                            theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _apply_rope_backward_impl(dq: torch.Tensor, dk: torch.Tensor, position_ids: torch.Tensor,
+                              theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return rope_bwd(dq, dk, position_ids, theta)
+
+
+_apply_rope_backward_op = torch.library.custom_op("mllm::apply_rope_backward", _apply_rope_backward_impl,
+                                                  mutates_args=())
 
 
 @_apply_rope_backward_op.register_fake
@@ -237,17 +242,22 @@ def _setup_context(ctx, inputs, output):
     ctx.k_meta = (k.shape, k.dtype, k.device)
 
 
-def _backward(ctx, dq, dk):
-    (position_ids,) = ctx.saved_tensors
-    if dq is None:
-        dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=ctx.q_meta[2])
-    if dk is None:
-        dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=ctx.k_meta[2])
-    gq, gk = _apply_rope_backward_op(dq.contiguous(), dk.contiguous(), position_ids, ctx.theta)
-    return gq, gk, None, None
+def _backward(bwd):
+    def backward(ctx, dq, dk):
+        (position_ids,) = ctx.saved_tensors
+        if dq is None:
+            dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=ctx.q_meta[2])
+        if dk is None:
+            dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=ctx.k_meta[2])
+        gq, gk = bwd(dq.contiguous(), dk.contiguous(), position_ids, ctx.theta)
+        return gq, gk, None, None
+    return backward
 
 
-_apply_rope_op.register_autograd(_backward, setup_context=_setup_context)
+# the registered backward calls the backward *op*, so that AOT tracing sees an opaque call, not a Triton launch
+_apply_rope_op.register_autograd(_backward(_apply_rope_backward_op), setup_context=_setup_context)
+_ApplyRopeFunction = eager_function("apply_rope", _apply_rope_impl, _setup_context,
+                                    _backward(_apply_rope_backward_impl))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +294,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     record_path("apply_rope", path)
     if path == "eager":
         return reference.apply_rope(q, k, position_ids, theta)
-    return _apply_rope_op(q, k, position_ids, float(theta))
+    return call_op(_apply_rope_op, _ApplyRopeFunction, q, k, position_ids, float(theta))
 
 
 class RotaryEmbedding(torch.nn.Module):

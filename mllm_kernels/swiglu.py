@@ -33,8 +33,8 @@ import triton.language as tl
 
 from . import reference
 from ._cast import to_out
-from ._common import (check_same_device, check_same_dtype, check_tensor, interpreting, kernel_path,
-                      patch_inductor_operator_str, record_path)
+from ._common import (call_op, check_same_device, check_same_dtype, check_tensor, eager_function, interpreting,
+                      kernel_path, patch_inductor_operator_str, record_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,10 +136,12 @@ def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("mllm::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     record_path("swiglu", kernel_path(gate))
     return swiglu_fwd(gate, up)
+
+
+_swiglu_op = torch.library.custom_op("mllm::swiglu", _swiglu_impl, mutates_args=())
 
 
 @_swiglu_op.register_fake
@@ -148,9 +150,12 @@ def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mllm::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_backward_impl(dout: torch.Tensor, gate: torch.Tensor,
+                          up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return swiglu_bwd(dout, gate, up)
+
+
+_swiglu_backward_op = torch.library.custom_op("mllm::swiglu_backward", _swiglu_backward_impl, mutates_args=())
 
 
 @_swiglu_backward_op.register_fake
@@ -165,12 +170,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(gate, up)  # not silu(gate): the backward recomputes it
 
 
-def _backward(ctx, dout):
-    gate, up = ctx.saved_tensors
-    return _swiglu_backward_op(dout.contiguous(), gate, up)
+def _backward(bwd):
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        return bwd(dout.contiguous(), gate, up)
+    return backward
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+# the registered backward calls the backward *op*, so that AOT tracing sees an opaque call, not a Triton launch
+_swiglu_op.register_autograd(_backward(_swiglu_backward_op), setup_context=_setup_context)
+_SwiGLUFunction = eager_function("swiglu", _swiglu_impl, _setup_context, _backward(_swiglu_backward_impl))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,7 +207,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     record_path("swiglu", path)
     if path == "eager":
         return reference.swiglu(gate, up)
-    return _swiglu_op(gate, up)
+    return call_op(_swiglu_op, _SwiGLUFunction, gate, up)
 
 
 class SwiGLU(torch.nn.Module):
