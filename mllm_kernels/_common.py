@@ -109,14 +109,14 @@ def warm_rope_table(make_table, head_dim: int, theta: float, device) -> None:
 # Eager calls without the custom-op dispatcher
 # ----------------------------------------------------------------------------------------------------
 def eager_function(name: str, forward, setup_context, backward) -> type:
-    """An ``autograd.Function`` built from an op's Python implementation and the same ``setup_context`` /
-    ``backward`` that are registered on its ``torch.library.custom_op`` (whose backward calls the backward
-    op's implementation directly).
+    """An ``autograd.Function`` from an op's Python implementation and the ``setup_context`` / ``backward`` that
+    its ``torch.library.custom_op`` registers (each module passes a backward that calls the backward op's
+    implementation instead of the backward op).
 
-    Why: outside torch.compile a custom op with ``register_autograd`` pays its dispatcher and Python wrappers on
-    every call, forward and backward (pytorch/pytorch#176592, #177109; measured here in benchmarks/NOTES.md,
-    tuning step 11), and the non-compiled triton training step is host-bound. The registered ops stay what
-    torch.compile traces (``call_op``)."""
+    Why: outside torch.compile a custom op with ``register_autograd`` pays the dispatcher and torch.library's
+    Python wrappers on every call, forward and backward (pytorch/pytorch#176592, #177109), and the non-compiled
+    triton step was measured host-bound on an H200 (benchmarks/NOTES.md, tuning steps 6 and 11, with the CPU
+    measurement of this change). The registered ops stay what torch.compile traces (``call_op``)."""
     def forward_with_ctx(ctx, *args):
         # the ctx-taking form: a Function that defines ``setup_context`` re-binds its arguments with
         # ``inspect.signature`` on every ``apply`` (torch/autograd/function.py), which costs as much host time
