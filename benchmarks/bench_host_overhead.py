@@ -69,6 +69,11 @@ def _time_per_call(fn, device, calls: int, repeats: int) -> dict:
     return {p: statistics.median(v) for p, v in means.items()}
 
 
+def _dtype(device) -> torch.dtype:
+    """bf16 (autocast for the model) on CUDA, as in training; fp32 under the interpreter."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _cases(device):
     """(op, shape label, size for the plot, closure running one forward + backward)."""
     from mllm.config.pipeline_config import ModelConfig
@@ -79,7 +84,7 @@ def _cases(device):
     from mllm_kernels.swiglu import swiglu
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _dtype(device)
     cfg = ModelConfig(kernel_backend="triton", **MODEL)
     model = build_model(cfg).to(device)
     ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=g).to(device)
@@ -130,8 +135,7 @@ def run(device=None, quick: bool = False, progress: bool = True):
         for op, shape, size, fn in _cases(device):
             ms = _time_per_call(fn, device, calls, repeats)
             for provider in PROVIDERS:
-                rows.append(dict(op=op, shape=shape, size=size, dtype=str(torch.bfloat16 if device.type == "cuda"
-                                                                        else torch.float32).replace("torch.", ""),
+                rows.append(dict(op=op, shape=shape, size=size, dtype=str(_dtype(device)).replace("torch.", ""),
                                  mode="fwd+bwd", provider=provider, ms=ms[provider],
                                  launches="real" if device.type == "cuda" else "skipped"))
     return rows
