@@ -9,7 +9,7 @@ DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 TEST_ENV := TRITON_INTERPRET=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MLLM_DATA_DIR=$(DATA_DIR)
 PYTEST_ARGS ?=
 
-.PHONY: setup smoke test test-gpu bench build-ext clean
+.PHONY: setup smoke test test-gpu bench aot-check build-ext clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ test-gpu:
 
 bench: setup
 	$(VPY) -m benchmarks.run
+
+# no GPU needed: every Triton kernel compiled for sm_90 (AOT_ARGS="--arch 80", "--quick"), ptxas resources reported
+aot-check: setup
+	$(VPY) -m benchmarks.aot_check $(AOT_ARGS)
 
 clean:
 	rm -rf build *.egg-info mllm/_C*.so .pytest_cache
