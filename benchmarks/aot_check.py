@@ -272,7 +272,8 @@ def case_attention(dtype: torch.dtype, head_dim: int, variant: str) -> None:
 
     B, T, HQ = 1, 192, 4
     hkv = 2 if variant in ("gqa", "features") else HQ
-    q, k, v = _t(B, T, HQ, head_dim, dtype=dtype), _t(B, T, hkv, head_dim, dtype=dtype), _t(B, T, hkv, head_dim, dtype=dtype)
+    q = _t(B, T, HQ, head_dim, dtype=dtype)
+    k, v = _t(B, T, hkv, head_dim, dtype=dtype), _t(B, T, hkv, head_dim, dtype=dtype)
     kw: Dict[str, Any] = {}
     if variant == "features":  # packed documents + sliding window + StreamingLLM sink tokens + learned sinks
         kw = dict(cu_seqlens=torch.tensor([0, 70, T], dtype=torch.int32), window=64, n_sink_tokens=4,
@@ -462,6 +463,51 @@ def write(report: Dict[str, Any], out_dir: Path) -> List[Path]:
     return paths
 
 
+ATTENTION_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+
+
+def sweep_attention(arch: int, head_dim: int, dtype_name: str, sizes: Sequence[int], warps: Sequence[int],
+                    stages: Sequence[int], variant: str = "features") -> List[Dict[str, Any]]:
+    """Resources of every attention tile (BLOCK_M, BLOCK_N in ``sizes``, ``warps``, ``stages``) for one head dim and
+    dtype: each candidate is compiled for all three kernels through the ``attention case`` (``variant``: the
+    "features" one, documents + window + sinks, needs the most registers). Rows: kernel (fwd / dkdv / dq), tile,
+    registers, spill bytes, shared bytes, CTAs per SM."""
+    import itertools
+
+    att = sys.modules.get("mllm_kernels.attention") or __import__("importlib").import_module("mllm_kernels.attention")
+    saved = att._config
+    rows: List[Dict[str, Any]] = []
+    try:
+        for m, n, w, st in itertools.product(sizes, sizes, warps, stages):
+            cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+            att._config = lambda kernel, d, dtype, cfg=cfg: dict(cfg)
+            comp = Compiler(arch)
+            with comp:
+                comp.case = f"sweep {m}x{n} w{w} s{st}"
+                case_attention(DTYPES[dtype_name], head_dim, variant)
+            for r in comp.records:
+                if r.kernel in ATTENTION_KERNELS:
+                    rows.append(dict(kernel=ATTENTION_KERNELS[r.kernel], BLOCK_M=m, BLOCK_N=n, num_warps=w,
+                                     num_stages=st, registers=r.registers, spill_stores=r.spill_stores,
+                                     shared=r.shared, ctas_per_sm=r.ctas_per_sm, error=r.error))
+    finally:
+        att._config = saved
+    return rows
+
+
+def sweep_markdown(rows: List[Dict[str, Any]], title: str) -> str:
+    lines = [f"# {title}", "", "| kernel | BLOCK_M x BLOCK_N | warps | stages | regs | spill B | shared B | CTAs/SM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"])):
+        if r["error"]:
+            lines.append(f"| {r['kernel']} | {r['BLOCK_M']} x {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
+                         f"failed: {r['error'].splitlines()[0][:120]} | | | |")
+        else:
+            lines.append(f"| {r['kernel']} | {r['BLOCK_M']} x {r['BLOCK_N']} | {r['num_warps']} | {r['num_stages']} | "
+                         f"{r['registers']} | {r['spill_stores']} | {r['shared']} | {r['ctas_per_sm']} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 86, 89, 90); default 90")
@@ -469,6 +515,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="run the cases whose name contains this text")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown report")
     p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    p.add_argument("--sweep-attention", default=None, metavar="D,DTYPE",
+                   help="instead of the cases: resources of every attention tile for head dim D and DTYPE "
+                        "(e.g. 128,fp32); --sizes/--warps/--stages set the grid")
+    p.add_argument("--sizes", default="16,32,64", help="sweep: BLOCK_M and BLOCK_N values")
+    p.add_argument("--warps", default="4,8", help="sweep: num_warps values")
+    p.add_argument("--stages", default="1,2", help="sweep: num_stages values")
     p.add_argument("--max-spill", type=int, default=None,
                    help="fail when a kernel spills more than this many bytes (default: report only)")
     return p.parse_args(argv)
@@ -476,6 +528,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.sweep_attention:
+        d, dtype_name = args.sweep_attention.split(",")
+        ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+        rows = sweep_attention(args.arch, int(d), dtype_name, ints(args.sizes), ints(args.warps), ints(args.stages))
+        text = sweep_markdown(rows, f"Attention tile sweep: D={d} {dtype_name}, sm_{args.arch}, triton "
+                                    f"{triton.__version__}, commit {_git_commit()}")
+        print(text)
+        if not args.no_write:
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+            name = f"aot_sweep_attention_{stamp}_D{d}_{dtype_name}_sm{args.arch}_triton{triton.__version__}.md"
+            path = Path(args.out) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+        return 0
     report = run(args.arch, args.quick, args.only, progress=sys.stderr.isatty())
     print(markdown(report))
     if not args.no_write:

@@ -565,7 +565,10 @@ def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_y
 # ----------------------------------------------------------------------------------------------------
 # GPU tiles, chosen per (kernel, head dim, 16-bit or fp32): BLOCK_M × BLOCK_N, warps, pipeline stages. The 16-bit
 # ones are the register-spill-free candidates of ``benchmarks/bench_attention.py --tune`` (sm_90 resource usage).
-# fp32 operands take half-size tiles (no tensor-core shapes to feed, twice the shared memory per element).
+# fp32 operands (ieee products on the FMA units, no tensor cores) hold every product tile in registers: the half-size
+# tiles used before spilled 1.2-46 KB per thread on sm_90 (``python -m benchmarks.aot_check``, triton 3.6 and 3.9);
+# these are the largest tiles of that check's sweep (16-64 rows, 4/8 warps, 1/2 stages) that ptxas fits in
+# registers on both versions (<= 32 B spilled), chosen without a GPU timing (benchmarks/NOTES.md, tuning step 12).
 GPU_CONFIGS = {
     ("fwd", 64, 2): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", 128, 2): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -574,11 +577,11 @@ GPU_CONFIGS = {
     ("dq", 64, 2): dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
     ("dq", 128, 2): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
     ("fwd", 64, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("fwd", 128, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-    ("dkdv", 64, 4): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
-    ("dkdv", 128, 4): dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
-    ("dq", 64, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-    ("dq", 128, 4): dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+    ("fwd", 128, 4): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dkdv", 64, 4): dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+    ("dkdv", 128, 4): dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+    ("dq", 64, 4): dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("dq", 128, 4): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 # the interpreter is fastest with few, large numpy tiles; 64 keeps "T not a multiple of the block" testable
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)

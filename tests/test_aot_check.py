@@ -158,3 +158,17 @@ def test_main_exits_nonzero_on_a_failure(tmp_path):
     """)
     assert res.returncode == 1 and "FAILED c / _k: CompilationError: boom" in res.stderr
     assert "**failed**: CompilationError: boom" in res.stdout
+
+
+def test_attention_sweep_writes_one_row_per_kernel_and_tile(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "benchmarks.aot_check", "--sweep-attention", "64,fp32", "--sizes", "16",
+                          "--warps", "4", "--stages", "1", "--out", str(tmp_path)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (path,) = tmp_path.glob("aot_sweep_attention_*_D64_fp32_sm90_triton*.md")
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and " x " in line
+            and not line.startswith("| kernel")]
+    assert sorted(r.split("|")[1].strip() for r in rows) == ["dkdv", "dq", "fwd"]
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[1:-1]]
+        assert cells[1] == "16 x 16" and cells[2] == "4" and cells[3] == "1" and 0 < int(cells[4]) <= 255, r

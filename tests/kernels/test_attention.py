@@ -12,6 +12,7 @@ Grid (interpreter tiles are 64×64, see ``attention.INTERPRETER_CONFIG``):
     query blocks, the second one partial (T not a multiple of the block).
   * ``test_non_causal``: the mask-feature combinations without the causal mask.
   * ``test_larger``: a few bigger shapes (several documents per row, several kv heads, T = 1, 3, 256).
+  * ``test_gpu_tiles_under_the_interpreter``: every GPU launch tile of ``attention.GPU_CONFIGS`` (CPU only).
   * options: no RoPE, custom softmax scale, large explicit positions, strided q/k/v, the in-loop
     ("fused") RoPE of the streamed operand, no lse gradient.
   * validation errors, dispatch paths, ``torch.library.opcheck`` and ``torch.compile`` on a tiny shape.
@@ -148,6 +149,19 @@ def test_non_causal(docs, window, sinks):
 )
 def test_larger(B, T, HQ, HKV, D, dtype, opts):
     _check(B, T, HQ, HKV, D, dtype, seed=B * 1000 + T, **opts)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("D,width", sorted({(d, w) for (_, d, w) in A.GPU_CONFIGS}),
+                         ids=lambda v: str(v))
+def test_gpu_tiles_under_the_interpreter(monkeypatch, D, width):
+    """The GPU launch tiles (``GPU_CONFIGS``: 16 to 128 rows, BLOCK_M != BLOCK_N) on the interpreter, whose own
+    tile is 64 x 64: the block-range arithmetic (sink, masked and fully allowed kv ranges per query block, q-block
+    ranges per kv block) must hold for every tile a GPU launches. fp32 inputs whatever the table's operand width:
+    the tiles do not depend on the dtype, and the interpreter's bf16 maths is wrong."""
+    monkeypatch.setattr(A, "_config", lambda kernel, head_dim, dtype: dict(A.GPU_CONFIGS[(kernel, D, width)]))
+    _check(1, 150, 2, 1, D, torch.float32, docs=True, window=40, n_sink_tokens=3, sinks=True, seed=D + width)
+    _check(1, 150, 2, 2, D, torch.float32, seed=D * width)
 
 
 def test_no_rope_and_custom_scale():
