@@ -444,8 +444,9 @@ def run(arch: int, quick: bool, only: Optional[str] = None, progress: bool = Tru
     meta = dict(
         arch=arch, card=ARCH_LIMITS[arch]["card"], triton=triton.__version__, torch=torch.__version__,
         git_commit=_git_commit(), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        host=platform.processor() or platform.machine(), command="python -m benchmarks.aot_check " +
-        " ".join(sys.argv[1:]) if sys.argv and "aot_check" in sys.argv[0] else f"run(arch={arch}, quick={quick})",
+        host=platform.processor() or platform.machine(),
+        command=(" ".join(["python -m benchmarks.aot_check", *sys.argv[1:]]) if sys.argv and "aot_check" in sys.argv[0]
+                 else f"run(arch={arch}, quick={quick})"),
         n_cases=len(todo), n_kernels=len(recs), n_errors=sum(1 for r in recs if r["error"]),
         n_spilling=sum(1 for r in recs if r["spill_stores"]), wall_s=time.perf_counter() - t0,
     )
@@ -456,8 +457,8 @@ def write(report: Dict[str, Any], out_dir: Path) -> List[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     m = report["meta"]
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = out_dir / f"aot_check_{stamp}_sm{m['arch']}_triton{m['triton']}"
-    paths = [base.with_suffix(".json"), base.with_suffix(".md")]
+    base = f"aot_check_{stamp}_sm{m['arch']}_triton{m['triton']}"  # not with_suffix: the version has dots
+    paths = [out_dir / f"{base}.json", out_dir / f"{base}.md"]
     paths[0].write_text(json.dumps(report, indent=1, default=str))
     paths[1].write_text(markdown(report))
     return paths
@@ -534,6 +535,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = sweep_attention(args.arch, int(d), dtype_name, ints(args.sizes), ints(args.warps), ints(args.stages))
         text = sweep_markdown(rows, f"Attention tile sweep: D={d} {dtype_name}, sm_{args.arch}, triton "
                                     f"{triton.__version__}, commit {_git_commit()}")
+        text = text.replace("\n\n", f"\n\n`{' '.join(['python -m benchmarks.aot_check', *sys.argv[1:]])}` — "
+                                      f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch "
+                                      f"{torch.__version__}, no GPU; ptxas -v resources, no timings.\n\n", 1)
         print(text)
         if not args.no_write:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
