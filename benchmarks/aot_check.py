@@ -404,13 +404,11 @@ def markdown(report: Dict[str, Any]) -> str:
 
 
 def _git_commit() -> str:
-    import subprocess
+    """The commit (with "+dirty" for uncommitted tracked changes), as the benchmark runner records it."""
+    from benchmarks.run import environment
 
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip() or "unknown"
-    except Exception:
-        return os.environ.get("MLLM_GIT_COMMIT", "unknown")
+    env = environment("cpu")
+    return f"{env['git_commit'] or 'unknown'}{'+dirty' if env.get('git_dirty') else ''}"
 
 
 def run(arch: int, quick: bool, only: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
