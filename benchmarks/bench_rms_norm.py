@@ -17,6 +17,13 @@ CPU: the same ``run`` times the eager reference at small shapes; ``pytest benchm
 --benchmark-enable`` runs the pytest-benchmark tests below.
 
     python benchmarks/bench_rms_norm.py --out benchmarks/results/      # JSON + Markdown
+    python benchmarks/bench_rms_norm.py --sweep --out benchmarks/results/   # GPU: backward launch-config sweep
+
+The backward sweep times ``rms_norm_bwd`` (with and without the fused op's dh) per launch config: rows per tile,
+warps, programs per SM. Why: the shipped backward (8 rows x 1,024 with 4 warps) was measured fastest on an H100 among
+the configs tried then, yet sits at 53% of bandwidth, and ptxas gives it 253-255 registers, i.e. 2 CTAs = 8 warps
+per SM (``python -m benchmarks.aot_check``, benchmarks/NOTES.md tuning step 12): 8 or 16 warps per tile halve or
+quarter the registers per thread.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
+from benchmarks.common import Case, cli, cpu_median_ms, cuda_median_ms, reference_providers, run_shapes  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 EPS = 1e-6
@@ -68,6 +75,80 @@ def run(device=None, quick: bool = False, progress: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------
+# GPU: backward launch-config sweep
+# ----------------------------------------------------------------------------------------------------
+SWEEP_SHAPES = [(8192, 1024), (32768, 4096)]
+SWEEP_CONFIGS = [None] + [dict(block_rows=br, num_warps=nw, per_sm=ps)
+                          for br in (4, 8, 16) for nw in (4, 8, 16) for ps in (2, 4, 8)]
+
+
+def sweep(device="cuda", shapes=SWEEP_SHAPES, configs=SWEEP_CONFIGS, dtype=torch.bfloat16):
+    """Median ms of ``rms_norm_bwd`` per launch config and its GB/s over the minimal bytes (read dy, x (and dh),
+    write dx, plus w and dw); ``None`` is the shipped config. A config that cannot launch is a row with its error.
+    On CPU (tests, under the interpreter) the timing is perf_counter's and means nothing."""
+    K = __import__("importlib").import_module("mllm_kernels.rms_norm")
+    dev = torch.device(device)
+    time_ms = cuda_median_ms if dev.type == "cuda" else (lambda fn: cpu_median_ms(fn, reps=1))
+    rows = []
+    for N, C in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x, dy, dh = (torch.randn(N, C, generator=g).to(dev, dtype) for _ in range(3))
+        w = (1 + 0.1 * torch.randn(C, generator=g)).to(dev, dtype)
+        b = x.element_size()
+        for with_dh in (False, True):
+            nbytes = (4 if with_dh else 3) * N * C * b + 2 * C * w.element_size()
+            for tune in configs:
+                try:
+                    ms = time_ms(lambda: K.rms_norm_bwd(dy, x, w, EPS, dh=dh if with_dh else None, tune=tune))
+                    err = None
+                except Exception as e:  # noqa: BLE001 - an unlaunchable config is a sweep result
+                    ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(dict(shape=f"{N}x{C}", dh=with_dh, config="shipped" if tune is None else tune, ms=ms,
+                                 gbps=nbytes / ms / 1e6 if ms == ms else None, error=err))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def sweep_markdown(rows, env) -> str:
+    lines = [f"# RMSNorm backward launch-config sweep: {env.get('card')} ({env.get('date_utc')})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda_runtime')}, driver "
+             f"{env.get('driver')}, git {env.get('git_commit')}; `python benchmarks/bench_rms_norm.py --sweep`", "",
+             "| shape | dh | rows/tile | warps | programs/SM | ms | GB/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["config"]
+        br, nw, ps = ("shipped",) * 3 if c == "shipped" else (c["block_rows"], c["num_warps"], c["per_sm"])
+        gb = "n/a" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        lines.append(f"| {r['shape']} | {r['dh']} | {br} | {nw} | {ps} | {r['ms']:.4f} | {gb} |"
+                     + (f" {r['error']}" if r["error"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main_sweep(argv) -> list:
+    import argparse
+    import json
+
+    from benchmarks.run import device_tag, environment
+
+    ap = argparse.ArgumentParser(description="RMSNorm backward launch-config sweep (GPU)")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    env = environment(args.device)
+    rows = sweep(args.device) if args.device != "cpu" else sweep("cpu", shapes=[(64, 256)], configs=SWEEP_CONFIGS[:3],
+                                                                 dtype=torch.float32)
+    text = sweep_markdown(rows, env)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"bench_rms_norm_sweep_{env['date_utc'][:19].replace('-', '').replace(':', '')}_{device_tag(env)}"
+        (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2, default=str))
+        (out / f"{stem}.md").write_text(text)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # CPU: pytest-benchmark of the eager paths (kept runnable without a GPU)
 # ----------------------------------------------------------------------------------------------------
 def test_rms_norm_eager_fwd_cpu(benchmark):
@@ -87,4 +168,7 @@ def test_fused_add_rms_norm_eager_fwd_cpu(benchmark):
 
 
 if __name__ == "__main__":
-    cli("rms_norm", run)
+    if "--sweep" in sys.argv[1:]:
+        main_sweep(sys.argv[1:])
+    else:
+        cli("rms_norm", run)
