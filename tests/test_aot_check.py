@@ -181,3 +181,13 @@ def test_attention_sweep_writes_one_row_per_kernel_and_tile(tmp_path):
     for r in rows:
         cells = [c.strip() for c in r.split("|")[1:-1]]
         assert cells[1] == "16 x 16" and cells[2] == "4" and cells[3] == "1" and 0 < int(cells[4]) <= 255, r
+
+
+@pytest.mark.parametrize("arch", [80, 89])
+def test_quick_check_for_ampere_and_ada(arch):
+    """The training step's kernels also compile for A100 (sm_80: mma instead of wgmma) and L4 / RTX 40xx (sm_89:
+    99 KiB of shared memory per CTA instead of 227)."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.aot_check", "--quick", "--arch", str(arch), "--no-write"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"sm_{arch}" in res.stdout and "0 failed" in res.stdout
