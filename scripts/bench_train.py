@@ -495,6 +495,10 @@ def markdown(report: Dict[str, Any]) -> str:
     if goal:
         lines.append(goal)
         lines.append("")
+    proj = projection_line(report.get("pretrain_projection"), a["config"])
+    if proj:
+        lines.append(proj)
+        lines.append("")
     notes = [f"- {r['backend']}: kernel paths {r['kernel_paths']}" for r in report["results"] if r.get("kernel_paths")]
     if any(r.get("isolated") for r in report["results"]):
         notes.append("- each backend ran in a process of its own (--isolate)")
@@ -516,6 +520,27 @@ def goal_line(results: List[Dict[str, Any]], device: torch.device, cfg_name: str
     if "eager" in by:
         s += f", {best['tokens_per_s'] / by['eager']['tokens_per_s']:.2f}× eager"
     return s + "."
+
+
+def pretrain_projection(results: List[Dict[str, Any]], cfg, seq_len: int) -> Dict[str, Any]:
+    """What the measured rates mean for the config's pretraining stage: its tokens (steps × batch × seq_len) over each
+    backend's tokens/s, on one device. Only stated when the benchmark's T is the stage's (tokens/s depends on T)."""
+    pre = cfg.pretrain
+    tokens = pre.steps * pre.batch_size * pre.seq_len
+    out: Dict[str, Any] = {"steps": pre.steps, "batch_size": pre.batch_size, "seq_len": pre.seq_len, "tokens": tokens,
+                           "same_seq_len": seq_len == pre.seq_len, "hours": {}}
+    if out["same_seq_len"]:
+        out["hours"] = {r["backend"]: tokens / r["tokens_per_s"] / 3600 for r in results if r.get("tokens_per_s")}
+    return out
+
+
+def projection_line(proj: Dict[str, Any], config: str) -> Optional[str]:
+    if not proj or not proj["hours"]:
+        return None
+    times = ", ".join(f"{b} {h:,.1f} h" for b, h in proj["hours"].items())
+    return (f"Pretraining of `{config}` ({proj['steps']:,} steps × {proj['batch_size']} × {proj['seq_len']:,} = "
+            f"{proj['tokens'] / 1e9:.2f} B tokens) at these rates on one device: {times} (tokens / tokens/s; the "
+            f"trainer adds evaluation and checkpoint time).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -575,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "results": results,
     }
     report["goal"] = goal_line(results, device, args.config)
+    report["pretrain_projection"] = pretrain_projection(results, cfg, args.seq_len)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -63,6 +63,22 @@ def test_eager_cpu_throughput_and_report(bt, tmp_path):
     env = rep["environment"]
     assert env["card"] == "cpu" and env["torch"] == torch.__version__ and env["git_commit"]
     assert "| eager | " in md and "n/a" in md
+    # the stage's tokens over the measured rate: local-smoke pretrains 60 steps x 16 x 128, but this run used T=32
+    proj = rep["pretrain_projection"]
+    assert proj["tokens"] == 60 * 16 * 128 and proj["same_seq_len"] is False and proj["hours"] == {}
+    assert "Pretraining of" not in md
+
+
+def test_pretraining_projection(bt):
+    from mllm.config.pipeline_config import load_config
+
+    cfg = load_config("gpu-full")
+    res = [{"backend": "triton", "tokens_per_s": 250_596.0}, {"backend": "eager", "error": "boom"}]
+    proj = bt.pretrain_projection(res, cfg, 1024)
+    assert proj["tokens"] == 40_000 * 128 * 1024 and list(proj["hours"]) == ["triton"]
+    assert math.isclose(proj["hours"]["triton"], 40_000 * 128 * 1024 / 250_596 / 3600)  # 5.81 h
+    line = bt.projection_line(proj, "gpu-full")
+    assert "40,000 steps × 128 × 1,024 = 5.24 B tokens" in line and "triton 5.8 h" in line
 
 
 def test_failing_backend_is_recorded_and_others_run(bt, tmp_path, monkeypatch):
