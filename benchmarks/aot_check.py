@@ -3,6 +3,7 @@
     python -m benchmarks.aot_check                     # sm_90 (H100/H200), every case, JSON + Markdown
     python -m benchmarks.aot_check --arch 80 --quick   # sm_80 (A100), the model's kernels only
     PYTHONPATH=/path/to/triton-3.6 python -m benchmarks.aot_check   # another Triton version, same cases
+    python -m benchmarks.aot_check --sweep-attention 128,fp32          # resources of every attention tile
 
 Why: GPU time is scarce (a few sessions get 15 minutes), and the first GPU run of the attention kernel was lost
 to a compile error that only Triton's CUDA code generator reports (``_load_rows`` returning fp32 in one branch
@@ -27,7 +28,8 @@ case. It must run in a fresh process with ``TRITON_INTERPRET`` off (``@triton.ji
 kernel is interpreted).
 
 Works with triton 3.6-3.9 (the GPU image has 3.6; CI has 3.9): only ``JITFunction.run(*args, grid, warmup,
-**kwargs)``, ``driver.set_active`` and ``knobs.nvidia.dump_ptxas_log`` are used.
+**kwargs)``, ``driver.set_active`` / ``driver._active``, ``knobs.compilation.always_compile`` and
+``knobs.nvidia.dump_ptxas_log`` are used.
 """
 from __future__ import annotations
 
