@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,6 +83,9 @@ SWEEP_CONFIGS = [None] + [dict(block_rows=br, num_warps=nw, per_sm=ps)
                           for br in (4, 8, 16) for nw in (4, 8, 16) for ps in (2, 4, 8)]
 
 
+MAX_SWEEP_TILE = 32768
+
+
 def sweep(device="cuda", shapes=SWEEP_SHAPES, configs=SWEEP_CONFIGS, dtype=torch.bfloat16):
     """Median ms of ``rms_norm_bwd`` per launch config and its GB/s over the minimal bytes (read dy, x (and dh),
     write dx, plus w and dw); ``None`` is the shipped config. A config that cannot launch is a row with its error.
@@ -98,6 +102,8 @@ def sweep(device="cuda", shapes=SWEEP_SHAPES, configs=SWEEP_CONFIGS, dtype=torch
         for with_dh in (False, True):
             nbytes = (4 if with_dh else 3) * N * C * b + 2 * C * w.element_size()
             for tune in configs:
+                if tune is not None and tune["block_rows"] * triton.next_power_of_2(C) > MAX_SWEEP_TILE:
+                    continue  # 64K-element register tiles: minutes of compile for a config that cannot win
                 try:
                     ms = time_ms(lambda: K.rms_norm_bwd(dy, x, w, EPS, dh=dh if with_dh else None, tune=tune))
                     err = None
