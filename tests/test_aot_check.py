@@ -19,8 +19,6 @@ sys.path.insert(0, str(REPO))
 MODEL_KERNELS = {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
                  "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                  "_ce_rows_kernel"}
-
-
 ATTENTION_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 SPILL_BUDGET = 64  # bytes per thread; measured 0-32 with triton 3.6 and 3.9 (results/aot_check_20261126-*)
 
@@ -39,7 +37,7 @@ def _python(tmp_path: Path, code: str, timeout: int = 300):
 
 
 def test_parse_ptxas_and_occupancy():
-    # the module reads TRITON_INTERPRET at import only to pick its own mode; these helpers are pure
+    # importing the module sets no environment variable (only running it as a script does); pure helpers
     from benchmarks.aot_check import ctas_per_sm, parse_ptxas
 
     log = ("ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
