@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
-# train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep
+# train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed
 # stages profile profile_compiled attn_cache_tests. Section limits (seconds) are environment variables (T_DPO_TESTS,
-# T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP) so
+# T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 set -u
@@ -35,6 +35,15 @@ for s in $SECTIONS; do
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
     host_overhead)  # host µs of the launch path: custom-op dispatcher vs autograd.Function (NOTES tuning step 11)
       section host_overhead "${T_HOST:-60}" $PY -m benchmarks.run --only host_overhead --out "$OUT/results" ;;
+    train_packed)  # packed documents (HAS_DOCS, as pretraining): dq at 160 registers, then with maxnreg=128 (NOTES step 12)
+      section train_packed "${T_PACKED:-90}" $PY scripts/bench_train.py --backends triton --docs-per-row 4 \
+        --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
+      section train_packed_maxnreg "${T_PACKED:-90}" $PY -c "import importlib, runpy, sys
+A = importlib.import_module('mllm_kernels.attention')
+A.GPU_CONFIGS[('dq', 64, 2)]['maxnreg'] = 128
+sys.argv = ['bench_train.py', '--backends', 'triton', '--docs-per-row', '4', '--grad-accum', '4', '--steps', '4',
+            '--warmup', '2', '--out', '$OUT/results']
+runpy.run_path('scripts/bench_train.py', run_name='__main__')" ;;
     rms_norm_sweep)  # RMSNorm backward launch configs (NOTES tuning step 12: 255 registers, 8 warps per SM)
       section rms_norm_sweep "${T_RMS_SWEEP:-120}" $PY benchmarks/bench_rms_norm.py --sweep --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;
