@@ -4,6 +4,7 @@
     python -m benchmarks.aot_check --arch 80 --quick   # sm_80 (A100), the model's kernels only
     PYTHONPATH=/path/to/triton-3.6 python -m benchmarks.aot_check   # another Triton version, same cases
     python -m benchmarks.aot_check --sweep-attention 128,fp32          # resources of every attention tile
+    python -m benchmarks.aot_check --compare BEFORE.json AFTER.json    # what a change (or a triton upgrade) moved
 
 Why: GPU time is scarce (a few sessions get 15 minutes), and the first GPU run of the attention kernel was lost
 to a compile error that only Triton's CUDA code generator reports (``_load_rows`` returning fp32 in one branch
@@ -509,6 +510,45 @@ def sweep_markdown(rows: List[Dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPARED = ("registers", "spill_stores", "shared", "ctas_per_sm", "error")
+
+
+def _key(r: Dict[str, Any]):
+    return r["case"], r["kernel"], json.dumps(r["constexprs"], sort_keys=True), r["num_warps"], r["num_stages"]
+
+
+def compare(before: Dict[str, Any], after: Dict[str, Any]) -> str:
+    """Markdown of what changed between two reports (two commits, two triton versions, two archs): specialisations
+    whose registers, spills, shared memory, CTAs per SM or error differ, and those only one report has."""
+    a = {_key(r): r for r in before["records"]}
+    b = {_key(r): r for r in after["records"]}
+    ma, mb = before["meta"], after["meta"]
+    lines = [f"# AOT report diff: {ma['git_commit']} triton {ma['triton']} sm_{ma['arch']} → "
+             f"{mb['git_commit']} triton {mb['triton']} sm_{mb['arch']}", "",
+             "| case | kernel | tile | warps | stages | regs | spill B | shared B | CTAs/SM | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(x, y):
+        return f"{x}" if x == y else f"{x} → {y}"
+
+    changed = 0
+    for k in sorted(set(a) | set(b)):
+        ra, rb = a.get(k), b.get(k)
+        r = rb or ra
+        head = f"| {r['case']} | {r['kernel']} | {_tile(r['constexprs'])} | {r['num_warps']} | {r['num_stages']} |"
+        if ra is None or rb is None:
+            changed += 1
+            lines.append(head + (" only in the second report |" if ra is None else " only in the first report |")
+                         + " |" * 4)
+        elif any(ra[f] != rb[f] for f in COMPARED):
+            changed += 1
+            err = cell(bool(ra["error"]), bool(rb["error"])) if (ra["error"] or rb["error"]) else ""
+            lines.append(head + " " + " | ".join(cell(ra[f], rb[f]) for f in COMPARED[:4]) + f" | {err} |")
+    lines.insert(2, f"{changed} of {len(set(a) | set(b))} specialisations differ (tiles that changed appear as one "
+                    f"row per report).\n")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 86, 89, 90); default 90")
@@ -516,6 +556,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help="run the cases whose name contains this text")
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and Markdown report")
     p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("BEFORE.json", "AFTER.json"),
+                   help="instead of compiling: print what changed between two reports of this script")
     p.add_argument("--sweep-attention", default=None, metavar="D,DTYPE",
                    help="instead of the cases: resources of every attention tile for head dim D and DTYPE "
                         "(e.g. 128,fp32); --sizes/--warps/--stages set the grid")
@@ -529,6 +571,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        print(compare(*(json.loads(Path(f).read_text()) for f in args.compare)))
+        return 0
     if args.sweep_attention:
         d, dtype_name = args.sweep_attention.split(",")
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731

@@ -189,3 +189,24 @@ def test_quick_check_for_ampere_and_ada(arch):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"sm_{arch}" in res.stdout and "0 failed" in res.stdout
+
+
+def test_compare_reports():
+    from benchmarks.aot_check import compare
+
+    def rec(kernel, regs, spill, tile=64, error=None):
+        return dict(case="c", kernel=kernel, constexprs={"BLOCK_M": tile}, num_warps=4, num_stages=3, compile_s=0.1,
+                    shared=1024, registers=regs, spill_stores=spill, spill_loads=spill, ctas_per_sm=2,
+                    limit="registers", error=error)
+
+    meta = lambda commit: dict(git_commit=commit, triton="3.6.0", arch=90)  # noqa: E731
+    before = {"meta": meta("aaa"), "records": [rec("_same", 100, 0), rec("_spills", 255, 4096), rec("_retiled", 90, 0)]}
+    after = {"meta": meta("bbb"), "records": [rec("_same", 100, 0), rec("_spills", 200, 0),
+                                              rec("_retiled", 80, 0, tile=32)]}
+    md = compare(before, after)
+    assert md.startswith("# AOT report diff: aaa triton 3.6.0 sm_90 → bbb triton 3.6.0 sm_90")
+    assert "3 of 4 specialisations differ" in md
+    assert "| c | _spills | M=64 | 4 | 3 | 255 → 200 | 4096 → 0 | 1024 | 2 |  |" in md
+    assert "| c | _retiled | M=64 | 4 | 3 | only in the first report |" in md
+    assert "| c | _retiled | M=32 | 4 | 3 | only in the second report |" in md
+    assert "_same" not in md
