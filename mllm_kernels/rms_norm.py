@@ -443,9 +443,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     Differentiable in x and weight. Dispatch: CUDA -> compiled kernel, CPU with TRITON_INTERPRET=1 -> the kernel
     under the interpreter, CPU otherwise -> ``reference.rms_norm`` (``last_path("rms_norm")`` tells which ran)."""
     _validate(x, weight, eps, out_dtype=out_dtype)
-    path = kernel_path(x)
-    record_path("rms_norm", path)
-    if path == "eager":
+    if kernel_path(x) == "eager":  # the kernel paths are recorded by the op's implementation, where they run
+        record_path("rms_norm", "eager")
         return reference.rms_norm(x, weight, eps, out_dtype)
     return call_op(_rms_norm_op, _RMSNormFunction, x, weight, float(eps), out_dtype)
 
@@ -459,9 +458,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     is normalised (as in ``reference.fused_add_rms_norm``); y has out_dtype (default residual.dtype).
     Differentiable in x, residual and weight; dispatch as ``rms_norm``."""
     _validate(x, weight, eps, residual, out_dtype)
-    path = kernel_path(x)
-    record_path("fused_add_rms_norm", path)
-    if path == "eager":
+    if kernel_path(x) == "eager":  # the kernel paths are recorded by the op's implementation, where they run
+        record_path("fused_add_rms_norm", "eager")
         return reference.fused_add_rms_norm(x, residual, weight, eps, out_dtype)
     return call_op(_fused_add_rms_norm_op, _FusedAddRMSNormFunction, x, residual, weight, float(eps), out_dtype)
 

@@ -290,9 +290,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     Dispatch: CUDA -> compiled kernel, CPU with TRITON_INTERPRET=1 -> the kernel under the interpreter, CPU
     otherwise -> ``reference.apply_rope`` (``last_path("apply_rope")`` tells which ran)."""
     _validate(q, k, position_ids, theta)
-    path = kernel_path(q)
-    record_path("apply_rope", path)
-    if path == "eager":
+    if kernel_path(q) == "eager":  # the kernel paths are recorded by the op's implementation, where they run
+        record_path("apply_rope", "eager")
         return reference.apply_rope(q, k, position_ids, theta)
     return call_op(_apply_rope_op, _ApplyRopeFunction, q, k, position_ids, float(theta))
 
