@@ -497,8 +497,8 @@ def sweep_attention(arch: int, head_dim: int, dtype_name: str, sizes: Sequence[i
     return rows
 
 
-def sweep_markdown(rows: List[Dict[str, Any]], title: str) -> str:
-    lines = [f"# {title}", "", "| kernel | BLOCK_M x BLOCK_N | warps | stages | regs | spill B | shared B | CTAs/SM |",
+def sweep_markdown(rows: List[Dict[str, Any]], title: str, subtitle: str = "") -> str:
+    lines = [f"# {title}", ""] + ([subtitle, ""] if subtitle else []) + ["| kernel | BLOCK_M x BLOCK_N | warps | stages | regs | spill B | shared B | CTAs/SM |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"])):
         if r["error"]:
@@ -579,10 +579,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
         rows = sweep_attention(args.arch, int(d), dtype_name, ints(args.sizes), ints(args.warps), ints(args.stages))
         text = sweep_markdown(rows, f"Attention tile sweep: D={d} {dtype_name}, sm_{args.arch}, triton "
-                                    f"{triton.__version__}, commit {_git_commit()}")
-        text = text.replace("\n\n", f"\n\n`{' '.join(['python -m benchmarks.aot_check', *sys.argv[1:]])}` — "
-                                      f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch "
-                                      f"{torch.__version__}, no GPU; ptxas -v resources, no timings.\n\n", 1)
+                                    f"{triton.__version__}, commit {_git_commit()}",
+                              f"`{' '.join(['python -m benchmarks.aot_check', *sys.argv[1:]])}` — "
+                              f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+                              "no GPU; ptxas -v resources, no timings.")
         print(text)
         if not args.no_write:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
