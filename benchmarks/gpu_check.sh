@@ -35,15 +35,9 @@ for s in $SECTIONS; do
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
     host_overhead)  # host µs of the launch path: custom-op dispatcher vs autograd.Function (NOTES tuning step 11)
       section host_overhead "${T_HOST:-60}" $PY -m benchmarks.run --only host_overhead --out "$OUT/results" ;;
-    train_packed)  # packed documents (HAS_DOCS, as pretraining): dq at 160 registers, then with maxnreg=128 (NOTES step 12)
+    train_packed)  # packed documents (HAS_DOCS, as pretraining): cu_seqlens checked on the host, no read-back (NOTES step 13)
       section train_packed "${T_PACKED:-90}" $PY scripts/bench_train.py --backends triton --docs-per-row 4 \
-        --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results"
-      section train_packed_maxnreg "${T_PACKED:-90}" $PY -c "import importlib, runpy, sys
-A = importlib.import_module('mllm_kernels.attention')
-A.GPU_CONFIGS[('dq', 64, 2)]['maxnreg'] = 128
-sys.argv = ['bench_train.py', '--backends', 'triton', '--docs-per-row', '4', '--grad-accum', '4', '--steps', '4',
-            '--warmup', '2', '--out', '$OUT/results']
-runpy.run_path('scripts/bench_train.py', run_name='__main__')" ;;
+        --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
     rms_norm_sweep)  # RMSNorm backward launch configs (NOTES tuning step 12: 255 registers, 8 warps per SM)
       section rms_norm_sweep "${T_RMS_SWEEP:-120}" $PY benchmarks/bench_rms_norm.py --sweep --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;

@@ -42,7 +42,21 @@ def kernel_path(t: torch.Tensor) -> str:
 
 
 def record_path(op: str, path: str) -> None:
+    """Remember which path ``op`` took. The kernel path is recorded by each op's implementation, which runs on every
+    call, compiled or not; the functional APIs record only their eager fallback.
+
+    A no-op while torch.compile traces: there the write would be a traced mutation of this global dict, which dynamo
+    replays after the graph by rebuilding the dict from its trace-time contents, erasing what the implementations
+    recorded at run time (bench_train listed only attention and the LM loss for triton+compile, although the norms
+    and SwiGLU ran their Triton kernels)."""
+    if torch.compiler.is_compiling():
+        return
     _LAST_PATH[op] = path
+
+
+def reset_paths() -> None:
+    """Forget every recorded path (so that what ``last_path`` reports next comes from calls made after this)."""
+    _LAST_PATH.clear()
 
 
 def last_path(op: str) -> Optional[str]:

@@ -631,6 +631,12 @@ class _PerTensorCache:
         self.ref, self.version, self.key, self.value = weakref.ref(t), version, key, value
         return value
 
+    def put(self, t: torch.Tensor, key, value) -> None:
+        """Store ``value`` for ``t`` as ``get`` would have after computing it (same caching rules)."""
+        if self.cuda_only and not t.is_cuda:
+            return
+        self.ref, self.version, self.key, self.value = weakref.ref(t), t._version, key, value
+
 
 _DOC_CACHE = _PerTensorCache()
 _CU_VALID_CACHE = _PerTensorCache()
@@ -813,6 +819,7 @@ def _attention_impl(
     n_sink_tokens: int, rope_theta: Optional[float], softmax_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [B, T, Hq, D], lse [B, Hq, T] fp32); arguments already validated by ``attention``."""
+    record_path("attention", kernel_path(q))
     return _forward(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta,
                     softmax_scale)
 
@@ -892,6 +899,27 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
         return
     # the sync runs once per cu_seqlens tensor, not once per layer
     _CU_VALID_CACHE.get(cu_seqlens, (B, T), lambda: _check_cu_values(cu_seqlens, B, T))
+
+
+def cu_seqlens_to_device(cu_seqlens: torch.Tensor, B: int, T: int, device, non_blocking: bool = True) -> torch.Tensor:
+    """Validate host-side document bounds and copy them to ``device``; ``attention`` then trusts that copy.
+
+    cu_seqlens: 1-D int32/int64 on the CPU (FlashAttention-varlen offsets over the flattened B·T tokens), checked as
+    ``attention`` checks it (starts at 0, ends at B·T, strictly increasing, holds every row start), raising the same
+    ValueError. Why: ``attention`` validates a CUDA ``cu_seqlens`` by reading its values back, a device-to-host sync
+    once per batch; in a host-bound training step that sync stalls the host until the previous micro-batch's backward
+    has drained (the likely cause of the H100's 70 ms forward with 4 documents per row against 52 ms without
+    documents, benchmarks/NOTES.md tuning step 13). Validating the host copy costs no sync. Pinned host memory (as a DataLoader with ``pin_memory=True`` gives) keeps the copy asynchronous.
+    A tensor already on a GPU is only moved (``attention`` validates it as before)."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    if cu_seqlens.is_cuda:
+        return cu_seqlens.to(device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu_seqlens.numel()} value(s)")
+    _check_cu_values(cu_seqlens, B, T)
+    out = cu_seqlens.to(device, non_blocking=non_blocking)
+    _CU_VALID_CACHE.put(out, (B, T), True)
+    return out
 
 
 def _check_cu_values(cu_seqlens: torch.Tensor, B: int, T: int) -> bool:
@@ -981,8 +1009,8 @@ def attention(
     path = "eager" if return_probs else kernel_path(q)
     _validate(q, k, v, position_ids, cu_seqlens, window, n_sink_tokens, sinks, rope_theta, softmax_scale,
               kernel=path != "eager")
-    record_path("attention", path)
     if path == "eager":
+        record_path("attention", "eager")
         return reference.attention(q, k, v, position_ids, causal=causal, cu_seqlens=cu_seqlens, window=window,
                                    n_sink_tokens=n_sink_tokens, sinks=sinks, rope_theta=rope_theta,
                                    softmax_scale=softmax_scale, return_lse=return_lse, return_probs=return_probs)

@@ -221,6 +221,7 @@ def _sequence_logprobs_impl(hidden: torch.Tensor, weight: torch.Tensor, labels: 
         raise RuntimeError(f"mllm::sequence_logprobs runs Triton kernels: hidden is on {hidden.device}, which needs "
                            "CUDA (or TRITON_INTERPRET=1 for CPU); use mllm_kernels.dpo_logprobs.sequence_logprobs, "
                            "which takes the eager reference there")
+    record_path("sequence_logprobs", kernel_path(hidden))
     N, T, D = hidden.shape
     h2 = hidden.reshape(N * T, D).contiguous()
     y1 = labels.reshape(N * T).to(torch.int64).contiguous()
@@ -313,9 +314,8 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"labels hold ids outside [0, {weight.shape[0]}) other than ignore_index={ignore_index}")
-    path = kernel_path(hidden)
-    record_path("sequence_logprobs", path)
-    if path == "eager":
+    if kernel_path(hidden) == "eager":
+        record_path("sequence_logprobs", "eager")
         return reference.sequence_logprobs(hidden, weight, labels, ignore_index)
     return call_op(_sequence_logprobs_op, _SequenceLogprobsFunction, hidden, weight, labels, ignore_index)[0]
 

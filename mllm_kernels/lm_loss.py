@@ -128,6 +128,7 @@ def _lce_impl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
         raise RuntimeError(f"mllm::linear_cross_entropy runs a Triton kernel: hidden is on {hidden.device}, which "
                            "needs CUDA (or TRITON_INTERPRET=1 for CPU); use mllm_kernels.lm_loss.linear_cross_entropy, "
                            "which takes the eager reference there")
+    record_path("linear_cross_entropy", kernel_path(hidden))
     return lce_forward(hidden.contiguous(), weight.contiguous(), labels.contiguous(), vocab_size, ignore_index,
                        need_grad)
 
@@ -205,9 +206,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels hold ids outside [0, {V}) other than ignore_index={ignore_index}")
-    path = kernel_path(hidden)
-    record_path("linear_cross_entropy", path)
-    if path == "eager":
+    if kernel_path(hidden) == "eager":
+        record_path("linear_cross_entropy", "eager")
         return reference.linear_cross_entropy(hidden, weight, labels, V, ignore_index)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     h2 = hidden.reshape(-1, hidden.shape[-1])

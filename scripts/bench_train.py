@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from benchmarks.run import describe_exception, device_tag, environment, jsonable, resolve_device  # noqa: E402
 from mllm.config.pipeline_config import ConfigError, load_config  # noqa: E402
+from mllm.training.batches import batch_to_device  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
 from mllm.training.profiling import StepProfiler, trace_range  # noqa: E402
 
@@ -308,10 +309,14 @@ def flops_per_token(model, cfg, seq_len: int) -> float:
     return float(6 * n + 12 * m.n_layers * m.n_heads * m.head_dim * seq_len)
 
 
-def kernel_paths() -> Dict[str, str]:
+def kernel_paths(reset: bool = False) -> Dict[str, str]:
+    """The path each kernel op took since the last ``kernel_paths(reset=True)`` (which forgets them)."""
     try:
-        from mllm_kernels._common import last_path
+        from mllm_kernels._common import last_path, reset_paths
     except ImportError:
+        return {}
+    if reset:
+        reset_paths()
         return {}
     return {op: last_path(op) for op in KERNEL_OPS if last_path(op) is not None}
 
@@ -325,6 +330,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     kernel_backend, compiled = BACKENDS[name]
     model = build_model(cfg, kernel_backend, device, args.seed)
     model.train()
+    kernel_paths(reset=True)  # a backend run before in this process must not lend this one its records
     opt = make_optimizer(model, cfg, args.lr, device)
     params = [p for p in model.parameters() if p.requires_grad]
     amp_dtype = DTYPES[args.dtype]
@@ -360,7 +366,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
             for j in range(accum):
                 hb = host_batches[(i * accum + j) % len(host_batches)]
                 with trace_range("data"):
-                    b = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in hb.items()}
+                    b = batch_to_device(hb, device)  # cu_seqlens validated on the host: no sync per micro-batch
                 mark("data")
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()

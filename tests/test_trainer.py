@@ -2,6 +2,7 @@
 NVTX/record_function names in a profiler trace, config errors, and the pretrain stage end to end on real data."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from mllm.config.pipeline_config import ConfigError, ModelConfig, OptimConfig, StageConfig
 from mllm.models.transformer import Transformer, causal_lm_loss
 from mllm.training import checkpoint as ckpt
-from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows, collate_rows
+from mllm.training.batches import EvalBatches, RowBatchSource, TokenWindows, batch_to_device, collate_rows
 from mllm.training.metrics import MetricsWriter, device_peak_flops, mfu, plot_loss_curve, read_metrics
 from mllm.training.profiling import RANGE_NAMES
 from mllm.training.trainer import Trainer, lr_at, param_groups
@@ -214,6 +215,26 @@ def test_collate_cu_seqlens_offsets_rows():
     assert b["input_ids"].shape == (2, 4) and b["cu_seqlens"].tolist() == [0, 1, 4, 8]
     with pytest.raises(ValueError, match="row 0 cu_seqlens"):
         collate_rows([{"input_ids": np.arange(4), "cu_seqlens": np.array([0, 3])}])
+
+
+def test_batch_to_device_routes_document_bounds_through_host_validation(monkeypatch):
+    """On the way to a GPU, cu_seqlens goes through ``cu_seqlens_to_device`` with B and T from input_ids (checked on
+    the host, so attention needs no read-back sync); other keys are plain copies, order and non-tensors kept. The
+    meta device stands in for a GPU here: it takes the non-CPU branch without one."""
+    import mllm_kernels.attention  # noqa: F401 - the module batch_to_device imports lazily
+
+    A = sys.modules["mllm_kernels.attention"]
+    calls = []
+    monkeypatch.setattr(A, "cu_seqlens_to_device", lambda cu, B, T, dev: calls.append((cu.device.type, B, T)) or cu.to(dev))
+    rows = [{"input_ids": np.arange(4), "labels": np.arange(4), "cu_seqlens": np.array([0, 1, 4])}] * 3
+    batch = {"n": 7, **collate_rows(rows)}
+    out = batch_to_device(batch, "meta")
+    assert list(out) == list(batch) and out["n"] == 7 and calls == [("cpu", 3, 4)]
+    assert all(out[k].device.type == "meta" for k in ("input_ids", "labels", "cu_seqlens"))
+    calls.clear()
+    on_cpu = batch_to_device(batch, "cpu")  # CPU: attention validates CPU bounds itself, for free
+    assert calls == [] and on_cpu["cu_seqlens"] is batch["cu_seqlens"]
+    assert batch_to_device({"input_ids": batch["input_ids"], "cu_seqlens": None}, "meta")["cu_seqlens"] is None
 
 
 def test_batches_disjoint_and_world_invariant():

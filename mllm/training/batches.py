@@ -82,6 +82,38 @@ def collate_rows(rows: List[Mapping[str, Any]]) -> Batch:
     return out
 
 
+def batch_to_device(batch: Mapping[str, Any], device) -> Batch:
+    """Every tensor of ``batch`` on ``device``; for a CUDA device host tensors are pinned first, so that the copies
+    are asynchronous.
+
+    ``cu_seqlens`` goes through ``mllm_kernels.attention.cu_seqlens_to_device`` when it leaves the CPU for a GPU: its
+    values are checked on the host, where reading them costs nothing, and the attention kernels trust the device copy
+    instead of reading it back (a device-to-host sync per micro-batch that stalls a host-bound training step)."""
+    device = torch.device(device)
+    # A copy from pageable memory may wait for the stream to drain before it is staged (CUDA's "API synchronization
+    # behavior"), which is the same stall as a read-back; pinned first, the copies queue behind the step's kernels.
+    pin = device.type == "cuda"
+    batch = {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) and v.device.type == "cpu"
+                 and not v.is_pinned() else v) for k, v in batch.items()}
+    out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+           if k != "cu_seqlens"}
+    cu = batch.get("cu_seqlens")
+    if isinstance(cu, torch.Tensor):
+        ids = batch.get("input_ids")
+        if device.type != "cpu" and not cu.is_cuda and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            try:
+                from mllm_kernels.attention import cu_seqlens_to_device
+            except ImportError:  # no triton (eager backend only): a plain copy
+                cu_seqlens_to_device = None
+            if cu_seqlens_to_device is not None:
+                out["cu_seqlens"] = cu_seqlens_to_device(cu, ids.shape[0], ids.shape[1], device)
+        if "cu_seqlens" not in out:
+            out["cu_seqlens"] = cu.to(device, non_blocking=True)
+    elif "cu_seqlens" in batch:
+        out["cu_seqlens"] = cu
+    return {k: out[k] for k in batch}  # the batch's key order
+
+
 class RowBatchSource:
     """Shuffled, rank-disjoint micro-batches over ``dataset`` (see the module docstring for the exact order).
 

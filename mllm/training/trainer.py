@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig
 from mllm.training import checkpoint as ckpt
+from mllm.training.batches import batch_to_device
 from mllm.training.distributed import DistContext
 from mllm.training.metrics import (LOSS_LABELS, MetricsWriter, device_peak_flops, mfu, peak_memory_gib, plot_loss_curve,
                                    read_metrics)
@@ -111,10 +112,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def count_input_tokens(batch: Mapping[str, Any]) -> int:
     """Tokens processed by the model: elements of every tensor whose key ends in ``input_ids``."""
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def accumulation_steps(stage_cfg: StageConfig, world_size: int, stage: str = "stage") -> int:
@@ -301,7 +298,7 @@ class Trainer:
                 with trace_range("data"):
                     batch = self.train_data.next_batch()
                     tokens += self.count_tokens(batch)
-                    batch = _to_device(batch, dev)
+                    batch = batch_to_device(batch, dev)
                 last = i == self.accum_steps - 1
                 sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
                 with sync:  # forward AND backward inside: DDP decides at forward time whether to all-reduce
@@ -376,7 +373,7 @@ class Trainer:
                 if j >= self.stage_cfg.eval_batches:
                     break
                 with trace_range("eval"), self.autocast():
-                    loss, metrics, n = self._eval_module(_to_device(batch, dev))
+                    loss, metrics, n = self._eval_module(batch_to_device(batch, dev))
                 n = torch.as_tensor(n, dtype=torch.float32, device=dev)
                 loss_sum += loss.float() * n
                 n_sum += n

@@ -385,3 +385,33 @@ def test_gpu_per_tensor_caches_follow_in_place_changes():
     cu[1] = 0  # now invalid (not strictly increasing): must be re-validated, not served from the cache
     with pytest.raises(ValueError, match="strictly increasing"):
         A.attention(q, k, v, pos, cu_seqlens=cu)
+
+
+def test_cu_seqlens_to_device_validates_on_the_host_and_attention_trusts_the_copy(monkeypatch):
+    """The training loop moves a batch's document bounds with ``cu_seqlens_to_device``: the values are checked on the
+    host (bad bounds raise the same ValueError as ``attention``) and ``attention`` does not read the copy back (on a
+    GPU that read is a device-to-host sync per micro-batch). Touching the copy in place makes attention check again.
+    The validation cache ignores CPU tensors (numpy views can change them unseen); it is made CPU-capable here so
+    that the same bookkeeping runs on this machine."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(A, "_CU_VALID_CACHE", A._PerTensorCache(cuda_only=False))
+    checks = []
+    real_check = A._check_cu_values
+    monkeypatch.setattr(A, "_check_cu_values", lambda cu, B, T: checks.append(cu.device.type) or real_check(cu, B, T))
+    B, T, H, D = 2, 16, 2, 64
+    host = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    cu = A.cu_seqlens_to_device(host, B, T, DEVICE)
+    assert cu.device.type == DEVICE and torch.equal(cu.cpu(), host) and checks == ["cpu"]
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(DEVICE) for _ in range(3))
+    out = A.attention(q, k, v, cu_seqlens=cu)
+    assert checks == ["cpu"]  # trusted: no second check, so no read-back of the device copy
+    ref = R.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), cu_seqlens=host)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+    cu.add_(0)  # a write bumps the version counter: the copy is no longer known valid
+    A.attention(q, k, v, cu_seqlens=cu)
+    assert checks == ["cpu", DEVICE]
+    with pytest.raises(ValueError, match="every row start"):
+        A.cu_seqlens_to_device(torch.tensor([0, 5, 20, 32], dtype=torch.int32), B, T, DEVICE)
+    with pytest.raises(ValueError, match="end at B\\*T"):
+        A.cu_seqlens_to_device(torch.tensor([0, 16, 30], dtype=torch.int32), B, T, DEVICE)
