@@ -561,6 +561,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep-attention", default=None, metavar="D,DTYPE",
                    help="instead of the cases: resources of every attention tile for head dim D and DTYPE "
                         "(e.g. 128,fp32); --sizes/--warps/--stages set the grid")
+    p.add_argument("--variant", default="features",
+                   help="sweep: the attention case compiled (features = documents + window + sinks, the most "
+                        "registers; causal = the gpu-full model's causal + RoPE; gqa, no_rope, bidirectional)")
     p.add_argument("--sizes", default="16,32,64", help="sweep: BLOCK_M and BLOCK_N values")
     p.add_argument("--warps", default="4,8", help="sweep: num_warps values")
     p.add_argument("--stages", default="1,2", help="sweep: num_stages values")
@@ -577,8 +580,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.sweep_attention:
         d, dtype_name = args.sweep_attention.split(",")
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-        rows = sweep_attention(args.arch, int(d), dtype_name, ints(args.sizes), ints(args.warps), ints(args.stages))
-        text = sweep_markdown(rows, f"Attention tile sweep: D={d} {dtype_name}, sm_{args.arch}, triton "
+        rows = sweep_attention(args.arch, int(d), dtype_name, ints(args.sizes), ints(args.warps), ints(args.stages),
+                               args.variant)
+        text = sweep_markdown(rows, f"Attention tile sweep: D={d} {dtype_name} {args.variant}, sm_{args.arch}, triton "
                                     f"{triton.__version__}, commit {_git_commit()}",
                               f"`{' '.join(['python -m benchmarks.aot_check', *sys.argv[1:]])}` — "
                               f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
@@ -586,11 +590,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(text)
         if not args.no_write:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-            name = f"aot_sweep_attention_{stamp}_D{d}_{dtype_name}_sm{args.arch}_triton{triton.__version__}.md"
+            variant = "" if args.variant == "features" else f"_{args.variant}"
+            name = (f"aot_sweep_attention_{stamp}_D{d}_{dtype_name}{variant}_sm{args.arch}_"
+                    f"triton{triton.__version__}.md")
             path = Path(args.out) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote {path}")
+            meta = dict(head_dim=int(d), dtype=dtype_name, variant=args.variant, arch=args.arch,
+                        triton=triton.__version__, torch=torch.__version__, git_commit=_git_commit())
+            path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            print(f"wrote {path} and {path.with_suffix('.json').name}")
         return 0
     report = run(args.arch, args.quick, args.only, progress=sys.stderr.isatty())
     print(markdown(report))

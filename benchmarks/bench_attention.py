@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 
@@ -334,38 +336,90 @@ TUNE_CANDIDATES = {  # (BLOCK_M, BLOCK_N, warps, stages); those that spill regis
 }
 
 
-def tune(T: int = 4096, device="cuda"):
-    """Time each candidate tile per kernel (others at their current setting) and both STREAM_ROPE modes;
-    prints a table and returns the rows. Pick the winners into ``attention.GPU_CONFIGS`` by hand."""
+def candidates_from_aot(path, max_spill: int = 0, min_tile: int = 0) -> Dict[str, List[tuple]]:
+    """Tiles per kernel from a ``python -m benchmarks.aot_check --sweep-attention D,bf16 --variant causal`` JSON: those
+    that compiled for the GPU with at most ``max_spill`` bytes spilled and BLOCK_M·BLOCK_N >= ``min_tile``, so the GPU
+    spends no time on the rest (each tile costs a compile there, ~1-3 s)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    out: Dict[str, List[tuple]] = {}
+    for r in rows:
+        if not r["error"] and (r["spill_stores"] or 0) <= max_spill and r["BLOCK_M"] * r["BLOCK_N"] >= min_tile:
+            tile = (r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"])
+            if tile not in out.setdefault(r["kernel"], []):
+                out[r["kernel"]].append(tile)
+    return out
+
+
+def tune(B: int = 8, H: int = 16, T: int = 1024, D: int = 64, provider: str = "mllm", kernels=("fwd", "dkdv", "dq"),
+         candidates: Optional[Dict[str, List[tuple]]] = None, device="cuda", measure=None) -> List[dict]:
+    """Time attention tiles at one shape, by default one layer of the gpu-full model (B 8, T 1,024, 16 heads of 64,
+    causal + fused RoPE: ``provider`` "mllm"; "mllm-all" adds documents, window and sinks). One kernel at a time, the
+    other two at their ``GPU_CONFIGS`` tile: "fwd" rows time the forward, "dkdv" and "dq" rows the whole backward.
+    The shipped tile is timed first and again last (the drift between the two bounds what a difference means).
+    Rows: kernel, tile (BLOCK_M, BLOCK_N, warps, stages), ms, shipped (bool), error. ``measure(fn, inputs, mode)``
+    returns ms (default: ``do_bench`` medians). Changes nothing: ``tune_markdown`` names the winners."""
     A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
 
+    measure = measure or (lambda fn, inputs, mode: _measure(fn, inputs, mode)[0])
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs, fn = PROVIDERS[provider](B, H, T, D, device, g)
     rows = []
-    for D in HEAD_DIMS:
-        B, H = _shape(T, D)
-        g = torch.Generator(device=device).manual_seed(0)
-        (q, k, v, s), fn = PROVIDERS["mllm-sinks"](B, H, T, D, device, g)
-        for kernel, by_dim in TUNE_CANDIDATES.items():
-            cands = by_dim[D]
-            key = (kernel, D, 2)
-            keep = dict(A.GPU_CONFIGS[key])
-            for bm, bn, w, st in cands:
-                A.GPU_CONFIGS[key] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    for kernel in kernels:
+        key = (kernel, D, 2)
+        shipped = dict(A.GPU_CONFIGS[key])
+        ship_tile = (shipped["BLOCK_M"], shipped["BLOCK_N"], shipped["num_warps"], shipped["num_stages"])
+        cands = candidates.get(kernel, []) if candidates is not None else TUNE_CANDIDATES[kernel][D]
+        order = [ship_tile] + [c for c in cands if tuple(c) != ship_tile] + [ship_tile]
+        mode = "fwd" if kernel == "fwd" else "bwd"
+        try:
+            for n, (bm, bn, w, st) in enumerate(order):
+                A.GPU_CONFIGS[key] = {**shipped, **dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)}
+                row = dict(kernel=kernel, D=D, shape=f"{B}x{T}x{H}x{D}", provider=provider, tile=[bm, bn, w, st],
+                           shipped=(bm, bn, w, st) == ship_tile, repeat=n == len(order) - 1, ms=None, error=None)
                 try:
-                    ms, _ = _measure(fn, (q, k, v, s), "fwd" if kernel == "fwd" else "bwd")
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                    ms = float("nan")
-                    print(f"  {kernel} D={D} {(bm, bn, w, st)}: {type(e).__name__}: {str(e)[:120]}")
-                rows.append(dict(kernel=kernel, D=D, cfg=(bm, bn, w, st), ms=ms))
-            A.GPU_CONFIGS[key] = keep
-        for mode in ("prerotate", "fused"):
-            A.STREAM_ROPE = mode
-            ms, _ = _measure(fn, (q, k, v, s), "fwd+bwd")
-            rows.append(dict(kernel=f"stream_rope={mode} fwd+bwd", D=D, cfg=None, ms=ms))
-        A.STREAM_ROPE = "prerotate"
-    print("| kernel | D | BLOCK_M, BLOCK_N, warps, stages | ms |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['kernel']} | {r['D']} | {r['cfg']} | {r['ms']:.3f} |")
+                    row["ms"] = float(measure(fn, inputs, mode))
+                except Exception as e:  # noqa: BLE001 - a tile that cannot launch (shared memory) is a row
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+                rows.append(row)
+                print(f"  {kernel} D={D} {tuple(row['tile'])}: "
+                      + (f"{row['ms']:.4f} ms" if row["ms"] is not None else row["error"]), flush=True)
+        finally:
+            A.GPU_CONFIGS[key] = shipped
     return rows
+
+
+def tune_markdown(rows: List[dict], env: Optional[dict] = None, command: str = "") -> str:
+    """Table of every tile, then per kernel the fastest tile against the shipped one (mean of its two timings)."""
+    lines = []
+    if env:
+        lines += [f"# Attention tile sweep: {env.get('card') or env.get('device')}", "",
+                  f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda_runtime')}, driver "
+                  f"{env.get('driver')}, commit {env.get('git_commit')}, {env.get('date_utc')}."
+                  + (f" Command: `{command}`." if command else ""), ""]
+    lines += ["| kernel | shape | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | vs shipped |", "|---|---|---|---|---|"]
+    winners = []
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        rk = [r for r in rows if r["kernel"] == kernel]
+        ship = [r["ms"] for r in rk if r["shipped"] and r["ms"] is not None]
+        base = sum(ship) / len(ship) if ship else None
+        for r in rk:
+            tag = " (shipped" + (", again" if r["repeat"] else "") + ")" if r["shipped"] else ""
+            if r["ms"] is None:
+                lines.append(f"| {kernel} | {r['shape']} | {tuple(r['tile'])}{tag} | {r['error']} | |")
+            else:
+                rel = f"{base / r['ms']:.3f}x" if base else ""
+                lines.append(f"| {kernel} | {r['shape']} | {tuple(r['tile'])}{tag} | {r['ms']:.4f} | {rel} |")
+        ok = [r for r in rk if r["ms"] is not None and not r["shipped"]]
+        if ok and base:
+            best = min(ok, key=lambda r: r["ms"])
+            drift = max(ship) / min(ship) - 1 if len(ship) > 1 else 0.0
+            bm, bn, w, st = best["tile"]
+            verdict = (f"`(\"{kernel}\", {best['D']}, 2): dict(BLOCK_M={bm}, BLOCK_N={bn}, num_warps={w}, "
+                       f"num_stages={st})`" if best["ms"] < base / (1 + max(drift, 0.01)) else "keep the shipped tile")
+            winners.append(f"- {kernel}: fastest {tuple(best['tile'])} {best['ms']:.4f} ms vs shipped {base:.4f} ms "
+                           f"({base / best['ms']:.3f}x; shipped drift {100 * drift:.1f}%): {verdict}")
+    return "\n".join(lines + ["", "Winners (a tile counts only if faster than the shipped one by more than its drift "
+                                  "and 1%):"] + winners) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,14 +474,38 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="folder for bench_attention.json / .md")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="sweep GPU tiles instead of benchmarking")
+    ap.add_argument("--tune", action="store_true", help="sweep GPU tiles instead of benchmarking (see tune())")
+    ap.add_argument("--tune-shape", default="8,1024,16,64", help="--tune: B,T,H,D (default: a gpu-full layer)")
+    ap.add_argument("--tune-provider", default="mllm", choices=["mllm", "mllm-sinks", "mllm-all", "mllm-norope"])
+    ap.add_argument("--tune-kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--candidates", default=None,
+                    help="--tune: an aot_check --sweep-attention JSON; its spill-free tiles are the candidates")
+    ap.add_argument("--min-tile", type=int, default=0, help="--candidates: only tiles with BLOCK_M*BLOCK_N >= this")
     ap.add_argument("--providers", nargs="*", default=None, choices=sorted(PROVIDERS))
     ap.add_argument("--seq-lens", nargs="*", type=int, default=None)
     ap.add_argument("--head-dims", nargs="*", type=int, default=None)
     ap.add_argument("--log", default=None, help="append rows as JSON lines while running")
     args = ap.parse_args()
     if args.tune:
-        tune()
+        from benchmarks.run import device_tag, environment
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_attention.py --tune times GPU tiles and needs CUDA (tests/test_bench_attention_tune.py "
+                             "checks its bookkeeping on CPU)")
+
+        B, T, H, D = (int(x) for x in args.tune_shape.split(","))
+        cands = candidates_from_aot(args.candidates, min_tile=args.min_tile) if args.candidates else None
+        rows = tune(B, H, T, D, args.tune_provider, tuple(args.tune_kernels.split(",")), cands)
+        env = environment("cuda")
+        text = tune_markdown(rows, env, " ".join(["python benchmarks/bench_attention.py", *sys.argv[1:]]))
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = f"bench_attention_tune_{env['date_utc'][:19].replace('-', '').replace(':', '')}_{device_tag(env)}"
+            (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2, default=str))
+            (out / f"{stem}.md").write_text(text)
+            print(f"wrote {out / stem}.json and .md")
         return
     rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens, head_dims=args.head_dims,
                log_path=args.log)

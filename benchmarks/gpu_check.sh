@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
-# train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed
+# train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed attention_tune
 # stages profile profile_compiled attn_cache_tests. Section limits (seconds) are environment variables (T_DPO_TESTS,
-# T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED) so
+# T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_ATTN_TUNE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 set -u
@@ -38,6 +38,10 @@ for s in $SECTIONS; do
     train_packed)  # packed documents (HAS_DOCS, as pretraining): cu_seqlens checked on the host, no read-back (NOTES step 13)
       section train_packed "${T_PACKED:-90}" $PY scripts/bench_train.py --backends triton --docs-per-row 4 \
         --grad-accum 4 --steps 4 --warmup 2 --out "$OUT/results" ;;
+    attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15)
+      section attention_tune "${T_ATTN_TUNE:-200}" $PY benchmarks/bench_attention.py --tune --min-tile 4096 \
+        --candidates "$(ls benchmarks/results/aot_sweep_attention_*_D64_bf16_causal_sm90_triton3.6.0.json | tail -n 1)" \
+        --out "$OUT/results" ;;
     rms_norm_sweep)  # RMSNorm backward launch configs (NOTES tuning step 12: 255 registers, 8 warps per SM)
       section rms_norm_sweep "${T_RMS_SWEEP:-120}" $PY benchmarks/bench_rms_norm.py --sweep --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;

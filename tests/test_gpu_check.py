@@ -38,3 +38,14 @@ def test_a_section_over_its_limit_is_recorded_and_the_next_runs(tmp_path):
     lines = (out / "summary.txt").read_text().splitlines()
     assert lines[0].startswith("dpo_tests rc=124") and lines[1].startswith("env rc=")
     assert (out / "dpo_tests.log").exists() and not (out / "bundle.tgz").exists()
+
+
+def test_attention_tune_section_finds_its_candidates_and_needs_cuda(tmp_path):
+    """The section reads the committed AOT sweep (the glob must match a file) and, without a GPU, stops with the
+    reason instead of a traceback."""
+    out = tmp_path / "out"
+    res = _run(out, "attention_tune", BUNDLE="0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (out / "summary.txt").read_text().startswith("attention_tune rc=1")
+    log = (out / "attention_tune.log").read_text()
+    assert "needs CUDA" in log and "ls: cannot access" not in log
