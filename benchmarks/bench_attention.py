@@ -490,8 +490,8 @@ def main():
         from benchmarks.run import device_tag, environment
 
         if not torch.cuda.is_available():
-            raise SystemExit("bench_attention.py --tune times GPU tiles and needs CUDA (tests/test_bench_attention_tune.py "
-                             "checks its bookkeeping on CPU)")
+            raise SystemExit("bench_attention.py --tune times GPU tiles and needs CUDA "
+                             "(tests/test_bench_attention_tune.py checks its bookkeeping on CPU)")
 
         B, T, H, D = (int(x) for x in args.tune_shape.split(","))
         cands = candidates_from_aot(args.candidates, min_tile=args.min_tile) if args.candidates else None
