@@ -908,7 +908,7 @@ def cu_seqlens_to_device(cu_seqlens: torch.Tensor, B: int, T: int, device, non_b
     ``attention`` checks it (starts at 0, ends at B·T, strictly increasing, holds every row start), raising the same
     ValueError. Why: ``attention`` validates a CUDA ``cu_seqlens`` by reading its values back, a device-to-host sync
     once per batch; in a host-bound training step that sync stalls the host until the previous micro-batch's backward
-    has drained (the likely cause of the H100's 70 ms forward with 4 documents per row against 52 ms without
+    has drained (the likely cause of the H100's ≈ 64 ms forward with 4 documents per row against 52 ms without
     documents, benchmarks/NOTES.md tuning step 13). Validating the host copy costs no sync. Pinned host memory (what a
     DataLoader with ``pin_memory=True`` gives) keeps the copy asynchronous. A tensor already on a GPU is only moved
     (``attention`` validates it as before)."""
