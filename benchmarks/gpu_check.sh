@@ -10,8 +10,10 @@
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 set -u
-# bench_train sections: 4 warm-up steps, 6 timed. In the H100 run of session 6 the non-compiled steps were still
-# settling in the first 1-2 steps after 2 warm-up steps (packed forward 86.9, 76.5, 63.8, 64.2 ms).
+# bench_train sections: ACCUM micro-batches per optimizer step (default 4, the runs so far; gpu-full pretraining
+# uses 16 = 128 / 8, where AdamW is a 4x smaller share of the step), 4 warm-up steps, 6 timed. In the H100 run
+# of session 6 the non-compiled steps were still settling in the first 1-2 steps after 2 warm-up steps (packed
+# forward 86.9, 76.5, 63.8, 64.2 ms).
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT/results"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -34,12 +36,12 @@ for s in $SECTIONS; do
     dpo_tests) section dpo_tests "${T_DPO_TESTS:-90}" $PY -m pytest tests/kernels/test_dpo_logprobs.py -q -x -p no:cacheprovider ;;
     bench_dpo) section bench_dpo "${T_BENCH_DPO:-150}" $PY benchmarks/bench_dpo.py --sweep --out "$OUT/results" ;;
     bench_train) section bench_train "${T_BENCH_TRAIN:-240}" $PY scripts/bench_train.py --isolate \
-        --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results" ;;
+        --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     host_overhead)  # host µs of the launch path: custom-op dispatcher vs autograd.Function (NOTES tuning step 11)
       section host_overhead "${T_HOST:-60}" $PY -m benchmarks.run --only host_overhead --out "$OUT/results" ;;
     train_packed)  # packed documents (HAS_DOCS, as pretraining): cu_seqlens checked on the host, no read-back (NOTES step 13)
       section train_packed "${T_PACKED:-90}" $PY scripts/bench_train.py --backends triton --docs-per-row 4 \
-        --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results" ;;
+        --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15)
       section attention_tune "${T_ATTN_TUNE:-200}" $PY benchmarks/bench_attention.py --tune --min-tile 4096 \
         --candidates "$(ls benchmarks/results/aot_sweep_attention_*_D64_bf16_causal_sm90_triton3.6.0.json | tail -n 1)" \
@@ -48,21 +50,21 @@ for s in $SECTIONS; do
       section rms_norm_sweep "${T_RMS_SWEEP:-120}" $PY benchmarks/bench_rms_norm.py --sweep --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;
     train_triton_alone)  # the host-bound triton (no compile) row in a process of its own
-      section train_triton_alone "${T_ALONE:-60}" $PY scripts/bench_train.py --backends triton --grad-accum 4 \
+      section train_triton_alone "${T_ALONE:-60}" $PY scripts/bench_train.py --backends triton --grad-accum "${ACCUM:-4}" \
         --steps 6 --warmup 4 --out "$OUT/results" ;;
     bench_train_ablation)  # tuning steps 6-8 of benchmarks/NOTES.md: fused LM loss off, RoPE outside attention, CUDA graphs
       section train_unfused "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
-        --set model.fused_lm_loss=false --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results"
+        --set model.fused_lm_loss=false --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results"
       section train_rope_separate "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
-        --set model.rope_in_attention=false --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results"
+        --set model.rope_in_attention=false --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results"
       section train_cudagraphs "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
-        --compile-mode reduce-overhead --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results" ;;
+        --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     train_fused_qkv)  # model.fused_qkv (one q/k/v GEMM) on vs the default, both triton backends
       section train_fused_qkv "${T_ABLATION:-120}" $PY scripts/bench_train.py --backends ${ABL_BACKENDS:-triton,triton+compile} \
-        --set model.fused_qkv=true --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results" ;;
+        --set model.fused_qkv=true --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     train_cudagraphs)  # CUDA graphs alone (the last part of bench_train_ablation)
       section train_cudagraphs "${T_CG:-120}" $PY scripts/bench_train.py --backends ${CG_BACKENDS:-eager+compile,triton+compile} \
-        --compile-mode reduce-overhead --grad-accum 4 --steps 6 --warmup 4 --out "$OUT/results" ;;
+        --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;
     stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes)
