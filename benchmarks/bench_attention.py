@@ -487,7 +487,7 @@ def main():
     ap.add_argument("--log", default=None, help="append rows as JSON lines while running")
     args = ap.parse_args()
     if args.tune:
-        from benchmarks.run import device_tag, environment
+        from benchmarks.run import environment, write_sweep
 
         if not torch.cuda.is_available():
             raise SystemExit("bench_attention.py --tune times GPU tiles and needs CUDA "
@@ -500,12 +500,8 @@ def main():
         text = tune_markdown(rows, env, " ".join(["python benchmarks/bench_attention.py", *sys.argv[1:]]))
         print(text)
         if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            stem = f"bench_attention_tune_{env['date_utc'][:19].replace('-', '').replace(':', '')}_{device_tag(env)}"
-            (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2, default=str))
-            (out / f"{stem}.md").write_text(text)
-            print(f"wrote {out / stem}.json and .md")
+            path = write_sweep(args.out, "bench_attention_tune", env, rows, text)
+            print(f"wrote {path} and {path.with_suffix('.md').name}")
         return
     rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens, head_dims=args.head_dims,
                log_path=args.log)

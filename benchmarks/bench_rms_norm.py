@@ -131,9 +131,8 @@ def sweep_markdown(rows, env) -> str:
 
 def main_sweep(argv) -> list:
     import argparse
-    import json
 
-    from benchmarks.run import device_tag, environment
+    from benchmarks.run import environment, write_sweep
 
     ap = argparse.ArgumentParser(description="RMSNorm backward launch-config sweep (GPU)")
     ap.add_argument("--sweep", action="store_true")
@@ -146,11 +145,7 @@ def main_sweep(argv) -> list:
     text = sweep_markdown(rows, env)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_rms_norm_sweep_{env['date_utc'][:19].replace('-', '').replace(':', '')}_{device_tag(env)}"
-        (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2, default=str))
-        (out / f"{stem}.md").write_text(text)
+        write_sweep(args.out, "bench_rms_norm_sweep", env, rows, text)
     return rows
 
 

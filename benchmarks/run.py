@@ -151,6 +151,17 @@ def device_tag(env: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Discovery and execution
 # ----------------------------------------------------------------------------------------------------
+def write_sweep(out_dir, name: str, env: Dict[str, Any], rows: List[Dict[str, Any]], markdown: str) -> Path:
+    """A launch-config sweep's results: ``<name>_<UTC stamp>_<card>.json`` (env + rows) and ``.md`` (``markdown``)
+    in ``out_dir``; returns the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{env['date_utc'][:19].replace('-', '').replace(':', '')}_{device_tag(env)}"
+    (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=2, default=str))
+    (out / f"{stem}.md").write_text(markdown)
+    return out / f"{stem}.json"
+
+
 def discover(bench_dir: Path = BENCH_DIR, only: Optional[Iterable[str]] = None) -> List[Tuple[str, Path]]:
     """[(name, path)] for every ``bench_<name>.py`` in bench_dir, sorted; ``only`` filters by name.
 

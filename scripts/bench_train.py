@@ -309,16 +309,21 @@ def flops_per_token(model, cfg, seq_len: int) -> float:
     return float(6 * n + 12 * m.n_layers * m.n_heads * m.head_dim * seq_len)
 
 
-def kernel_paths(reset: bool = False) -> Dict[str, str]:
-    """The path each kernel op took since the last ``kernel_paths(reset=True)`` (which forgets them)."""
+def kernel_paths() -> Dict[str, str]:
+    """The path each kernel op took since ``forget_kernel_paths()``."""
     try:
-        from mllm_kernels._common import last_path, reset_paths
+        from mllm_kernels._common import last_path
     except ImportError:
         return {}
-    if reset:
-        reset_paths()
-        return {}
     return {op: last_path(op) for op in KERNEL_OPS if last_path(op) is not None}
+
+
+def forget_kernel_paths() -> None:
+    try:
+        from mllm_kernels._common import reset_paths
+    except ImportError:
+        return
+    reset_paths()
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
@@ -330,7 +335,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     kernel_backend, compiled = BACKENDS[name]
     model = build_model(cfg, kernel_backend, device, args.seed)
     model.train()
-    kernel_paths(reset=True)  # a backend run before in this process must not lend this one its records
+    forget_kernel_paths()  # a backend run before in this process must not lend this one its records
     opt = make_optimizer(model, cfg, args.lr, device)
     params = [p for p in model.parameters() if p.requires_grad]
     amp_dtype = DTYPES[args.dtype]

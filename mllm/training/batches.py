@@ -95,23 +95,22 @@ def batch_to_device(batch: Mapping[str, Any], device) -> Batch:
     pin = device.type == "cuda"
     batch = {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) and v.device.type == "cpu"
                  and not v.is_pinned() else v) for k, v in batch.items()}
-    out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-           if k != "cu_seqlens"}
-    cu = batch.get("cu_seqlens")
-    if isinstance(cu, torch.Tensor):
-        ids = batch.get("input_ids")
-        if device.type != "cpu" and not cu.is_cuda and isinstance(ids, torch.Tensor) and ids.dim() == 2:
-            try:
-                from mllm_kernels.attention import cu_seqlens_to_device
-            except ImportError:  # no triton (eager backend only): a plain copy
-                cu_seqlens_to_device = None
-            if cu_seqlens_to_device is not None:
-                out["cu_seqlens"] = cu_seqlens_to_device(cu, ids.shape[0], ids.shape[1], device)
-        if "cu_seqlens" not in out:
-            out["cu_seqlens"] = cu.to(device, non_blocking=True)
-    elif "cu_seqlens" in batch:
-        out["cu_seqlens"] = cu
-    return {k: out[k] for k in batch}  # the batch's key order
+    check_on_host = None
+    ids = batch.get("input_ids")
+    if device.type != "cpu" and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        try:
+            from mllm_kernels.attention import cu_seqlens_to_device as check_on_host
+        except ImportError:  # no triton (eager backend only): a plain copy
+            pass
+
+    def move(key, v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if key == "cu_seqlens" and check_on_host is not None:
+            return check_on_host(v, ids.shape[0], ids.shape[1], device)
+        return v.to(device, non_blocking=True)
+
+    return {k: move(k, v) for k, v in batch.items()}
 
 
 class RowBatchSource:
