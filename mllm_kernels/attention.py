@@ -609,10 +609,11 @@ class _PerTensorCache:
     """The last result computed from one CUDA tensor (cu_seqlens: document bounds, validation), reused while the
     *same tensor object* comes back unmodified (same version counter) with the same key. A model hands the same
     tensor to every layer and to the backward, so host syncs (validation) and index bookkeeping happen
-    once per step instead of once per layer. (The document bounds it holds are device tensors: a packed batch
-    under CUDA graphs would need them computed outside the captured step; positions are not cached at all.)
-    CPU tensors are never cached (numpy views can change them without touching the version counter); neither
-    are writes that bypass autograd's counter (``.data``)."""
+    once per step instead of once per layer. Used by eager calls only: the document bounds it holds are device
+    tensors, and one made inside a CUDA graph's memory pool (torch.compile mode="reduce-overhead") without being a
+    graph output is refused by CUDA-graph trees; under torch.compile the bounds are traced instead (``_doc_bounds``).
+    Positions are not cached at all. CPU tensors are never cached (numpy views can change them without touching the
+    version counter); neither are writes that bypass autograd's counter (``.data``)."""
 
     def __init__(self, cuda_only: bool = True):
         self.cuda_only = cuda_only
@@ -654,9 +655,16 @@ def _rope_turns(head_dim: int, theta: float, device) -> torch.Tensor:
 
 
 def _doc_bounds(cu_seqlens: Optional[torch.Tensor], B: int, T: int, device):
-    """(start, end) [B, T] int32: first and one-past-last index, within its row, of each token's document."""
+    """(start, end) [B, T] int32: first and one-past-last index, within its row, of each token's document.
+
+    Computed outside the op and handed to it (saved for the backward, so it never recomputes them). Eagerly they
+    are cached per ``cu_seqlens`` tensor (every layer gets the same one). While torch.compile traces, they are
+    plain traced ops: AOTAutograd's common-subexpression pass merges the layers' identical copies into one, and no
+    tensor outlives the graph (a cached one made during a CUDA-graph capture would sit in the graph's pool)."""
     if cu_seqlens is None:
         return None, None
+    if torch.compiler.is_compiling():
+        return _compute_doc_bounds(cu_seqlens, B, T, device)
     return _DOC_CACHE.get(cu_seqlens, (B, T, str(device)), lambda: _compute_doc_bounds(cu_seqlens, B, T, device))
 
 
@@ -698,14 +706,14 @@ def _rope_rows(x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor) -> torch.
 class _Prep:
     """Everything the kernels need besides q/k/v: int32 positions, document bounds, RoPE turns, flags."""
 
-    def __init__(self, q, position_ids, cu_seqlens, sinks, window, rope_theta):
+    def __init__(self, q, position_ids, doc_start, doc_end, sinks, window, rope_theta):
         B, T, _, D = q.shape
         dev = q.device
         self.rope = rope_theta is not None
         self.stream_fused = STREAM_ROPE == "fused"
         self.pos = _positions(position_ids, B, T, dev) if self.rope else None
         self.freq = _rope_turns(D, rope_theta, dev) if self.rope else None
-        self.doc_start, self.doc_end = _doc_bounds(cu_seqlens, B, T, dev)
+        self.doc_start, self.doc_end = doc_start, doc_end
         self.sinks = sinks.to(torch.float32).contiguous() if sinks is not None else None
         self.has_window = window is not None
         self.window = int(window) if window is not None else 0
@@ -733,7 +741,8 @@ def _flags(causal, prep: _Prep) -> dict:
                 ROPE=prep.rope, ROT_STREAM=prep.rot_stream)
 
 
-def _forward(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale):
+def _forward(q, k, v, position_ids, doc_start, doc_end, sinks, causal, window, n_sink_tokens, rope_theta,
+             softmax_scale):
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     out = torch.empty((B, T, HQ, D), dtype=q.dtype, device=q.device)
@@ -741,7 +750,7 @@ def _forward(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_to
     if out.numel() == 0:
         return out, lse
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    prep = _Prep(q, position_ids, cu_seqlens, sinks, window, rope_theta)
+    prep = _Prep(q, position_ids, doc_start, doc_end, sinks, window, rope_theta)
     ks = prep.stream(k)
     cfg = _config("fwd", D, q.dtype)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * HQ)
@@ -756,8 +765,8 @@ def _forward(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_to
     return out, lse
 
 
-def _backward(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens,
-              rope_theta, softmax_scale):
+def _backward(dout, dlse, q, k, v, out, lse, position_ids, doc_start, doc_end, sinks, causal, window,
+              n_sink_tokens, rope_theta, softmax_scale):
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     dq = torch.empty((B, T, HQ, D), dtype=q.dtype, device=q.device)
@@ -768,7 +777,7 @@ def _backward(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, ca
         return dq, dk, dv, dsinks.to(sinks.dtype if sinks is not None else q.dtype)
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
     dout = dout.contiguous()  # autograd can hand in stride-0 (expanded) gradients
-    prep = _Prep(q, position_ids, cu_seqlens, sinks, window, rope_theta)
+    prep = _Prep(q, position_ids, doc_start, doc_end, sinks, window, rope_theta)
     flags = _flags(causal, prep)
     dots = _dot_args(q.dtype)
 
@@ -815,12 +824,13 @@ def _backward(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, ca
 # ----------------------------------------------------------------------------------------------------
 def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: Optional[int],
-    n_sink_tokens: int, rope_theta: Optional[float], softmax_scale: float,
+    doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool,
+    window: Optional[int], n_sink_tokens: int, rope_theta: Optional[float], softmax_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, T, Hq, D], lse [B, Hq, T] fp32); arguments already validated by ``attention``."""
+    """(out [B, T, Hq, D], lse [B, Hq, T] fp32); arguments already validated by ``attention``; doc_start/doc_end
+    [B, T] int32 (``_doc_bounds``) or None."""
     record_path("attention", kernel_path(q))
-    return _forward(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta,
+    return _forward(q, k, v, position_ids, doc_start, doc_end, sinks, causal, window, n_sink_tokens, rope_theta,
                     softmax_scale)
 
 
@@ -828,7 +838,7 @@ _attention_op = torch.library.custom_op("mllm::attention", _attention_impl, muta
 
 
 @_attention_op.register_fake
-def _(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale):
+def _(q, k, v, position_ids, doc_start, doc_end, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale):
     patch_inductor_operator_str()
     B, T, HQ, D = q.shape
     if rope_theta is not None:
@@ -838,12 +848,12 @@ def _(q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, r
 
 def _attention_backward_impl(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, position_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor], causal: bool, window: Optional[int], n_sink_tokens: int,
-    rope_theta: Optional[float], softmax_scale: float,
+    out: torch.Tensor, lse: torch.Tensor, position_ids: Optional[torch.Tensor], doc_start: Optional[torch.Tensor],
+    doc_end: Optional[torch.Tensor], sinks: Optional[torch.Tensor], causal: bool, window: Optional[int],
+    n_sink_tokens: int, rope_theta: Optional[float], softmax_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty when there are no sinks."""
-    return _backward(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, causal, window,
+    return _backward(dout, dlse, q, k, v, out, lse, position_ids, doc_start, doc_end, sinks, causal, window,
                      n_sink_tokens, rope_theta, softmax_scale)
 
 
@@ -852,17 +862,17 @@ _attention_backward_op = torch.library.custom_op("mllm::attention_backward", _at
 
 
 @_attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta,
-      softmax_scale):
+def _(dout, dlse, q, k, v, out, lse, position_ids, doc_start, doc_end, sinks, causal, window, n_sink_tokens,
+      rope_theta, softmax_scale):
     patch_inductor_operator_str()
     ds = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, position_ids, cu_seqlens, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale = inputs
+    q, k, v, position_ids, doc_start, doc_end, sinks, causal, window, n_sink_tokens, rope_theta, softmax_scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, position_ids, cu_seqlens, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, position_ids, doc_start, doc_end, sinks)
     ctx.args = (causal, window, n_sink_tokens, rope_theta, softmax_scale)
     # an unused lse arrives as None (the kernel's HAS_DLSE=False path), not as a materialised [B, Hq, T] of zeros
     ctx.set_materialize_grads(False)
@@ -870,11 +880,11 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(bwd):
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, position_ids, cu_seqlens, sinks = ctx.saved_tensors
+        q, k, v, out, lse, position_ids, doc_start, doc_end, sinks = ctx.saved_tensors
         if dout is None:  # only lse was used downstream
             dout = torch.zeros_like(out)
-        dq, dk, dv, dsinks = bwd(dout, dlse, q, k, v, out, lse, position_ids, cu_seqlens, sinks, *ctx.args)
-        return dq, dk, dv, None, None, (dsinks if sinks is not None else None), None, None, None, None, None
+        dq, dk, dv, dsinks = bwd(dout, dlse, q, k, v, out, lse, position_ids, doc_start, doc_end, sinks, *ctx.args)
+        return dq, dk, dv, None, None, None, (dsinks if sinks is not None else None), None, None, None, None, None
     return backward
 
 
@@ -905,13 +915,13 @@ def cu_seqlens_to_device(cu_seqlens: torch.Tensor, B: int, T: int, device, non_b
     """Validate host-side document bounds and copy them to ``device``; ``attention`` then trusts that copy.
 
     cu_seqlens: 1-D int32/int64 on the CPU (FlashAttention-varlen offsets over the flattened B·T tokens), checked as
-    ``attention`` checks it (starts at 0, ends at B·T, strictly increasing, holds every row start), raising the same
-    ValueError. Why: ``attention`` validates a CUDA ``cu_seqlens`` by reading its values back, a device-to-host sync
-    once per batch; in a host-bound training step that sync stalls the host until the previous micro-batch's backward
-    has drained (the likely cause of the H100's ≈ 64 ms forward with 4 documents per row against 52 ms without
-    documents, benchmarks/NOTES.md tuning step 13). Validating the host copy costs no sync. Pinned host memory (what a
-    DataLoader with ``pin_memory=True`` gives) keeps the copy asynchronous. A tensor already on a GPU is only moved
-    (``attention`` validates it as before)."""
+    ``attention`` checks it (starts at 0, ends at B·T, strictly increasing up to trailing padding, holds every row
+    start), raising the same ValueError. Why: ``attention`` validates a CUDA ``cu_seqlens`` by reading its values
+    back, a device-to-host sync once per batch; in a host-bound training step that sync stalls the host until the
+    previous micro-batch's backward has drained (the likely cause of the H100's ≈ 64 ms forward with 4 documents per
+    row against 52 ms without documents, benchmarks/NOTES.md tuning step 13). Validating the host copy costs no
+    sync. Pinned host memory (what a DataLoader with ``pin_memory=True`` gives) keeps the copy asynchronous. A tensor
+    already on a GPU is only moved (``attention`` validates it as before)."""
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
     if cu_seqlens.is_cuda:
         return cu_seqlens.to(device)
@@ -924,20 +934,7 @@ def cu_seqlens_to_device(cu_seqlens: torch.Tensor, B: int, T: int, device, non_b
 
 
 def _check_cu_values(cu_seqlens: torch.Tensor, B: int, T: int) -> bool:
-    cu = cu_seqlens.to(torch.int64)
-    rows = torch.arange(B + 1, device=cu.device, dtype=torch.int64) * T
-    first_ok, last_ok, inc_ok, rows_ok = torch.stack([
-        cu[0] == 0, cu[-1] == B * T, (cu[1:] > cu[:-1]).all(), torch.isin(rows, cu).all(),
-    ]).tolist()
-    if not first_ok:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-    if not last_ok:
-        raise ValueError(f"cu_seqlens must end at B*T = {B}*{T} = {B * T}, got {int(cu[-1])}")
-    if not inc_ok:
-        raise ValueError("cu_seqlens must be strictly increasing (no empty documents)")
-    if not rows_ok:
-        missing = [r for r in rows.tolist() if r not in set(cu.tolist())]
-        raise ValueError(f"cu_seqlens must contain every row start b*T (documents cannot cross rows); missing {missing}")
+    reference.check_cu_seqlens_values(cu_seqlens, B, T)  # the one definition, shared with the model's input check
     return True
 
 
@@ -1000,7 +997,8 @@ def attention(
     """Fused attention with the signature and semantics of ``reference.attention``.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (Hq % Hkv == 0); position_ids: [B, T] int (default arange(T) per
-    row); cu_seqlens: 1-D FlashAttention-varlen document boundaries over the flattened B·T tokens;
+    row); cu_seqlens: 1-D FlashAttention-varlen document boundaries over the flattened B·T tokens (trailing
+    repeats of B·T are padding: they keep the length fixed across batches, as CUDA graphs need);
     window/n_sink_tokens: sliding window with StreamingLLM sink tokens; sinks: [Hq] learned sink logits;
     rope_theta=None disables RoPE; softmax_scale defaults to 1/sqrt(D).
     Returns out [B, T, Hq, D] (q.dtype), plus lse [B, Hq, T] fp32 if return_lse. Differentiable in q, k, v
@@ -1016,8 +1014,9 @@ def attention(
                                    n_sink_tokens=n_sink_tokens, sinks=sinks, rope_theta=rope_theta,
                                    softmax_scale=softmax_scale, return_lse=return_lse, return_probs=return_probs)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = call_op(_attention_op, _AttentionFunction, q, k, v, position_ids, cu_seqlens, sinks, bool(causal),
-                       None if window is None else int(window), int(n_sink_tokens),
+    doc_start, doc_end = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    out, lse = call_op(_attention_op, _AttentionFunction, q, k, v, position_ids, doc_start, doc_end, sinks,
+                       bool(causal), None if window is None else int(window), int(n_sink_tokens),
                        None if rope_theta is None else float(rope_theta), scale)
     return (out, lse) if return_lse else out
 

@@ -101,7 +101,9 @@ def doc_start_from_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, se
 
     ``cu_seqlens`` are FlashAttention-varlen style cumulative document lengths over the row-major flattened
     B·T tokens: int32/int64, 1-D, starting at 0, ending at B·T, strictly increasing, and containing every
-    row start (b·T) so that no document crosses a row. None means one document per row.
+    row start (b·T) so that no document crosses a row. Trailing repeats of B·T (padding to a fixed length) hold
+    no tokens: ``searchsorted(right=True)`` maps every token to the last bound at or before it, so they change
+    nothing. None means one document per row.
     """
     if cu_seqlens is None:
         return torch.zeros(batch, seqlen, dtype=torch.int32, device=device)
@@ -111,6 +113,32 @@ def doc_start_from_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, se
     doc = torch.searchsorted(cu, idx, right=True) - 1  # document index of each flat token
     start_flat = cu[doc]
     return (start_flat - (idx // seqlen) * seqlen).view(batch, seqlen).to(torch.int32)
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> None:
+    """Raise ValueError unless ``cu_seqlens`` is valid for ``batch`` rows of ``seqlen`` tokens (see
+    ``doc_start_from_cu_seqlens``). Reads the values: on a GPU that is a device-to-host sync."""
+    B, T = batch, seqlen
+    cu = cu_seqlens.to(torch.int64)
+    if cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu.numel()} value(s)")
+    rows = torch.arange(B + 1, device=cu.device, dtype=torch.int64) * T
+    # a bound may repeat only once the end B·T is reached: the trailing padding that gives cu_seqlens a fixed length
+    # (one CUDA graph for every batch); an empty document anywhere else is a data bug
+    rising = (cu[1:] > cu[:-1]) | ((cu[1:] == cu[:-1]) & (cu[:-1] == B * T))
+    first_ok, last_ok, inc_ok, rows_ok = torch.stack([
+        cu[0] == 0, cu[-1] == B * T, rising.all(), torch.isin(rows, cu).all(),
+    ]).tolist()
+    if not first_ok:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    if not last_ok:
+        raise ValueError(f"cu_seqlens must end at B*T = {B}*{T} = {B * T}, got {int(cu[-1])}")
+    if not inc_ok:
+        raise ValueError("cu_seqlens must be strictly increasing (no empty documents; only trailing padding may "
+                         f"repeat the end B*T = {B * T})")
+    if not rows_ok:
+        missing = [r for r in rows.tolist() if r not in set(cu.tolist())]
+        raise ValueError(f"cu_seqlens must contain every row start b*T (documents cannot cross rows); missing {missing}")
 
 
 def attention_mask(

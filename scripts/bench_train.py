@@ -371,7 +371,9 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
             for j in range(accum):
                 hb = host_batches[(i * accum + j) % len(host_batches)]
                 with trace_range("data"):
-                    b = batch_to_device(hb, device)  # cu_seqlens validated on the host: no sync per micro-batch
+                    # cu_seqlens validated on the host (no sync per micro-batch); under CUDA graphs padded to B·T + 1
+                    # values as the trainer does (one graph for any number of documents)
+                    b = batch_to_device(hb, device, fixed_cu_seqlens=cudagraphs)
                 mark("data")
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()

@@ -56,6 +56,8 @@ def test_overrides_coerce_types():
     assert c.seed == 7 and c.pretrain.steps == 1000
     assert load_config("local-smoke", overrides=["model.window=none"]).model.window is None
     assert load_config("local-smoke", overrides=["model.rope_theta=500000"]).model.rope_theta == 500000.0
+    c = load_config("local-smoke", overrides=["compile=true", "compile_mode=reduce-overhead"])
+    assert c.compile is True and c.compile_mode == "reduce-overhead"
 
 
 @pytest.mark.parametrize("override, key", [
@@ -73,6 +75,8 @@ def test_overrides_coerce_types():
     ("model.n_layers=0", "model.n_layers"),
     ("model.kernel_backend=cuda", "model.kernel_backend"),
     ("model.window=0", "model.window"),
+    ("compile_mode=reduce_overhead", "compile_mode"),  # not a torch.compile mode
+    ("compile_mode=reduce-overhead", "compile_mode"),  # a mode without compile=true
 ])
 def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

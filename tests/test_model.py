@@ -117,8 +117,11 @@ def test_bad_inputs_raise_clear_errors():
         model(x + 64)
     with pytest.raises(ValueError, match="position_ids"):
         model(x, position_ids=torch.zeros(2, 7, dtype=torch.long))
-    with pytest.raises(ValueError, match="cu_seqlens must increase"):
+    with pytest.raises(ValueError, match="cu_seqlens must end at B\\*T = 2\\*8 = 16, got 15"):
         model(x, cu_seqlens=torch.tensor([0, 4, 15]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        model(x, cu_seqlens=torch.tensor([0, 4, 4, 8, 16]))  # an empty document inside (trailing repeats are padding)
+    model(x, cu_seqlens=torch.tensor([0, 4, 8, 16, 16, 16]))
     with pytest.raises(ValueError, match="row start"):
         model(x, cu_seqlens=torch.tensor([0, 5, 16]))  # a document would cross rows 0 and 1
 

@@ -237,6 +237,19 @@ def test_batch_to_device_routes_document_bounds_through_host_validation(monkeypa
     assert batch_to_device({"input_ids": batch["input_ids"], "cu_seqlens": None}, "meta")["cu_seqlens"] is None
 
 
+def test_pad_cu_seqlens_repeats_the_end_to_a_fixed_length():
+    from mllm.training.batches import pad_cu_seqlens
+
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    assert pad_cu_seqlens(cu, 6).tolist() == [0, 3, 4, 8, 8, 8] and pad_cu_seqlens(cu, 6).dtype == torch.int32
+    assert pad_cu_seqlens(cu, 4) is cu
+    with pytest.raises(ValueError, match="more than the padded length 3"):
+        pad_cu_seqlens(cu, 3)
+    rows = [{"input_ids": np.arange(4), "cu_seqlens": np.array([0, 1, 4])}] * 2
+    out = batch_to_device(collate_rows(rows), "cpu", fixed_cu_seqlens=True)
+    assert out["cu_seqlens"].tolist() == [0, 1, 4, 5, 8] + [8] * 4  # B·T + 1 = 9 values
+
+
 def test_batches_disjoint_and_world_invariant():
     data = [{"input_ids": np.array([i])} for i in range(187)]  # an example is its own index
     one = RowBatchSource(data, batch_size=8, micro_batch_size=2, seed=3)
@@ -315,3 +328,87 @@ def test_perplexity_only_for_token_cross_entropy_losses():
     without = make_trainer(val_data=val, perplexity=False).evaluate()  # e.g. the DPO and verifier losses
     assert "val_ppl" in with_ppl and abs(with_ppl["val_ppl"] - math.exp(with_ppl["val_loss"])) < 1e-6
     assert "val_ppl" not in without and without["val_loss"] == with_ppl["val_loss"]
+
+
+class PackedRows:
+    """Rows of T tokens cut into 1-4 documents (a different count per row, as packed pretraining has), with
+    positions restarting per document and per-row ``cu_seqlens``; a learnable stream as tokens."""
+
+    def __init__(self, n=32, T=16, V=64, seed=0):
+        rng = np.random.default_rng(seed)
+        toks = stream(20 * (n * (T + 1) // 20 + 1), V, seed)  # stream() takes a multiple of 20
+        self.rows = []
+        for i in range(n):
+            row = toks[i * (T + 1): (i + 1) * (T + 1)]
+            cuts = np.sort(rng.choice(np.arange(1, T), size=int(rng.integers(0, 4)), replace=False))
+            cu = np.concatenate([[0], cuts, [T]]).astype(np.int64)
+            pos = np.concatenate([np.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+            self.rows.append({"input_ids": row[:-1], "labels": row[1:], "position_ids": pos, "cu_seqlens": cu})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_cuda_graph_mode_pads_document_bounds_and_keeps_gradients(monkeypatch):
+    """compile_mode="reduce-overhead" (CUDA graphs) trains like the plain loop: the same losses and weights over 3
+    steps of packed rows with 1-4 documents each, while every micro-batch's cu_seqlens reaches the model padded to
+    one length (B·T + 1: one graph for every document count), gradients are allocated up front and zeroed in place
+    (never None between steps), and every forward opens a new CUDA-graph step. On a CPU inductor records no graph, but
+    the trainer's bookkeeping is the same code (the CUDA run of it is the next test)."""
+    import mllm.training.trainer as trainer_mod
+
+    sc = stage(steps=3, batch_size=8, micro_batch_size=4)
+    seen, marks = [], []
+    real_move = trainer_mod.batch_to_device
+
+    def move(batch, device, fixed_cu_seqlens=False):
+        out = real_move(batch, device, fixed_cu_seqlens=fixed_cu_seqlens)
+        seen.append((int(batch["cu_seqlens"].numel()), int(out["cu_seqlens"].numel())))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "batch_to_device", move)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    runs = {}
+    for mode in (None, "reduce-overhead"):
+        seen.clear()
+        tr = make_trainer(sc, data=PackedRows(), compile=mode is not None, compile_mode=mode)
+        assert tr.cudagraphs == (mode is not None)
+        losses = [tr.train_step()["loss"] for _ in range(3)]
+        grads_kept = all(p.grad is not None and not p.grad.any() for p in tr.model.parameters())
+        runs[mode] = (losses, [p.detach().clone() for p in tr.model.parameters()], list(seen), grads_kept)
+    plain, graphs = runs[None], runs["reduce-overhead"]
+    assert len({n for n, _ in plain[2]}) > 1, "the test data must hold different document counts"
+    assert all(a == b for a, b in plain[2])  # without CUDA graphs: unpadded
+    assert {b for _, b in graphs[2]} == {4 * 16 + 1}
+    assert not plain[3] and graphs[3]  # set_to_none vs allocated once and zeroed in place
+    assert len(marks) == 3 * 2  # one per micro-batch forward
+    assert graphs[0] == pytest.approx(plain[0], rel=1e-5)
+    for a, b in zip(plain[1], graphs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="compile_mode"):
+        make_trainer(sc, compile_mode="reduce-overhead")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_cuda_graphs_train_packed_rows_on_the_gpu():
+    """The Triton model under torch.compile mode="reduce-overhead" on packed rows with varying document counts:
+    no CUDA-graph-tree error (a document-bound tensor cached inside the graph pool was one), one padded cu_seqlens
+    length, and losses that follow the non-graph compiled run (bf16 autocast: loose tolerance)."""
+    sc = stage(steps=4, batch_size=8, micro_batch_size=4, seq_len=16)
+    cfg = dict(d_model=128, n_heads=2, n_kv_heads=1, ffn_dim=256, kernel_backend="triton")
+    val_rows = PackedRows(8, seed=1).rows
+    val = [collate_rows(val_rows[i:i + 4]) for i in (0, 4)]
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        tr = make_trainer(sc, model=tiny_model(**cfg), data=PackedRows(), device="cuda", compile=True,
+                          compile_mode=mode, val_data=val)
+        losses = [tr.train_step()["loss"] for _ in range(2)]
+        losses.append(tr.evaluate()["val_loss"])  # a no-grad graph between training steps
+        losses += [tr.train_step()["loss"] for _ in range(2)]
+        tr.close()
+        assert all(math.isfinite(x) for x in losses)
+        runs[mode] = losses
+    assert runs["reduce-overhead"] == pytest.approx(runs["default"], rel=2e-2)

@@ -158,6 +158,8 @@ class PipelineConfig:
     run_root: str = "experiments/runs"
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False
+    # torch.compile mode (None: default); "reduce-overhead" / "max-autotune" replay CUDA graphs (Trainer docstring)
+    compile_mode: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -384,6 +386,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    need(cfg.compile_mode is None or cfg.compile_mode in modes, "compile_mode",
+         f"must be null or one of {', '.join(modes)}, got {cfg.compile_mode!r}")
+    need(cfg.compile_mode is None or cfg.compile, "compile_mode",
+         f"{cfg.compile_mode!r} needs compile=true (the mode of torch.compile)")
     for stage in ("pretrain", "sft", "dpo", "verifier"):
         s = getattr(cfg, stage)
         for k in ("steps", "batch_size", "micro_batch_size", "seq_len", "eval_batches", "keep_last",

@@ -192,12 +192,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got range "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
             if cu_seqlens is not None:
-                cu = cu_seqlens.long()
-                if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T or bool((cu[1:] <= cu[:-1]).any()):
-                    raise ValueError(f"cu_seqlens must increase strictly from 0 to B*T={B * T}, got {cu.tolist()}")
-                if not bool(torch.isin(torch.arange(0, B * T, T), cu).all()):
-                    raise ValueError(f"cu_seqlens must contain every row start (multiples of T={T}) so that no "
-                                     f"document crosses a row, got {cu.tolist()}")
+                reference.check_cu_seqlens_values(cu_seqlens, B, T)
 
     @staticmethod
     def default_position_ids(input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:

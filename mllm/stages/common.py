@@ -79,8 +79,8 @@ def stage_trainer(cfg: PipelineConfig, ctx, stage: str, stage_cfg, model, loss_f
                                rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
                                collate=collate or collate_rows)
     return Trainer(model, loss_fn, train_src, stage_cfg, cfg.optim, stage=stage, run_dir=ctx.run_dir,
-                   val_data=val_data, dist=dist, compile=cfg.compile, seed=cfg.seed, profile=ctx.profile,
-                   progress=ctx.progress, config=cfg.to_dict(), eval_fn=eval_fn)
+                   val_data=val_data, dist=dist, compile=cfg.compile, compile_mode=cfg.compile_mode, seed=cfg.seed,
+                   profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict(), eval_fn=eval_fn)
 
 
 def fit_stage(trainer: Trainer, ctx, info: Dict[str, Any], data_line: str,

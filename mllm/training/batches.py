@@ -82,21 +82,39 @@ def collate_rows(rows: List[Mapping[str, Any]]) -> Batch:
     return out
 
 
-def batch_to_device(batch: Mapping[str, Any], device) -> Batch:
+def pad_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """``cu_seqlens`` extended to ``length`` values by repeating its last one (the end B·T): zero-length documents
+    at the end, which attention ignores. A CUDA graph replays fixed shapes, and packed batches hold different numbers
+    of documents; padded to one length (B·T + 1, the most a batch of B rows of T tokens can have), every micro-batch
+    replays the same graph instead of recording one per document count."""
+    n = cu_seqlens.numel()
+    if cu_seqlens.dim() != 1 or n < 1:
+        raise ValueError(f"cu_seqlens must be a non-empty 1-D tensor, got shape {tuple(cu_seqlens.shape)}")
+    if n > length:
+        raise ValueError(f"cu_seqlens has {n} values, more than the padded length {length}")
+    if n == length:
+        return cu_seqlens
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(length - n)])
+
+
+def batch_to_device(batch: Mapping[str, Any], device, fixed_cu_seqlens: bool = False) -> Batch:
     """Every tensor of ``batch`` on ``device``; for a CUDA device host tensors are pinned first, so that the copies
-    are asynchronous.
+    are asynchronous. ``fixed_cu_seqlens``: pad ``cu_seqlens`` to B·T + 1 values (``pad_cu_seqlens``; B, T from
+    ``input_ids``), so that its shape does not change from batch to batch (CUDA graphs).
 
     ``cu_seqlens`` goes through ``mllm_kernels.attention.cu_seqlens_to_device`` when it leaves the CPU for a GPU: its
     values are checked on the host, where reading them costs nothing, and the attention kernels trust the device copy
     instead of reading it back (a device-to-host sync per micro-batch that stalls a host-bound training step)."""
     device = torch.device(device)
+    ids = batch.get("input_ids")
+    if fixed_cu_seqlens and isinstance(batch.get("cu_seqlens"), torch.Tensor) and isinstance(ids, torch.Tensor):
+        batch = {**batch, "cu_seqlens": pad_cu_seqlens(batch["cu_seqlens"], ids.numel() + 1)}
     # A copy from pageable memory may wait for the stream to drain before it is staged (CUDA's "API synchronization
     # behavior"), which is the same stall as a read-back; pinned first, the copies queue behind the step's kernels.
     pin = device.type == "cuda"
     batch = {k: (v.pin_memory() if pin and isinstance(v, torch.Tensor) and v.device.type == "cpu"
                  and not v.is_pinned() else v) for k, v in batch.items()}
     check_on_host = None
-    ids = batch.get("input_ids")
     if device.type != "cpu" and isinstance(ids, torch.Tensor) and ids.dim() == 2:
         try:
             from mllm_kernels.attention import cu_seqlens_to_device as check_on_host

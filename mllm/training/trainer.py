@@ -30,6 +30,15 @@ Learning rate (linear warm-up, cosine decay to ``lr · min_lr_ratio`` at ``steps
 
 Weight decay applies to matrices only: not to 1-D tensors (norm weights, biases) nor to parameters whose name
 contains "norm", "bias" or "sink". bf16 autocast on CUDA, fp32 on CPU. AdamW is fused on CUDA.
+
+CUDA graphs (``compile_mode="reduce-overhead"`` or ``"max-autotune"``, i.e. ``CUDAGRAPH_MODES``): torch.compile then
+replays each micro-batch's forward and backward as recorded graphs, which removes the host's launch cost (+14% on
+one H100 for the triton backend, benchmarks/NOTES.md tuning step 6). Three things keep that correct and cheap:
+gradients are allocated once and zeroed in place (a graph's outputs live in memory the next replay overwrites, so
+AccumulateGrad must add into ``.grad`` rather than keep an output as it), ``cudagraph_mark_step_begin`` opens every
+forward, and ``cu_seqlens`` is padded to B·T + 1 values (``batches.pad_cu_seqlens``) so that packed batches with
+different numbers of documents replay one graph. Because gradients are never ``None``, AdamW also steps parameters
+that got no gradient in a step (zero gradient: momentum and weight decay still move them).
 """
 from __future__ import annotations
 
@@ -56,6 +65,7 @@ from mllm.training.metrics import (LOSS_LABELS, MetricsWriter, device_peak_flops
                                    read_metrics)
 from mllm.training.profiling import NVTX_BACKEND, maybe_profiler, trace_range
 
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
 Batch = Dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, Dict[str, Any], Union[torch.Tensor, int, float]]]
 
@@ -181,6 +191,7 @@ class Trainer:
         dist: the ``DistContext`` (None: one process on ``device``).
         device: used only when ``dist`` is None (default CPU).
         compile: ``torch.compile`` the loss module (the model's forward and the loss together).
+        compile_mode: torch.compile's ``mode`` (None: its default); the CUDA-graph modes are described above.
         seed: seeds python/numpy/torch RNGs with ``seed + rank`` (None leaves them alone).
         flops_per_token: for MFU; default ``model.flops_per_token(stage_cfg.seq_len)`` when the model has it.
         eval_fn: ``eval_fn(trainer) -> dict`` run after the validation loss (samples, task metrics); all ranks call it.
@@ -194,7 +205,8 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: LossFn, train_data, stage_cfg: StageConfig,
                  optim_cfg: OptimConfig, *, stage: str = "pretrain", run_dir: Optional[str | Path] = None,
                  val_data: Optional[Iterable[Batch]] = None, dist: Optional[DistContext] = None,
-                 device: Optional[torch.device | str] = None, compile: bool = False, seed: Optional[int] = None,
+                 device: Optional[torch.device | str] = None, compile: bool = False,
+                 compile_mode: Optional[str] = None, seed: Optional[int] = None,
                  flops_per_token: Optional[float] = None, eval_fn: Optional[Callable[["Trainer"], Dict]] = None,
                  profile: bool = False, progress: bool = True, config: Optional[Dict[str, Any]] = None,
                  find_unused_parameters: bool = False,
@@ -220,10 +232,15 @@ class Trainer:
         self.profile = profile
         self.progress = progress
 
+        if compile_mode is not None and not compile:
+            raise ConfigError(f"config key 'compile_mode' is {compile_mode!r} but compile is off; set compile=true")
+        # the bookkeeping follows the mode on any device (on a CPU inductor records no graph, but the same code runs)
+        self.cudagraphs = bool(compile) and compile_mode in CUDAGRAPH_MODES
         self.model = model.to(self.device)
         self._loss_module = _LossModule(self.model, loss_fn)
         # compile first, then DDP (the nanoGPT order): DDP's hooks and no_sync() stay plain eager code
-        self._eval_module = torch.compile(self._loss_module) if compile else self._loss_module
+        self._eval_module = torch.compile(self._loss_module, **({"mode": compile_mode} if compile_mode else {})) \
+            if compile else self._loss_module
         self._ddp: Optional[nn.parallel.DistributedDataParallel] = None
         self._train_module: nn.Module = self._eval_module
         if self.dist.is_distributed:
@@ -235,6 +252,9 @@ class Trainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("the model has no trainable parameters")
+        if self.cudagraphs:  # see the module docstring: AccumulateGrad adds into these instead of keeping an output
+            for p in self._params:
+                p.grad = torch.zeros_like(p)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, optim_cfg.weight_decay), lr=stage_cfg.lr,
             betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
@@ -298,10 +318,12 @@ class Trainer:
                 with trace_range("data"):
                     batch = self.train_data.next_batch()
                     tokens += self.count_tokens(batch)
-                    batch = batch_to_device(batch, dev)
+                    batch = batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs)
                 last = i == self.accum_steps - 1
                 sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
                 with sync:  # forward AND backward inside: DDP decides at forward time whether to all-reduce
+                    if self.cudagraphs:  # the previous micro-batch's graph outputs are consumed: replay may reuse them
+                        torch.compiler.cudagraph_mark_step_begin()
                     with trace_range("forward"), self.autocast():
                         loss, metrics, n = self._train_module(batch)
                     n = torch.as_tensor(n, dtype=torch.float32, device=dev)
@@ -333,7 +355,7 @@ class Trainer:
                 else:
                     self.skipped_steps += 1
                     self.consecutive_nonfinite += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
         self.step += 1
         self.tokens_seen += g_tokens
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": g_tokens, "n": g_n, "finite": finite}
@@ -372,8 +394,10 @@ class Trainer:
             for j, batch in enumerate(self.val_data):
                 if j >= self.stage_cfg.eval_batches:
                     break
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with trace_range("eval"), self.autocast():
-                    loss, metrics, n = self._eval_module(batch_to_device(batch, dev))
+                    loss, metrics, n = self._eval_module(batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs))
                 n = torch.as_tensor(n, dtype=torch.float32, device=dev)
                 loss_sum += loss.float() * n
                 n_sum += n

@@ -280,15 +280,17 @@ def _op_args(requires_grad=True):
     pos = torch.arange(T, device=DEVICE)[None]
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     sinks = torch.randn(HQ, generator=g).to(DEVICE).requires_grad_(requires_grad)
-    return (q, k, v, pos, cu, sinks, True, 6, 2, 10000.0, 0.125)
+    doc_start, doc_end = A._compute_doc_bounds(cu, B, T, DEVICE)
+    return (q, k, v, pos, doc_start, doc_end, sinks, True, 6, 2, 10000.0, 0.125), cu
 
 
 def test_opcheck():
-    torch.library.opcheck(A._attention_op, _op_args())
+    torch.library.opcheck(A._attention_op, _op_args()[0])
 
 
 def test_torch_compile_aot_eager():
-    q, k, v, pos, cu, sinks = _op_args()[:6]
+    args, cu = _op_args()
+    q, k, v, pos, sinks = *args[:4], args[6]
 
     def f(q, k, v, sinks):
         return A.attention(q, k, v, pos, cu_seqlens=cu, window=6, n_sink_tokens=2, sinks=sinks).float().sum()
@@ -357,7 +359,7 @@ def test_tracing_builds_the_rope_table_outside_any_cuda_graph():
 
     with FakeTensorMode() as mode:  # what tracing runs: the fake implementation only, no kernel
         fq, fk, fv, fpos = (mode.from_tensor(t) for t in (q, k, v, pos))
-        torch.ops.mllm.attention(fq, fk, fv, fpos, None, None, True, None, 0, theta, D ** -0.5)
+        torch.ops.mllm.attention(fq, fk, fv, fpos, None, None, None, True, None, 0, theta, D ** -0.5)
     assert key in A._FREQ_CACHE and A._FREQ_CACHE[key].device == q.device
     assert not isinstance(A._FREQ_CACHE[key], torch._subclasses.fake_tensor.FakeTensor)
     torch._dynamo.reset()
@@ -415,3 +417,47 @@ def test_cu_seqlens_to_device_validates_on_the_host_and_attention_trusts_the_cop
         A.cu_seqlens_to_device(torch.tensor([0, 5, 20, 32], dtype=torch.int32), B, T, DEVICE)
     with pytest.raises(ValueError, match="end at B\\*T"):
         A.cu_seqlens_to_device(torch.tensor([0, 16, 30], dtype=torch.int32), B, T, DEVICE)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_trailing_padding_of_cu_seqlens_changes_nothing(causal):
+    """Repeats of B·T after the last bound are padding (zero-length documents at the end): they keep cu_seqlens at one
+    length for every batch, which a CUDA graph needs (``mllm.training.batches.pad_cu_seqlens``). Kernel and reference
+    must give bit-identical outputs and gradients with and without them; a repeat anywhere else stays an error."""
+    B, T, HQ, HKV, D = 2, 40, 2, 1, 64
+    q, k, v, pos, cu, s, g_out, g_lse = _make_case(B, T, HQ, HKV, D, docs=True, sinks=True, seed=11)
+    padded = torch.cat([cu, cu.new_full((B * T + 1 - cu.numel(),), B * T)])
+    assert padded.numel() == B * T + 1 and padded.numel() > cu.numel() + 10
+    opts = dict(causal=causal, window=None, n_sink_tokens=0)
+    for fn, device in ((A.attention, DEVICE), (R.attention, "cpu")):
+        plain = _run(fn, q, k, v, pos, cu, s, g_out, g_lse, torch.float32, device, opts)
+        pad = _run(fn, q, k, v, pos, padded, s, g_out, g_lse, torch.float32, device, opts)
+        for name, a, b in zip(NAMES, plain, pad):
+            assert torch.equal(a, b), f"{fn.__module__}: {name} changed by the padding"
+    x = torch.randn(B, T, HQ, D)
+    for bad in ([0, 40, 40, 80, 80], [0, 40, 80, 60, 80]):  # an empty document inside; a step back
+        with pytest.raises(ValueError, match="strictly increasing"):
+            A.attention(x, x[:, :, :HKV], x[:, :, :HKV], cu_seqlens=torch.tensor(bad, dtype=torch.int32))
+
+
+def test_document_bounds_are_traced_not_cached_under_compile(monkeypatch):
+    """Eagerly, the [B, T] document bounds are computed once per cu_seqlens tensor and cached (every layer gets the
+    same tensor). Under torch.compile they must be traced ops instead: a cached device tensor made inside a CUDA
+    graph's memory pool (mode="reduce-overhead") is not a graph output, and CUDA-graph trees refuse it ("tensor(s) in
+    the cudagraph pool not tracked as outputs"). The cache is made CPU-capable here so that a wrong cache fill shows
+    on this machine too."""
+    cache = A._PerTensorCache(cuda_only=False)
+    monkeypatch.setattr(A, "_DOC_CACHE", cache)
+    args, cu = _op_args()
+    q, k, v, pos, sinks = *args[:4], args[6]
+
+    def f(q, k, v, sinks):
+        return A.attention(q, k, v, pos, cu_seqlens=cu, window=6, n_sink_tokens=2, sinks=sinks).float().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
+    assert cache.ref is None, "the compiled call cached its document bounds"
+    want = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
+    assert cache.ref is not None and cache.ref() is cu  # the eager call did
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -258,3 +258,41 @@ def test_fused_qkv_projection_is_the_same_model(backend):
         _close(p.grad, grads[name].grad, f"grad {name}")
     with torch.no_grad():  # one document per row: the eager backend's SDPA fast path reads the strided views too
         _close(fused(ids), plain(ids), "logits without cu_seqlens")
+
+
+def test_compiled_packed_model_computes_document_bounds_once():
+    """Under torch.compile the attention's [B, T] document bounds are traced ops, not a cache (a cached tensor made
+    inside a CUDA graph's pool is refused by CUDA-graph trees). Every layer traces its own copy; inductor's partitioner
+    (min-cut, with AOTAutograd's CSE pass) must merge them with the model's default-position computation into one
+    ``searchsorted`` in the forward graph, and the backward must reuse the saved bounds rather than recompute them.
+    The graphs are captured with inductor's partitioner and run without inductor (aot_eager-like), so the kernels run
+    as they do eagerly and the loss and gradients must match the uncompiled model."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return gm
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                           partition_fn=min_cut_rematerialization_partition)
+    _, fused = _models(vocab_size=LOSS_V)
+    assert fused.cfg.n_layers >= 2
+    ids, labels, cu = _batch(5, LOSS_V)
+    ref = fused(ids, labels=labels, cu_seqlens=cu)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in fused.parameters()]
+    fused.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    out = torch.compile(lambda i, y, c: fused(i, labels=y, cu_seqlens=c), backend=backend, fullgraph=True)(ids, labels, cu)
+    out.backward()
+    count = {k: sum("searchsorted" in t for t in v) for k, v in graphs.items()}
+    assert count == {"fw": 1, "bw": 0}, count
+    assert sum(t.startswith("mllm.attention.") for t in graphs["fw"]) == fused.cfg.n_layers
+    _close(out.detach(), ref.detach(), "compiled packed loss")
+    for p, g in zip(fused.parameters(), ref_grads):
+        _close(p.grad, g, "compiled packed grad")
