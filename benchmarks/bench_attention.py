@@ -7,6 +7,8 @@ GPU (``triton.testing.do_bench`` medians), bf16, B·T = 16,384 tokens and H·D =
   * ``mllm-norope``   ours without RoPE (the same work as SDPA: the like-for-like kernel comparison);
   * ``mllm-sinks``    ours + learned sinks;
   * ``mllm-all``      ours + learned sinks + window T/4 with 4 sink tokens + packed documents [T/2, T/4, T/4];
+  * ``mllm-atomicdq`` ``mllm`` with the atomic-dq backward (``attention.BWD_DQ = "atomic"``; every ``mllm*``
+                      provider sets the mode it measures on each forward call, so the backward that follows uses it);
   * ``sdpa-flash``    ``F.scaled_dot_product_attention`` on the flash backend (no sinks: the bound to beat);
   * ``flex-sinks``    compiled FlexAttention, causal block mask, sinks by renormalising with its LSE:
                       out · exp(lse − logaddexp(lse, sink)); ``flex-all`` the same mask as ``mllm-all``;
@@ -75,6 +77,7 @@ def _bthd(B, H, T, D, device, g):
 
 def _mllm(kind):
     A = __import__("importlib").import_module("mllm_kernels.attention")  # the package root exports a function of the same name
+    dq_mode = "atomic" if kind == "atomicdq" else "separate"
 
     def make(B, H, T, D, device, g):
         q, k, v = _bthd(B, H, T, D, device, g)
@@ -82,7 +85,12 @@ def _mllm(kind):
         kw = dict(rope_theta=None) if kind == "norope" else {}
         if kind == "all":
             kw.update(_all_features(B, T, device))
-        return (q, k, v, sinks), lambda q, k, v, s: A.attention(q, k, v, sinks=s, **kw)
+
+        def fn(q, k, v, s):
+            A.BWD_DQ = dq_mode  # read by the backward launcher: a module setting, not an argument of the op
+            return A.attention(q, k, v, sinks=s, **kw)
+
+        return (q, k, v, sinks), fn
 
     return make
 
@@ -168,6 +176,7 @@ PROVIDERS = {
     "mllm-norope": _mllm("norope"),
     "mllm-sinks": _mllm("sinks"),
     "mllm-all": _mllm("all"),
+    "mllm-atomicdq": _mllm("atomicdq"),
     "sdpa-flash": _sdpa,
     "flex-sinks": _flex("sinks"),
     "flex-all": _flex("all"),

@@ -5,9 +5,10 @@
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
-# trainer_cudagraph_tests attention_tune stages profile profile_compiled attn_cache_tests. Section limits (seconds) are
-# environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION, T_KERNEL_TESTS, T_KERNEL_FAST,
-# T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_ATTN_TUNE) so
+# trainer_cudagraph_tests attention_dq_ab train_atomic_dq attention_tune stages profile profile_compiled attn_cache_tests.
+# Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
+# T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
+# T_CG, T_ATTN_TUNE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 set -u
@@ -50,6 +51,12 @@ for s in $SECTIONS; do
     trainer_cudagraph_tests)  # the Trainer itself with compile_mode=reduce-overhead on packed rows (tests/test_trainer.py)
       section trainer_cudagraph_tests "${T_TRAINER_CG:-120}" $PY -m pytest tests/test_trainer.py -q -p no:cacheprovider \
         -k "cuda_graph" ;;
+    attention_dq_ab)  # the atomic-dq backward against the dq kernel, a gpu-full-like layer and T = 4k (NOTES step 17)
+      section attention_dq_ab "${T_DQ_AB:-120}" $PY benchmarks/bench_attention.py --providers mllm mllm-atomicdq \
+        --seq-lens 1024 4096 --head-dims 64 128 --out "$OUT/results" ;;
+    train_atomic_dq)  # the training step with the atomic-dq backward (compare with train_cudagraphs in the same run)
+      section train_atomic_dq "${T_CG:-120}" env MLLM_ATTN_DQ=atomic $PY scripts/bench_train.py --backends triton+compile \
+        --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15)
       section attention_tune "${T_ATTN_TUNE:-200}" $PY benchmarks/bench_attention.py --tune --min-tile 4096 \
         --candidates "$(ls benchmarks/results/aot_sweep_attention_*_D64_bf16_causal_sm90_triton3.6.0.json | tail -n 1)" \

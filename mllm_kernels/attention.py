@@ -17,7 +17,12 @@ Kernels (all statistics in fp32; exponentials in base 2 with log2(e) folded into
     partial sums of dσ_h = −Σ_i exp(σ_h − lse_i) Δ_i  (the sink column has no value, so dP_sink = 0).
   * ``_attn_bwd_dkdv_kernel`` grid (kv-blocks, B·Hkv): for each query head of the GQA group and each needed
     q block, Pᵀ = exp(s − lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − Δ), dK += dSᵀ Q · scale.
-  * ``_attn_bwd_dq_kernel`` grid (q-blocks, B·Hq): dQ = Σ_blocks dS K · scale.
+  * ``_attn_bwd_dq_kernel`` grid (q-blocks, B·Hq): dQ = Σ_blocks dS K · scale (recomputes S and dP).
+  * ``BWD_DQ = "atomic"`` instead: the dkdv kernel also forms dS K for each (q block, kv block) pair it visits and
+    adds it into an fp32 [B, Hq, T, D] buffer with relaxed atomics, and ``_attn_bwd_dq_finish_kernel`` scales,
+    un-rotates and casts it: 5 block products per pair instead of 7 (S and dP are not recomputed), for atomics,
+    a memset and one element-wise pass. The order of the atomic adds varies, so dq is not bitwise reproducible;
+    the default stays ``"separate"`` until a GPU measurement says otherwise (benchmarks/NOTES.md, tuning step 17).
 Block skipping: a KV block is visited only if it intersects [st(i_first), i_last] (causal) and, with a window,
 the band [i_first − window + 1, i_last] or the sink range [st, st + n_sink_tokens). Blocks where every
 (i, j) pair is allowed run without building the mask.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import weakref
 from typing import Optional, Tuple
 
@@ -53,6 +59,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 # "prerotate": rotate the inner-loop operand once into a temporary; "fused": rotate it inside the loop.
 STREAM_ROPE = "prerotate"
+# "separate": the dq kernel (deterministic); "atomic": dq accumulated by the dkdv kernel (see the module docstring)
+BWD_DQ = os.environ.get("MLLM_ATTN_DQ", "separate")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,16 +320,18 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
+def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, DQA, b, hk, GROUP, HQ, stride_qh, stride_qt,
                 stride_doh, stride_dot, pos_ptr, freq_ptr, ds_ptr, de_ptr, offs_n, m_lo, m_hi, T, qk_scale,
                 window, n_sink, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, ROT_STREAM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate dK, dV of one kv block over q blocks [m_lo, m_hi) of every query head in the GQA group.
+                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate dK, dV of one kv block over q blocks [m_lo, m_hi) of every query head in the GQA group
+    (and, with ATOMIC_DQ, add each pair's dS K — w.r.t. the rotated q, unscaled — into the fp32 buffer DQA).
     (group head, q block) pairs run as one flat loop: a nested head loop around the block loop keeps the
     operands live across both and makes the compiler spill registers."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_h = tl.arange(0, HALF)
     n_blk = (m_hi - m_lo) // BLOCK_M
     for it in range(0, GROUP * n_blk):
         g = it // n_blk
@@ -356,18 +366,24 @@ def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ
         ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
         dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
         dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            ds = tl.trans(ds_t)
+            dqa = DQA + (row0 + offs_m)[:, None] * HEAD_DIM + offs_h[None, :]
+            tl.atomic_add(dqa, tl.dot(ds, k1, input_precision=DOT_PREC), mask=row_ok[:, None], sem="relaxed")
+            tl.atomic_add(dqa + HALF, tl.dot(ds, k2, input_precision=DOT_PREC), mask=row_ok[:, None], sem="relaxed")
     return dk1, dk2, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, POS, DSTART, DEND, FREQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, POS, DSTART, DEND, FREQ, DK, DV, DQA,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     T, HQ, HKV, GROUP, qk_scale, sm_scale, window, n_sink,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ROPE: tl.constexpr, ROT_STREAM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr = False,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
@@ -434,18 +450,18 @@ def _attn_bwd_dkdv_kernel(
     # dK/dV accumulate over the query heads of the GQA group (K/V are read once, never repeated)
     Q_b = Q + b * stride_qb
     DO_b = DO + b * stride_dob
-    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
-                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, m_first, u0, T, qk_scale,
-                               window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
-                               DOT_DTYPE, DOT_PREC)
-    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
-                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u0, u1, T, qk_scale,
-                               window, n_sink, False, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
-                               DOT_DTYPE, DOT_PREC)
-    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, b, hk, GROUP, HQ, stride_qh, stride_qt,
-                               stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u1, m_end, T, qk_scale,
-                               window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM, BLOCK_M,
-                               DOT_DTYPE, DOT_PREC)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, DQA, b, hk, GROUP, HQ, stride_qh,
+                               stride_qt, stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, m_first, u0, T,
+                               qk_scale, window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM,
+                               BLOCK_M, DOT_DTYPE, DOT_PREC, ATOMIC_DQ)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, DQA, b, hk, GROUP, HQ, stride_qh,
+                               stride_qt, stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u0, u1, T,
+                               qk_scale, window, n_sink, False, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM,
+                               BLOCK_M, DOT_DTYPE, DOT_PREC, ATOMIC_DQ)
+    dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, Q_b, DO_b, LSE, DELTA, DQA, b, hk, GROUP, HQ, stride_qh,
+                               stride_qt, stride_doh, stride_dot, pos_ptr, FREQ, ds_ptr, de_ptr, offs_n, u1, m_end, T,
+                               qk_scale, window, n_sink, True, CAUSAL, HAS_DOCS, HAS_WINDOW, ROT_STREAM, HEAD_DIM,
+                               BLOCK_M, DOT_DTYPE, DOT_PREC, ATOMIC_DQ)
     _store_grad_rows(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, col_ok, dk1 * sm_scale, dk2 * sm_scale,
                      pos_ptr, FREQ, ROPE, HALF)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
@@ -542,6 +558,26 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _attn_bwd_dq_finish_kernel(DQA, DQ, POS, FREQ, stride_dqb, stride_dqt, stride_dqh, T, HQ, sm_scale,
+                               HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, ROPE: tl.constexpr):
+    """dq = Rᵀ(DQA · scale) in dq's dtype: the atomic buffer [B, Hq, T, D] fp32 (gradient w.r.t. the rotated q)
+    as the gradient w.r.t. the raw q [B, T, Hq, D]. Grid (token blocks, B·Hq)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = offs_t < T
+    offs_h = tl.arange(0, HALF)
+    src = DQA + ((b * HQ + h) * T + offs_t)[:, None] * HEAD_DIM + offs_h[None, :]
+    g1 = tl.load(src, mask=ok[:, None], other=0.0) * sm_scale
+    g2 = tl.load(src + HALF, mask=ok[:, None], other=0.0) * sm_scale
+    _store_grad_rows(DQ + b * stride_dqb + h * stride_dqh, offs_t, stride_dqt, ok, g1, g2, POS + b * T, FREQ, ROPE,
+                     HALF)
+
+
+@triton.jit
 def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
                       T, H, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
     """y = rope(x) for x [B, T, H, D], one [BLOCK_T, D] tile per program (grid: token blocks × B·H). cos/sin
@@ -591,6 +627,13 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(INTERPRETER_CONFIG)
     return dict(GPU_CONFIGS[(kernel, head_dim, 4 if dtype == torch.float32 else 2)])
+
+
+def _bwd_dq_mode() -> str:
+    if BWD_DQ not in ("separate", "atomic"):
+        raise ValueError(f"mllm_kernels.attention.BWD_DQ (environment variable MLLM_ATTN_DQ) must be 'separate' or "
+                         f"'atomic', got {BWD_DQ!r}")
+    return BWD_DQ
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -795,17 +838,28 @@ def _backward(dout, dlse, q, k, v, out, lse, position_ids, doc_start, doc_end, s
         dsinks = part.view(B, HQ, n_pre).sum(dim=(0, 2))
 
     common = (T, HQ)
+    atomic_dq = _bwd_dq_mode() == "atomic"
+    # the atomic buffer: fp32 [B, Hq, T, D], zeroed (a memset) and then only added to
+    dqa = torch.zeros((B, HQ, T, D), dtype=torch.float32, device=q.device) if atomic_dq else dk
     qs = prep.stream(q)  # dkdv streams q; dq streams k
     cfg = _config("dkdv", D, q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * HKV)](
         qs, k, v, dout, lse, delta, prep.ptrs["POS"], prep.ptrs["DSTART"], prep.ptrs["DEND"], prep.ptrs["FREQ"], dk, dv,
+        dqa,
         qs.stride(0), qs.stride(1), qs.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *common, HKV, HQ // HKV, softmax_scale * LOG2E, softmax_scale, prep.window, int(n_sink_tokens),
-        HEAD_DIM=D, **flags, **dots, **cfg,
+        HEAD_DIM=D, **flags, **dots, **cfg, ATOMIC_DQ=atomic_dq,
     )
     del qs
+    if atomic_dq:
+        block_t = 64
+        _attn_bwd_dq_finish_kernel[(triton.cdiv(T, block_t), B * HQ)](
+            dqa, dq, prep.ptrs["POS"], prep.ptrs["FREQ"], dq.stride(0), dq.stride(1), dq.stride(2), T, HQ,
+            softmax_scale, HEAD_DIM=D, BLOCK_T=block_t, ROPE=prep.rope, num_warps=4,
+        )
+        return dq, dk, dv, dsinks.to(sinks.dtype if sinks is not None else q.dtype)
     ks = prep.stream(k)
     cfg = _config("dq", D, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * HQ)](

@@ -446,6 +446,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
         "loss_first": loss_vals[0],
         "loss_last": loss_vals[-1],
         "kernel_paths": paths,
+        # the attention backward's dq variant (MLLM_ATTN_DQ): "separate" kernel or "atomic" (benchmarks/NOTES.md 17)
+        "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
         "profiled": prof is not None,
         "torch_trace": str(trace_path) if trace_path else None,
     }
@@ -453,6 +455,10 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
         res["error"] = f"non-finite loss during the run: {loss_vals}"
     del model, opt, params, fwd
     return res
+
+
+def _attention_bwd_dq() -> str:
+    return __import__("importlib").import_module("mllm_kernels.attention").BWD_DQ
 
 
 def _free(device: torch.device) -> None:
@@ -490,6 +496,9 @@ def markdown(report: Dict[str, Any]) -> str:
         "| peak MiB | first step s | loss first→last |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dq_modes = sorted({r["attention_bwd_dq"] for r in report["results"] if r.get("attention_bwd_dq")})
+    if dq_modes and dq_modes != ["separate"]:  # the non-default backward (benchmarks/NOTES.md, tuning step 17)
+        lines[-3:-3] = [f"Attention backward dq: {', '.join(dq_modes)} (MLLM_ATTN_DQ).", ""]
     base = next((r["tokens_per_s"] for r in report["results"] if r.get("backend") == "eager" and "tokens_per_s" in r), None)
     for r in report["results"]:
         if "tokens_per_s" not in r:

@@ -67,6 +67,9 @@ def test_eager_cpu_throughput_and_report(bt, tmp_path):
     proj = rep["pretrain_projection"]
     assert proj["tokens"] == 60 * 16 * 128 and proj["same_seq_len"] is False and proj["hours"] == {}
     assert "Pretraining of" not in md
+    assert r["attention_bwd_dq"] is None and "Attention backward dq" not in md  # eager: no attention kernel
+    atomic = {**rep, "results": [{**r, "attention_bwd_dq": "atomic"}]}  # a triton row run with MLLM_ATTN_DQ=atomic
+    assert "Attention backward dq: atomic (MLLM_ATTN_DQ)." in bt.markdown(atomic)
 
 
 def test_pretraining_projection(bt):

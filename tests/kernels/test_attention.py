@@ -187,6 +187,52 @@ def test_stream_rope_fused(monkeypatch):
     _check(1, 80, 2, 1, 128, torch.bfloat16, docs=True, sinks=True, seed=4)
 
 
+# The atomic-dq backward (``BWD_DQ = "atomic"``): dq accumulated by the dkdv kernel. The grid covers each mask
+# feature once with and without GQA (a kv program adds into several query heads), both head dims and dtypes, the
+# in-loop RoPE of the streamed operand, no RoPE, a T with a partial last block and two rows (two b offsets).
+ATOMIC_CASES = {
+    "docs": dict(docs=True),
+    "win+sinks": dict(window=16, n_sink_tokens=3, sinks=True),
+    "docs+win": dict(docs=True, window=24, n_sink_tokens=2),
+    "noncausal+docs": dict(causal=False, docs=True, sinks=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("case", list(ATOMIC_CASES))
+def test_atomic_dq_backward(monkeypatch, case, group, dtype):
+    monkeypatch.setattr(A, "BWD_DQ", "atomic")
+    seed = hash((case, group, str(dtype))) % 10_000
+    _check(2, 75, group, 1, 64, dtype, seed=seed, **ATOMIC_CASES[case])
+
+
+def test_atomic_dq_backward_options(monkeypatch):
+    monkeypatch.setattr(A, "BWD_DQ", "atomic")
+    _check(1, 80, 2, 1, 128, torch.bfloat16, docs=True, sinks=True, seed=21)
+    _check(1, 70, 2, 2, 64, torch.float32, docs=True, rope_theta=None, seed=22)
+    monkeypatch.setattr(A, "STREAM_ROPE", "fused")
+    _check(2, 90, 4, 2, 64, torch.float32, docs=True, window=24, n_sink_tokens=2, sinks=True, seed=23)
+
+
+def test_atomic_dq_matches_the_dq_kernel(monkeypatch):
+    """Same dk and dv bit for bit (the dkdv kernel's own sums are untouched), and dq equal up to the order of the
+    fp32 additions; a mode other than the two is an error naming the setting."""
+    q, k, v, pos, cu, s, g_out, g_lse = _make_case(2, 80, 4, 2, 64, docs=True, sinks=True, seed=5)
+    opts = dict(causal=True, window=None, n_sink_tokens=0)
+    runs = {}
+    for mode in ("separate", "atomic"):
+        monkeypatch.setattr(A, "BWD_DQ", mode)
+        runs[mode] = _run(A.attention, q, k, v, pos, cu, s, g_out, g_lse, torch.float32, DEVICE, opts)
+    sep, atom = runs["separate"], runs["atomic"]
+    for name in ("out", "lse", "dk", "dv", "dsinks"):
+        assert torch.equal(sep[NAMES.index(name)], atom[NAMES.index(name)]), name
+    torch.testing.assert_close(atom[2], sep[2], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(A, "BWD_DQ", "fast")
+    with pytest.raises(ValueError, match="MLLM_ATTN_DQ"):
+        _run(A.attention, q, k, v, pos, cu, s, g_out, g_lse, torch.float32, DEVICE, opts)
+
+
 def test_without_lse_grad_and_default_positions():
     _check(2, 90, 2, 1, 64, torch.float32, docs=True, sinks=True, positions=None, lse_grad=False, seed=9)
 
