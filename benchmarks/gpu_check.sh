@@ -5,7 +5,7 @@
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
-# trainer_cudagraph_tests attention_dq_ab train_atomic_dq attention_tune stages profile profile_compiled attn_cache_tests.
+# trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq attention_tune stages profile profile_compiled attn_cache_tests.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
 # T_CG, T_ATTN_TUNE) so
@@ -51,6 +51,9 @@ for s in $SECTIONS; do
     trainer_cudagraph_tests)  # the Trainer itself with compile_mode=reduce-overhead on packed rows (tests/test_trainer.py)
       section trainer_cudagraph_tests "${T_TRAINER_CG:-120}" $PY -m pytest tests/test_trainer.py -q -p no:cacheprovider \
         -k "cuda_graph" ;;
+    atomic_dq_tests)  # the atomic-dq backward's accuracy tests compiled for the card (tests/kernels/test_attention.py)
+      section atomic_dq_tests "${T_DQ_AB:-120}" $PY -m pytest tests/kernels/test_attention.py -q -p no:cacheprovider \
+        -k atomic ;;
     attention_dq_ab)  # the atomic-dq backward against the dq kernel, a gpu-full-like layer and T = 4k (NOTES step 17)
       section attention_dq_ab "${T_DQ_AB:-120}" $PY benchmarks/bench_attention.py --providers mllm mllm-atomicdq \
         --seq-lens 1024 4096 --head-dims 64 128 --out "$OUT/results" ;;
