@@ -44,7 +44,7 @@ def loss_fn(model, batch):
     return causal_lm_loss(logits, batch["labels"]), {}, (batch["labels"] != -100).sum()
 
 
-def train(ctx: DistContext, run_dir):
+def train(ctx: DistContext, run_dir, compile_mode=None):
     torch.manual_seed(0)
     model = Transformer(CFG)
     t = tokens()
@@ -53,7 +53,7 @@ def train(ctx: DistContext, run_dir):
     val = EvalBatches(MaskedWindows(t[3200:], 16), micro_batch_size=SC.micro_batch_size, rank=ctx.rank,
                       world_size=ctx.world_size, max_examples=SC.eval_batches * SC.micro_batch_size)
     tr = Trainer(model, loss_fn, src, SC, OptimConfig(), run_dir=run_dir, val_data=val, dist=ctx, seed=3,
-                 progress=False)
+                 progress=False, compile=compile_mode is not None, compile_mode=compile_mode)
     del model
     summary = tr.fit()
     params = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
@@ -62,11 +62,11 @@ def train(ctx: DistContext, run_dir):
     return params, summary, accum
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, compile_mode=None) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     try:
-        params, summary, accum = train(ctx, out / "run")
+        params, summary, accum = train(ctx, out / "run", compile_mode)
         torch.save({"params": params, "summary": summary, "accum": accum, "world": ctx.world_size},
                    out / f"rank{ctx.rank}.pt")
     finally:
@@ -111,6 +111,21 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     assert sum(r["kind"] == "train" for r in recs) == STEPS  # rank 0 alone writes
 
 
+def test_ddp_under_the_cuda_graph_mode_equals_plain_training(tmp_path):
+    """DDP around the loss module compiled with mode="reduce-overhead": the trainer's CUDA-graph bookkeeping
+    (gradients allocated once and zeroed in place, which DDP's reducer must add into; a new graph step per
+    micro-batch; no_sync on all but the last) gives the weights of the plain single-process run. On CPU inductor records
+    no CUDA graph; the bookkeeping and DDP's handling of the preallocated gradients are what is tested."""
+    torchrun(__file__, "--worker", tmp_path, "reduce-overhead", timeout=400)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), f"ranks disagree on {k}"
+    single, summary, _ = train(DistContext(), tmp_path / "single")
+    for k, v in single.items():
+        torch.testing.assert_close(r0["params"][k], v, rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    assert r0["summary"]["final_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
+
+
 def test_pipeline_cli_two_ranks_train_and_resume(data_dir, tmp_path):
     sets = ["data.tokenizer=byte", "model.vocab_size=257", "model.d_model=32", "model.n_layers=1",
             "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64", "data.max_docs=20",
@@ -133,7 +148,7 @@ def test_pipeline_cli_two_ranks_train_and_resume(data_dir, tmp_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(Path(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]), *sys.argv[3:])
     else:
         sys.exit("usage: torchrun --nproc_per_node=2 tests/test_distributed.py --worker OUT_DIR")
