@@ -5,7 +5,7 @@
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
-# trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq attention_tune stages profile profile_compiled attn_cache_tests.
+# trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq attention_tune stages profile profile_compiled attn_cache_tests.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
 # T_CG, T_ATTN_TUNE) so
@@ -46,6 +46,10 @@ for s in $SECTIONS; do
         --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     train_packed_cudagraphs)  # packed documents under CUDA graphs: cu_seqlens padded to B*T+1, bounds traced (not cached)
       section train_packed_cudagraphs "${T_PACKED:-90}" $PY scripts/bench_train.py --backends triton+compile \
+        --docs-per-row 4 --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 \
+        --out "$OUT/results" ;;
+    trainer_loop)  # the real training loop (Trainer.train_step) on packed rows under CUDA graphs: the pretraining's rate
+      section trainer_loop "${T_PACKED:-90}" $PY scripts/bench_train.py --loop trainer --backends triton+compile \
         --docs-per-row 4 --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 \
         --out "$OUT/results" ;;
     trainer_cudagraph_tests)  # the Trainer itself with compile_mode=reduce-overhead on packed rows (tests/test_trainer.py)

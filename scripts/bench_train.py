@@ -27,6 +27,11 @@ Reported per backend:
   * peak memory (``torch.cuda.max_memory_allocated``, warm-up included, so optimizer state counts);
   * median per-range times, measured with CUDA events on the GPU (no extra synchronisation inside the
     step) and ``time.perf_counter`` on the CPU, and the first step's time (compilation for +compile).
+``--loop trainer`` times ``mllm.training.trainer.Trainer.train_step`` instead of this script's own step (same model,
+batches, accumulation, ``--compile-mode``; the loss of the pretraining stage, ``next_token_loss``): the rate of the real
+training loop, with its per-step metric reduction, gradient clipping, non-finite check and, under CUDA graphs, its
+gradient and ``cu_seqlens`` handling. It has no per-range breakdown (the trainer carries no CUDA-event timer) and uses
+the trainer's autocast (bf16 on CUDA, fp32 on CPU).
 Writes ``bench_train_<date>_<card>.json`` and ``.md`` into ``--out``; exit code 1 if any backend failed.
 The model is trained in fp32 master weights with bf16 autocast on CUDA (``--dtype``), like the trainer.
 """
@@ -103,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for MFU (default: from the card name; H100 SXM 989.4)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--loop", choices=("bench", "trainer"), default="bench",
+                   help="time this script's training step (with a per-range breakdown) or the Trainer's train_step")
     p.add_argument("--torch-profile", default=None, metavar="DIR",
                    help="also write a torch.profiler Chrome trace of the timed steps per backend into DIR "
                         "(timings of a profiled run are perturbed and marked so)")
@@ -195,6 +202,12 @@ def resolve_args(args: argparse.Namespace):
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.torch_profile and args.steps < 2:
         raise ValueError("--torch-profile needs --steps >= 2 (one profiler warm-up step, then active steps)")
+    if args.loop == "trainer":
+        if args.dtype != ("bf16" if cuda else "fp32"):
+            raise ValueError(f"--loop trainer runs the trainer's autocast (bf16 on CUDA, fp32 on CPU), not --dtype "
+                             f"{args.dtype}")
+        if args.torch_profile:
+            raise ValueError("--torch-profile is not available with --loop trainer (use the trainer's --profile)")
     return args, cfg, device, backends
 
 
@@ -330,8 +343,106 @@ def _median(xs: Sequence[float]) -> Optional[float]:
     return float(statistics.median(xs)) if xs else None
 
 
+class _CycleBatches:
+    """The Trainer's batch-source contract over the synthetic host batches, in order, round and round."""
+
+    def __init__(self, batches, micro_batch_size: int):
+        self.batches = [{k: v for k, v in b.items() if v is not None} for b in batches]
+        self.micro_batch_size = micro_batch_size
+        self.i = 0
+
+    def next_batch(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batches,
+                          peak_flops: Optional[float]) -> Dict[str, Any]:
+    """``--loop trainer``: warm up, then time ``args.steps`` calls of ``Trainer.train_step`` for one backend."""
+    from mllm.config.pipeline_config import StageConfig
+    from mllm.stages.common import next_token_loss
+    from mllm.training.trainer import Trainer
+
+    kernel_backend, compiled = BACKENDS[name]
+    model = build_model(cfg, kernel_backend, device, args.seed)
+    forget_kernel_paths()
+    accum = args.grad_accum
+    total = args.warmup + args.steps
+    stage_cfg = StageConfig(steps=total, batch_size=args.micro_batch * accum, micro_batch_size=args.micro_batch,
+                            seq_len=args.seq_len, lr=args.lr, warmup_steps=0, eval_every=total + 1, eval_batches=1,
+                            save_every=total + 1, keep_last=1, log_every=total + 1)
+    tr = Trainer(model, next_token_loss, _CycleBatches(host_batches, args.micro_batch), stage_cfg, cfg.optim,
+                 stage="bench", device=device, compile=compiled, compile_mode=args.compile_mode if compiled else None,
+                 progress=False)
+    del model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, step_ms, first_step_s = [], [], None
+    from tqdm import tqdm
+
+    for i in tqdm(range(args.warmup), desc=f"{name} warm-up (trainer)", leave=False, disable=args.warmup == 0):
+        t0 = time.perf_counter()
+        losses.append(tr.train_step()["loss"])
+        if i == 0:
+            _sync(device)
+            first_step_s = time.perf_counter() - t0
+    paths = kernel_paths() if kernel_backend == "triton" else {}
+    _sync(device)
+    t0 = time.perf_counter()
+    with trace_range(TIMED_RANGE):
+        for _ in tqdm(range(args.steps), desc=f"{name} timed (trainer)", leave=False):
+            ts = time.perf_counter()
+            losses.append(tr.train_step()["loss"])  # ends in host reads of the step's metrics: steps do not overlap
+            step_ms.append((time.perf_counter() - ts) * 1e3)
+        _sync(device)
+    wall = time.perf_counter() - t0
+    if first_step_s is None:
+        first_step_s = step_ms[0] / 1e3
+    tokens = args.steps * accum * args.micro_batch * args.seq_len
+    tps = tokens / wall
+    fpt = flops_per_token(tr.model, cfg, args.seq_len)
+    res: Dict[str, Any] = {
+        "backend": name,
+        "loop": "trainer",
+        "kernel_backend": kernel_backend,
+        "compiled": compiled,
+        "cudagraphs": tr.cudagraphs,
+        "tokens_per_s": tps,
+        "step_ms_median": _median(step_ms),
+        "wall_s": wall,
+        "phase_ms_median": dict.fromkeys(PHASES),
+        "phase_ms_all": {"step": step_ms},
+        "first_step_s": first_step_s,
+        "mfu": mfu(fpt, tps, peak_flops),
+        "model_tflops_per_s": fpt * tps / 1e12,
+        "flops_per_token": fpt,
+        "n_params": sum(p.numel() for p in tr.model.parameters()),
+        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "kernel_paths": paths,
+        "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
+        "profiled": False,
+        "torch_trace": None,
+    }
+    if not all(math.isfinite(v) for v in losses):
+        res["error"] = f"non-finite loss during the run: {losses}"
+    tr.close()
+    return res
+
+
 def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak_flops: Optional[float]) -> Dict[str, Any]:
     """Warm up, time ``args.steps`` steps, and summarise one backend."""
+    if args.loop == "trainer":
+        return bench_trainer_backend(name, cfg, args, device, host_batches, peak_flops)
     kernel_backend, compiled = BACKENDS[name]
     model = build_model(cfg, kernel_backend, device, args.seed)
     model.train()
@@ -496,6 +607,9 @@ def markdown(report: Dict[str, Any]) -> str:
         "| peak MiB | first step s | loss first→last |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if any(r.get("loop") == "trainer" for r in report["results"]):
+        lines[-3:-3] = ["Timed loop: `Trainer.train_step` (`--loop trainer`): the real training loop; no per-range "
+                        "breakdown.", ""]
     dq_modes = sorted({r["attention_bwd_dq"] for r in report["results"] if r.get("attention_bwd_dq")})
     if dq_modes and dq_modes != ["separate"]:  # the non-default backward (benchmarks/NOTES.md, tuning step 17)
         lines[-3:-3] = [f"Attention backward dq: {', '.join(dq_modes)} (MLLM_ATTN_DQ).", ""]
