@@ -407,35 +407,38 @@ def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batch
         first_step_s = step_ms[0] / 1e3
     tokens = args.steps * accum * args.micro_batch * args.seq_len
     tps = tokens / wall
-    fpt = flops_per_token(tr.model, cfg, args.seq_len)
+    res = _result(name, tr.model, cfg, args, device, peak_flops, tps, losses, paths)
+    res.update(loop="trainer", cudagraphs=tr.cudagraphs, step_ms_median=_median(step_ms), wall_s=wall,
+               phase_ms_median=dict.fromkeys(PHASES), phase_ms_all={"step": step_ms}, first_step_s=first_step_s,
+               profiled=False, torch_trace=None)
+    tr.close()
+    return res
+
+
+def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optional[float], tps: float,
+            losses: Sequence[float], paths: Dict[str, str]) -> Dict[str, Any]:
+    """The fields both loops report: rate, MFU, memory, losses, kernel paths (and an error on a non-finite loss)."""
+    kernel_backend, compiled = BACKENDS[name]
+    fpt = flops_per_token(model, cfg, args.seq_len)
     res: Dict[str, Any] = {
         "backend": name,
-        "loop": "trainer",
         "kernel_backend": kernel_backend,
         "compiled": compiled,
-        "cudagraphs": tr.cudagraphs,
         "tokens_per_s": tps,
-        "step_ms_median": _median(step_ms),
-        "wall_s": wall,
-        "phase_ms_median": dict.fromkeys(PHASES),
-        "phase_ms_all": {"step": step_ms},
-        "first_step_s": first_step_s,
         "mfu": mfu(fpt, tps, peak_flops),
         "model_tflops_per_s": fpt * tps / 1e12,
         "flops_per_token": fpt,
-        "n_params": sum(p.numel() for p in tr.model.parameters()),
+        "n_params": sum(p.numel() for p in model.parameters()),
         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "kernel_paths": paths,
+        # the attention backward's dq variant (MLLM_ATTN_DQ): "separate" kernel or "atomic" (benchmarks/NOTES.md 17)
         "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
-        "profiled": False,
-        "torch_trace": None,
     }
     if not all(math.isfinite(v) for v in losses):
-        res["error"] = f"non-finite loss during the run: {losses}"
-    tr.close()
+        res["error"] = f"non-finite loss during the run: {list(losses)}"
     return res
 
 
@@ -536,34 +539,12 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     phases = timer.phase_ms()
     tokens = args.steps * accum * args.micro_batch * args.seq_len
     tps = tokens / wall
-    fpt = flops_per_token(model, cfg, args.seq_len)
     loss_vals = [float(x) for x in torch.stack(losses).float().cpu()]
-    res: Dict[str, Any] = {
-        "backend": name,
-        "kernel_backend": kernel_backend,
-        "compiled": compiled,
-        "tokens_per_s": tps,
-        "step_ms_median": _median(phases["step"]),
-        "wall_s": wall,
-        "phase_ms_median": {p: _median(phases[p]) for p in PHASES},
-        "phase_ms_all": phases,
-        "first_step_s": first_step_s,
-        "mfu": mfu(fpt, tps, peak_flops),
-        "model_tflops_per_s": fpt * tps / 1e12,
-        "flops_per_token": fpt,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
-        "loss_first": loss_vals[0],
-        "loss_last": loss_vals[-1],
-        "kernel_paths": paths,
-        # the attention backward's dq variant (MLLM_ATTN_DQ): "separate" kernel or "atomic" (benchmarks/NOTES.md 17)
-        "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
-        "profiled": prof is not None,
-        "torch_trace": str(trace_path) if trace_path else None,
-    }
-    if not all(math.isfinite(v) for v in loss_vals):
-        res["error"] = f"non-finite loss during the run: {loss_vals}"
+    res = _result(name, model, cfg, args, device, peak_flops, tps, loss_vals, paths)
+    res.update(step_ms_median=_median(phases["step"]), wall_s=wall,
+               phase_ms_median={p: _median(phases[p]) for p in PHASES}, phase_ms_all=phases,
+               first_step_s=first_step_s, profiled=prof is not None,
+               torch_trace=str(trace_path) if trace_path else None)
     del model, opt, params, fwd
     return res
 

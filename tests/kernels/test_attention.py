@@ -334,7 +334,14 @@ def test_opcheck():
     torch.library.opcheck(A._attention_op, _op_args()[0])
 
 
-def test_torch_compile_aot_eager():
+def test_torch_compile_aot_eager(monkeypatch):
+    """Compiled and eager agree. Eagerly the [B, T] document bounds are computed once per cu_seqlens tensor and
+    cached (every layer gets the same tensor); under torch.compile they must be traced ops instead: a cached device
+    tensor made inside a CUDA graph's memory pool (mode="reduce-overhead") is not a graph output, and CUDA-graph trees
+    refuse it ("tensor(s) in the cudagraph pool not tracked as outputs"). The cache is made CPU-capable here so that
+    a wrong cache fill shows on this machine too."""
+    cache = A._PerTensorCache(cuda_only=False)
+    monkeypatch.setattr(A, "_DOC_CACHE", cache)
     args, cu = _op_args()
     q, k, v, pos, sinks = *args[:4], args[6]
 
@@ -343,7 +350,9 @@ def test_torch_compile_aot_eager():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
+    assert cache.ref is None, "the compiled call cached its document bounds"
     want = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
+    assert cache.ref is not None and cache.ref() is cu  # the eager call did
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -484,26 +493,3 @@ def test_trailing_padding_of_cu_seqlens_changes_nothing(causal):
     for bad in ([0, 40, 40, 80, 80], [0, 40, 80, 60, 80]):  # an empty document inside; a step back
         with pytest.raises(ValueError, match="strictly increasing"):
             A.attention(x, x[:, :, :HKV], x[:, :, :HKV], cu_seqlens=torch.tensor(bad, dtype=torch.int32))
-
-
-def test_document_bounds_are_traced_not_cached_under_compile(monkeypatch):
-    """Eagerly, the [B, T] document bounds are computed once per cu_seqlens tensor and cached (every layer gets the
-    same tensor). Under torch.compile they must be traced ops instead: a cached device tensor made inside a CUDA
-    graph's memory pool (mode="reduce-overhead") is not a graph output, and CUDA-graph trees refuse it ("tensor(s) in
-    the cudagraph pool not tracked as outputs"). The cache is made CPU-capable here so that a wrong cache fill shows
-    on this machine too."""
-    cache = A._PerTensorCache(cuda_only=False)
-    monkeypatch.setattr(A, "_DOC_CACHE", cache)
-    args, cu = _op_args()
-    q, k, v, pos, sinks = *args[:4], args[6]
-
-    def f(q, k, v, sinks):
-        return A.attention(q, k, v, pos, cu_seqlens=cu, window=6, n_sink_tokens=2, sinks=sinks).float().sum()
-
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
-    assert cache.ref is None, "the compiled call cached its document bounds"
-    want = torch.autograd.grad(f(q, k, v, sinks), (q, k, v, sinks))
-    assert cache.ref is not None and cache.ref() is cu  # the eager call did
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b)
