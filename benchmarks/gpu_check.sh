@@ -54,7 +54,7 @@ for s in $SECTIONS; do
         --out "$OUT/results" ;;
     trainer_cudagraph_tests)  # the Trainer itself with compile_mode=reduce-overhead on packed rows (tests/test_trainer.py)
       section trainer_cudagraph_tests "${T_TRAINER_CG:-120}" $PY -m pytest tests/test_trainer.py -q -p no:cacheprovider \
-        -k "cuda_graph" ;;
+        -k "on_the_gpu" ;;
     atomic_dq_tests)  # the atomic-dq backward's accuracy tests compiled for the card (tests/kernels/test_attention.py)
       section atomic_dq_tests "${T_DQ_AB:-120}" $PY -m pytest tests/kernels/test_attention.py -q -p no:cacheprovider \
         -k atomic ;;
