@@ -59,7 +59,9 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 # "prerotate": rotate the inner-loop operand once into a temporary; "fused": rotate it inside the loop.
 STREAM_ROPE = "prerotate"
-# "separate": the dq kernel (deterministic); "atomic": dq accumulated by the dkdv kernel (see the module docstring)
+# "separate": the dq kernel (deterministic); "atomic": dq accumulated by the dkdv kernel (see the module docstring).
+# Read when a backward launches, or when torch.compile records it (a CUDA graph keeps the variant it was recorded
+# with): set it before the first step. torch.use_deterministic_algorithms(True) selects "separate".
 BWD_DQ = os.environ.get("MLLM_ATTN_DQ", "separate")
 
 
@@ -633,7 +635,12 @@ def _bwd_dq_mode() -> str:
     if BWD_DQ not in ("separate", "atomic"):
         raise ValueError(f"mllm_kernels.attention.BWD_DQ (environment variable MLLM_ATTN_DQ) must be 'separate' or "
                          f"'atomic', got {BWD_DQ!r}")
+    if BWD_DQ == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "separate"  # the atomic adds land in a run-dependent order; the dq kernel is reproducible
     return BWD_DQ
+
+
+_bwd_dq_mode()  # a bad MLLM_ATTN_DQ fails at import, not at the first backward
 
 
 def _dot_args(dtype: torch.dtype) -> dict:

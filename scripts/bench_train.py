@@ -30,8 +30,9 @@ Reported per backend:
 ``--loop trainer`` times ``mllm.training.trainer.Trainer.train_step`` instead of this script's own step (same model,
 batches, accumulation, ``--compile-mode``; the loss of the pretraining stage, ``next_token_loss``): the rate of the real
 training loop, with its per-step metric reduction, gradient clipping, non-finite check and, under CUDA graphs, its
-gradient and ``cu_seqlens`` handling. It has no per-range breakdown (the trainer carries no CUDA-event timer) and uses
-the trainer's autocast (bf16 on CUDA, fp32 on CPU).
+gradient and ``cu_seqlens`` handling. It has no per-range breakdown (the trainer carries no CUDA-event timer), uses
+the trainer's autocast (bf16 on CUDA, fp32 on CPU) and its cosine schedule (losses after the first step differ from
+the script's loop; the rate does not depend on them).
 Writes ``bench_train_<date>_<card>.json`` and ``.md`` into ``--out``; exit code 1 if any backend failed.
 The model is trained in fp32 master weights with bf16 autocast on CUDA (``--dtype``), like the trainer.
 """
@@ -62,6 +63,7 @@ from mllm.config.pipeline_config import ConfigError, load_config  # noqa: E402
 from mllm.training.batches import batch_to_device  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
 from mllm.training.profiling import StepProfiler, trace_range  # noqa: E402
+from mllm.training.trainer import CUDAGRAPH_MODES  # noqa: E402
 
 # backend name -> (cfg.model.kernel_backend, torch.compile?)
 BACKENDS = {
@@ -470,7 +472,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     # The first micro-batch's backward would hand its weight gradients to AccumulateGrad, which keeps them as
     # .grad (no copy); the next replay then overwrites them ("accessing tensor output of CUDAGraphs that has been
     # overwritten", H200 2026-11-26). With .grad allocated up front, AccumulateGrad adds in place instead.
-    cudagraphs = compiled and "reduce-overhead" in (args.compile_mode or "")
+    cudagraphs = compiled and args.compile_mode in CUDAGRAPH_MODES  # the trainer's rule
     if cudagraphs:
         for p in params:
             p.grad = torch.zeros_like(p)

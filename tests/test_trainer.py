@@ -392,23 +392,64 @@ def test_cuda_graph_mode_pads_document_bounds_and_keeps_gradients(monkeypatch):
         make_trainer(sc, compile_mode="reduce-overhead")
 
 
+def test_cuda_graph_mode_warns_once_about_many_batch_shapes():
+    """Stages that pad each batch to its own length record one CUDA graph per length: past MAX_GRAPH_SHAPES distinct
+    shapes the trainer says so, once, naming the setting and the fix; repeated shapes and non-graph modes stay quiet."""
+    import warnings
+
+    from mllm.training.trainer import MAX_GRAPH_SHAPES
+
+    def batch(T):
+        return {"input_ids": torch.zeros(4, T, dtype=torch.long), "labels": torch.zeros(4, T, dtype=torch.long)}
+
+    for mode, expect in (("default", 0), ("reduce-overhead", 1)):
+        tr = make_trainer(compile=True, compile_mode=mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for T in list(range(2, 2 + MAX_GRAPH_SHAPES)) * 2 + [40, 41, 42]:  # repeats count once
+                tr._note_graph_shape(batch(T))
+        hits = [w for w in caught if "different shapes" in str(w.message)]
+        assert len(hits) == expect, [str(w.message) for w in caught]
+    assert "compile_mode='reduce-overhead'" in str(hits[0].message) and "seq_len" in str(hits[0].message)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
-def test_cuda_graphs_train_packed_rows_on_the_gpu():
+def test_cuda_graphs_train_packed_rows_on_the_gpu(monkeypatch):
     """The Triton model under torch.compile mode="reduce-overhead" on packed rows with varying document counts:
-    no CUDA-graph-tree error (a document-bound tensor cached inside the graph pool was one), one padded cu_seqlens
+    no CUDA-graph-tree error (a document-bound tensor cached inside the graph pool was one), CUDA graphs really used
+    (inductor skips them with only a log line when something in the graph prevents them), one padded cu_seqlens
     length, and losses that follow the non-graph compiled run (bf16 autocast: loose tolerance)."""
+    import mllm.training.trainer as trainer_mod
+    from torch._dynamo.utils import counters
+
+    lengths = []
+    real_move = trainer_mod.batch_to_device
+
+    def move(batch, device, fixed_cu_seqlens=False):
+        out = real_move(batch, device, fixed_cu_seqlens=fixed_cu_seqlens)
+        lengths.append((fixed_cu_seqlens, int(out["cu_seqlens"].numel())))
+        return out
+
     sc = stage(steps=4, batch_size=8, micro_batch_size=4, seq_len=16)
     cfg = dict(d_model=128, n_heads=2, n_kv_heads=1, ffn_dim=256, kernel_backend="triton")
     val_rows = PackedRows(8, seed=1).rows
     val = [collate_rows(val_rows[i:i + 4]) for i in (0, 4)]
     runs = {}
+    counters.clear()
+    monkeypatch.setattr(trainer_mod, "batch_to_device", move)
     for mode in ("default", "reduce-overhead"):
-        tr = make_trainer(sc, model=tiny_model(**cfg), data=PackedRows(), device="cuda", compile=True,
-                          compile_mode=mode, val_data=val)
-        losses = [tr.train_step()["loss"] for _ in range(2)]
-        losses.append(tr.evaluate()["val_loss"])  # a no-grad graph between training steps
-        losses += [tr.train_step()["loss"] for _ in range(2)]
-        tr.close()
-        assert all(math.isfinite(x) for x in losses)
-        runs[mode] = losses
+        runs[mode] = _train_eval_train(sc, cfg, mode, val)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert {n for fixed, n in lengths if fixed} == {4 * 16 + 1} and any(not fixed for fixed, _ in lengths)
     assert runs["reduce-overhead"] == pytest.approx(runs["default"], rel=2e-2)
+
+
+def _train_eval_train(sc, cfg, mode, val):
+    tr = make_trainer(sc, model=tiny_model(**cfg), data=PackedRows(), device="cuda", compile=True, compile_mode=mode,
+                      val_data=val)
+    losses = [tr.train_step()["loss"] for _ in range(2)]
+    losses.append(tr.evaluate()["val_loss"])  # a no-grad graph between training steps
+    losses += [tr.train_step()["loss"] for _ in range(2)]
+    tr.close()
+    assert all(math.isfinite(x) for x in losses)
+    return losses

@@ -37,8 +37,12 @@ one H100 for the triton backend, benchmarks/NOTES.md tuning step 6). Three thing
 gradients are allocated once and zeroed in place (a graph's outputs live in memory the next replay overwrites, so
 AccumulateGrad must add into ``.grad`` rather than keep an output as it), ``cudagraph_mark_step_begin`` opens every
 forward, and ``cu_seqlens`` is padded to B·T + 1 values (``batches.pad_cu_seqlens``) so that packed batches with
-different numbers of documents replay one graph. Because gradients are never ``None``, AdamW also steps parameters
-that got no gradient in a step (zero gradient: momentum and weight decay still move them).
+different numbers of documents replay one graph. Costs: the fp32 gradients stay allocated through every forward
+(``set_to_none`` would free them between steps: one more copy of the parameters at peak), and, since gradients are
+never ``None``, AdamW also steps parameters that got no gradient in a step (momentum and weight decay move them).
+A graph is recorded per input shape: stages that pad each batch to its own longest row (SFT, DPO, the verifier)
+record one per length, which the trainer reports once it has seen ``MAX_GRAPH_SHAPES`` shapes; packed pretraining
+rows all have the stage's length.
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ from mllm.training.metrics import (LOSS_LABELS, MetricsWriter, device_peak_flops
 from mllm.training.profiling import NVTX_BACKEND, maybe_profiler, trace_range
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that record CUDA graphs
+MAX_GRAPH_SHAPES = 8  # distinct micro-batch shapes under CUDA graphs before the trainer warns (one graph each)
 Batch = Dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], Tuple[torch.Tensor, Dict[str, Any], Union[torch.Tensor, int, float]]]
 
@@ -236,6 +241,7 @@ class Trainer:
             raise ConfigError(f"config key 'compile_mode' is {compile_mode!r} but compile is off; set compile=true")
         # the bookkeeping follows the mode on any device (on a CPU inductor records no graph, but the same code runs)
         self.cudagraphs = bool(compile) and compile_mode in CUDAGRAPH_MODES
+        self.compile_mode = compile_mode
         self.model = model.to(self.device)
         self._loss_module = _LossModule(self.model, loss_fn)
         # compile first, then DDP (the nanoGPT order): DDP's hooks and no_sync() stay plain eager code
@@ -280,6 +286,7 @@ class Trainer:
         self.last_train: Dict[str, float] = {}
         self.last_eval: Dict[str, Any] = {}
         self.first_eval: Dict[str, Any] = {}
+        self._graph_shapes: set = set()  # micro-batch shapes seen under CUDA graphs (one recorded graph each)
         self._closed = False
 
     # ------------------------------------------------------------------------------------------------
@@ -319,6 +326,7 @@ class Trainer:
                     batch = self.train_data.next_batch()
                     tokens += self.count_tokens(batch)
                     batch = batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs)
+                    self._note_graph_shape(batch)
                 last = i == self.accum_steps - 1
                 sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
                 with sync:  # forward AND backward inside: DDP decides at forward time whether to all-reduce
@@ -375,6 +383,23 @@ class Trainer:
                     f"{last or 'none'}. Lower the learning rate or check the data.")
         return out
 
+    def _note_graph_shape(self, batch: Mapping[str, Any]) -> None:
+        """Under CUDA graphs, count the distinct micro-batch shapes and warn once there are more than
+        ``MAX_GRAPH_SHAPES``: each is a graph of its own, with its own memory, recorded on first sight."""
+        if not self.cudagraphs:
+            return
+        shape = tuple((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor))
+        if shape in self._graph_shapes:
+            return
+        self._graph_shapes.add(shape)
+        if len(self._graph_shapes) == MAX_GRAPH_SHAPES + 1:
+            msg = (f"CUDA graphs (compile_mode={self.compile_mode!r}): micro-batches of stage '{self.stage}' have come "
+                   f"in {len(self._graph_shapes)} different shapes so far (latest: {dict(shape)}); each records a "
+                   "graph of its own, with its own memory. Pad batches to one length (the stage's seq_len) or use "
+                   "compile_mode=default.")
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self.info(msg)
+
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
@@ -396,8 +421,10 @@ class Trainer:
                     break
                 if self.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
+                batch = batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs)
+                self._note_graph_shape(batch)
                 with trace_range("eval"), self.autocast():
-                    loss, metrics, n = self._eval_module(batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs))
+                    loss, metrics, n = self._eval_module(batch)
                 n = torch.as_tensor(n, dtype=torch.float32, device=dev)
                 loss_sum += loss.float() * n
                 n_sum += n
