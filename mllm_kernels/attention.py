@@ -560,17 +560,20 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _token_block(T, H, BLOCK_T: tl.constexpr):
+    """Grid (token blocks, B·H): this program's batch b (int64), head h, token offsets and their in-range mask."""
+    pid_bh = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return (pid_bh // H).to(tl.int64), pid_bh % H, offs_t, offs_t < T
+
+
+@triton.jit
 def _attn_bwd_dq_finish_kernel(DQA, DQ, POS, FREQ, stride_dqb, stride_dqt, stride_dqh, T, HQ, sm_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, ROPE: tl.constexpr):
     """dq = Rᵀ(DQA · scale) in dq's dtype: the atomic buffer [B, Hq, T, D] fp32 (gradient w.r.t. the rotated q)
     as the gradient w.r.t. the raw q [B, T, Hq, D]. Grid (token blocks, B·Hq)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = offs_t < T
+    b, h, offs_t, ok = _token_block(T, HQ, BLOCK_T)
     offs_h = tl.arange(0, HALF)
     src = DQA + ((b * HQ + h) * T + offs_t)[:, None] * HEAD_DIM + offs_h[None, :]
     g1 = tl.load(src, mask=ok[:, None], other=0.0) * sm_scale
@@ -585,12 +588,7 @@ def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_y
     """y = rope(x) for x [B, T, H, D], one [BLOCK_T, D] tile per program (grid: token blocks × B·H). cos/sin
     are recomputed per head: a few FMAs per element, cheaper than serialising the heads of a block."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = offs_t < T
+    b, h, offs_t, ok = _token_block(T, H, BLOCK_T)
     x1, x2 = _load_rows(X + b * stride_xb + h * stride_xh, offs_t, stride_xt, ok, POS + b * T, FREQ, True, HALF)
     offs_h = tl.arange(0, HALF)
     yp = Y + b * stride_yb + h * stride_yh + offs_t[:, None] * stride_yt + offs_h[None, :]
