@@ -253,13 +253,14 @@ def _backward(*outs):
     torch.autograd.backward([o.float().sum() for o in outs])
 
 
-def case_model(dtype_name: str = "bf16", packed: bool = True, preset: str = "gpu-full") -> None:
+def case_model(dtype_name: str = "bf16", packed: bool = True, preset: str = "gpu-full",
+               residual_dtype: str = "param") -> None:
     """One forward + backward of a preset model (triton backend, its own loss path) at T = 256, B = 1."""
     from mllm.config import load_config
     from mllm.models.transformer import Transformer
 
     cfg = load_config(preset)
-    model = Transformer(dataclasses.replace(cfg.model, kernel_backend="triton"))
+    model = Transformer(dataclasses.replace(cfg.model, kernel_backend="triton", residual_dtype=residual_dtype))
     T = min(256, cfg.model.max_seq_len)
     ids = torch.randint(0, cfg.model.vocab_size, (1, T))
     cu = torch.tensor([0, T // 3, T], dtype=torch.int32) if packed else None
@@ -336,6 +337,7 @@ def cases(quick: bool) -> Dict[str, Callable[[], None]]:
     if quick:
         return out
     out["model gpu-full bf16 unpacked"] = lambda: case_model("bf16", False)
+    out["model gpu-full bf16 packed, bf16 stream"] = lambda: case_model("bf16", True, residual_dtype="autocast")
     out["model gpu-full fp32 packed"] = lambda: case_model("fp32", True)
     for dn in ("bf16", "fp32"):
         dt = DTYPES[dn]

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type, or holds an impossible value."""
 
 
+RESIDUAL_DTYPES = ("param", "autocast")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257
@@ -50,6 +53,12 @@ class ModelConfig:
     # q, k, v projections as one GEMM over the concatenated weights (one launch and one autocast cast instead of
     # three, no sum of three input gradients; the parameters stay q_proj/k_proj/v_proj). Off until measured on a GPU
     fused_qkv: bool = False
+    # dtype of the residual stream under autocast. "param": the embedding's dtype (fp32 master weights: the stream
+    # and its gradient stay fp32, as in nanoGPT/HF under autocast). "autocast": the embedding output is cast to
+    # the autocast dtype (bf16) once, so every fused add+norm reads and writes a bf16 stream and a bf16 gradient
+    # (what FSDP's param_dtype=bf16 runs; half the norms' traffic, rounding of the sum to bf16). No effect without
+    # autocast. Off until measured on a GPU (benchmarks/NOTES.md, tuning step 18)
+    residual_dtype: str = "param"
     # embedding/head tables padded to a multiple of this many rows (aligned head GEMM; outputs keep vocab_size)
     vocab_pad_multiple: int = 1
 
@@ -382,6 +391,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(isinstance(m.rope_in_attention, bool), "model.rope_in_attention",
          f"must be true or false, got {m.rope_in_attention!r}")
     need(isinstance(m.fused_qkv, bool), "model.fused_qkv", f"must be true or false, got {m.fused_qkv!r}")
+    need(m.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype",
+         f"must be one of {', '.join(RESIDUAL_DTYPES)}, got {m.residual_dtype!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")

@@ -10,7 +10,8 @@ Residual stream (per layer l, with x_0 = embedding):
     h = x + attn(rms_norm(x));  x' = h + mlp(rms_norm(h))
 written with ``fused_add_rms_norm`` (add the previous branch output into the residual and normalise in one
 op), so the triton backend runs one kernel per add+norm: the "residual" variable carries the stream and the
-"x" variable carries the pending branch output.
+"x" variable carries the pending branch output. The stream keeps the embedding's dtype: fp32 under autocast by
+default, bf16 with ``model.residual_dtype="autocast"`` (``Transformer._embed``).
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def _check_model_config(cfg) -> None:
         raise ConfigError(f"config key 'model.n_sink_tokens': must be >= 0, got {cfg.n_sink_tokens}")
     if cfg.kernel_backend not in BACKENDS:
         raise ConfigError(f"config key 'model.kernel_backend': must be one of {BACKENDS}, got {cfg.kernel_backend!r}")
+    if cfg.residual_dtype not in ("param", "autocast"):
+        raise ConfigError(f"config key 'model.residual_dtype': must be 'param' or 'autocast', got {cfg.residual_dtype!r}")
 
 
 class Block(nn.Module):
@@ -203,13 +206,23 @@ class Transformer(nn.Module):
             return t.contiguous()  # made once per forward; the kernels read [B, T] rows in place
         return t - reference.doc_start_from_cu_seqlens(cu_seqlens, B, T, input_ids.device).long()
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [B, T, d]: the first residual. Its dtype is the stream's (see ``model.residual_dtype``):
+        every fused add+norm keeps the residual's dtype, so one cast here moves the whole stream, and its
+        gradient, to bf16 under a bf16 autocast."""
+        x = self.tok_emb(input_ids)
+        dev = x.device.type
+        if self.cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        return x
+
     def _run(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, probs_out=None) -> torch.Tensor:
         self._check_inputs(input_ids, position_ids, cu_seqlens, cache)
         if position_ids is None:
             if cache is not None:
                 raise ValueError("position_ids are required with a KV cache")
             position_ids = self.default_position_ids(input_ids, cu_seqlens)
-        x, residual = self.tok_emb(input_ids), None
+        x, residual = self._embed(input_ids), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, position_ids, cu_seqlens, cache, i, probs_out)
         h, _ = self.norm(x, residual)

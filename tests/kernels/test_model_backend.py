@@ -161,14 +161,18 @@ def test_fused_lm_loss_traces_under_torch_compile_fullgraph():
     _close(fused.lm_head_weight.grad, ref_grad, "compiled head grad")
 
 
-def test_triton_backend_matches_eager_under_bf16_autocast():
-    """The training layout: fp32 weights and residual stream, bf16 autocast. The norms take bf16 branch outputs
-    into the fp32 stream and emit bf16 (no cast kernels); loss and every gradient agree with the eager backend to
-    bf16 accuracy (both backends round the same values to bf16 at the same places; the kernels differ only in
-    fp32 reduction order, which a bf16 rounding can amplify by one ulp)."""
-    eager, fused = _models(vocab_size=LOSS_V)
+@pytest.mark.parametrize("residual_dtype", ["param", "autocast"])
+def test_triton_backend_matches_eager_under_bf16_autocast(residual_dtype):
+    """The training layout: fp32 weights, bf16 autocast, the residual stream in fp32 ("param") or bf16
+    (``model.residual_dtype="autocast"``). The norms take bf16 branch outputs into the stream and emit bf16 (no
+    cast kernels); loss and every gradient agree with the eager backend to bf16 accuracy (both backends round the
+    same values to bf16 at the same places; the kernels differ only in fp32 reduction order, which a bf16 rounding
+    can amplify by one ulp)."""
+    eager, fused = _models(vocab_size=LOSS_V, residual_dtype=residual_dtype)
     ids, labels, cu = _batch(4, LOSS_V)
     dev = torch.device(DEVICE).type
+    stream = []
+    fused.layers[1].register_forward_hook(lambda module, args, out: stream.append((args[1].dtype, out[1].dtype)))
     losses = []
     for model in (eager, fused):
         with torch.autocast(dev, dtype=torch.bfloat16):
@@ -176,6 +180,8 @@ def test_triton_backend_matches_eager_under_bf16_autocast():
         loss.backward()
         losses.append(loss.detach())
     assert last_path("fused_add_rms_norm") == KERNEL_PATH
+    want = torch.bfloat16 if residual_dtype == "autocast" else torch.float32
+    assert stream == [(want, want)]
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
     grads_e = dict(eager.named_parameters())
     for name, p in fused.named_parameters():
