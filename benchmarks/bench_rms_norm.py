@@ -19,8 +19,8 @@ CPU: the same ``run`` times the eager reference at small shapes; ``pytest benchm
     python benchmarks/bench_rms_norm.py --out benchmarks/results/      # JSON + Markdown
     python benchmarks/bench_rms_norm.py --sweep --out benchmarks/results/   # GPU: backward launch-config sweep
 
-The backward sweep times ``rms_norm_bwd`` (with and without the fused op's dh) per launch config: rows per tile,
-warps, programs per SM. Why: the shipped backward (8 rows x 1,024 with 4 warps) was measured fastest on an H100 among
+The backward sweep times ``rms_norm_bwd`` (plain, with the fused op's dh, and the autocast layout's fp32 stream with
+the bf16 copy of dx) per launch config: rows per tile, warps, programs per SM. Why: the shipped backward (8 rows x 1,024 with 4 warps) was measured fastest on an H100 among
 the configs tried then, yet sits at 53% of bandwidth, and ptxas gives it 253-255 registers, i.e. 2 CTAs = 8 warps
 per SM (``python -m benchmarks.aot_check``, benchmarks/NOTES.md tuning step 12): 8 or 16 warps per tile halve or
 quarter the registers per thread.
@@ -87,9 +87,14 @@ MAX_SWEEP_TILE = 32768
 
 
 def sweep(device="cuda", shapes=SWEEP_SHAPES, configs=SWEEP_CONFIGS, dtype=torch.bfloat16):
-    """Median ms of ``rms_norm_bwd`` per launch config and its GB/s over the minimal bytes (read dy, x (and dh),
-    write dx, plus w and dw); ``None`` is the shipped config. A config that cannot launch is a row with its error.
-    On CPU (tests, under the interpreter) the timing is perf_counter's and means nothing."""
+    """Median ms of ``rms_norm_bwd`` per launch config and its GB/s over the minimal bytes; ``None`` is the shipped
+    config. A config that cannot launch is a row with its error. Variants (the ``variant`` field):
+      plain    the plain norm's backward: read dy, x; write dx (all ``dtype``)
+      dh       the fused op's backward with one stream dtype: also read dh
+      dh+copy  the fused op under autocast: fp32 stream (h, dh, dx fp32) and ``dtype`` dy, plus the copy of dx in
+               ``dtype`` for the branch (``copy_dtype``, the gpu-full training step's fused norms)
+    (each plus w read and dw written). On CPU (tests, under the interpreter) the timing is perf_counter's and
+    means nothing."""
     K = __import__("importlib").import_module("mllm_kernels.rms_norm")
     dev = torch.device(device)
     time_ms = cuda_median_ms if dev.type == "cuda" else (lambda fn: cpu_median_ms(fn, reps=1))
@@ -98,19 +103,25 @@ def sweep(device="cuda", shapes=SWEEP_SHAPES, configs=SWEEP_CONFIGS, dtype=torch
         g = torch.Generator(device="cpu").manual_seed(0)
         x, dy, dh = (torch.randn(N, C, generator=g).to(dev, dtype) for _ in range(3))
         w = (1 + 0.1 * torch.randn(C, generator=g)).to(dev, dtype)
-        b = x.element_size()
-        for with_dh in (False, True):
-            nbytes = (4 if with_dh else 3) * N * C * b + 2 * C * w.element_size()
+        b, bw = x.element_size(), 2 * C * w.element_size()
+        x32, dh32 = x.float(), dh.float()
+        variants = {
+            "plain": (3 * N * C * b + bw, lambda tune: K.rms_norm_bwd(dy, x, w, EPS, tune=tune)),
+            "dh": (4 * N * C * b + bw, lambda tune: K.rms_norm_bwd(dy, x, w, EPS, dh=dh, tune=tune)),
+            "dh+copy": (N * C * (2 * b + 12) + bw,
+                        lambda tune: K.rms_norm_bwd(dy, x32, w, EPS, dh=dh32, tune=tune, copy_dtype=dtype)),
+        }
+        for variant, (nbytes, launch) in variants.items():
             for tune in configs:
                 if tune is not None and tune["block_rows"] * triton.next_power_of_2(C) > MAX_SWEEP_TILE:
                     continue  # 64K-element register tiles: minutes of compile for a config that cannot win
                 try:
-                    ms = time_ms(lambda: K.rms_norm_bwd(dy, x, w, EPS, dh=dh if with_dh else None, tune=tune))
+                    ms = time_ms(lambda: launch(tune))
                     err = None
                 except Exception as e:  # noqa: BLE001 - an unlaunchable config is a sweep result
                     ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                rows.append(dict(shape=f"{N}x{C}", dh=with_dh, config="shipped" if tune is None else tune, ms=ms,
-                                 gbps=nbytes / ms / 1e6 if ms == ms else None, error=err))
+                rows.append(dict(shape=f"{N}x{C}", variant=variant, config="shipped" if tune is None else tune,
+                                 ms=ms, gbps=nbytes / ms / 1e6 if ms == ms else None, error=err))
                 print(rows[-1], flush=True)
     return rows
 
@@ -119,12 +130,12 @@ def sweep_markdown(rows, env) -> str:
     lines = [f"# RMSNorm backward launch-config sweep: {env.get('card')} ({env.get('date_utc')})", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda_runtime')}, driver "
              f"{env.get('driver')}, git {env.get('git_commit')}; `python benchmarks/bench_rms_norm.py --sweep`", "",
-             "| shape | dh | rows/tile | warps | programs/SM | ms | GB/s |", "|---|---|---|---|---|---|---|"]
+             "| shape | variant | rows/tile | warps | programs/SM | ms | GB/s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         br, nw, ps = ("shipped",) * 3 if c == "shipped" else (c["block_rows"], c["num_warps"], c["per_sm"])
         gb = "n/a" if r["gbps"] is None else f"{r['gbps']:.0f}"
-        lines.append(f"| {r['shape']} | {r['dh']} | {br} | {nw} | {ps} | {r['ms']:.4f} | {gb} |"
+        lines.append(f"| {r['shape']} | {r['variant']} | {br} | {nw} | {ps} | {r['ms']:.4f} | {gb} |"
                      + (f" {r['error']}" if r["error"] else ""))
     return "\n".join(lines) + "\n"
 

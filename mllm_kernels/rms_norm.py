@@ -14,6 +14,8 @@ stream under autocast), which costs nothing: every load converts anyway.
 Backward, with n = x · r (the normalised row) and g = dy · w:
     dx = r · (g − n · mean(g · n, -1))            (+ dh, the gradient reaching the new residual, when fused)
     dw = Σ_rows dy · n
+The fused op's two inputs get the same gradient dx; when x and residual differ in dtype (autocast) the kernel
+stores it in both (``mllm::fused_add_rms_norm_backward_cast``), which saves a cast kernel re-reading the fp32 copy.
 r is recomputed in the backward from the row the kernel loads anyway (no [N] buffer is saved between the
 passes). dw is reduced without atomics: each of P programs owns a fixed, contiguous range of rows and writes its
 fp32 partial sum to row p of a [P, C] buffer; ``torch.sum`` over P finishes it. Same inputs, same bits.
@@ -104,14 +106,16 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, DH, DX, DW_PART,
+    DY, X, W, DH, DX, DX2, DW_PART,
     n_rows, n_cols, rows_per_program,
-    stride_dy, stride_x, stride_dh, stride_dx,
+    stride_dy, stride_x, stride_dh, stride_dx, stride_dx2,
     eps,
-    HAS_DH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
 ):
     """Program p handles rows [p·rows_per_program, (p+1)·rows_per_program) in BLOCK_ROWS tiles and writes its
-    partial dw to DW_PART[p, :]. X is the normalised input (h for the fused op); DH is added to dx when present."""
+    partial dw to DW_PART[p, :]. X is the normalised input (h for the fused op); DH is added to dx when present.
+    With HAS_DX2, dx is also stored in DX2's dtype (the fused op's branch gradient: same values, x's dtype)."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -134,6 +138,9 @@ def _rms_norm_bwd_kernel(
             if HAS_DH:
                 dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows[:, None] * stride_dx + cols[None, :], to_out(dx, DX.dtype.element_ty), mask=mask)
+            if HAS_DX2:
+                tl.store(DX2 + rows[:, None] * stride_dx2 + cols[None, :], to_out(dx, DX2.dtype.element_ty),
+                         mask=mask)
             dw_acc += tl.sum(dy * n, axis=0)
         tl.store(dw_row + cols, dw_acc, mask=col_mask)
     else:
@@ -166,6 +173,9 @@ def _rms_norm_bwd_kernel(
                 if HAS_DH:
                     dx += tl.load(DH + rows[:, None] * stride_dh + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + rows[:, None] * stride_dx + c[None, :], to_out(dx, DX.dtype.element_ty), mask=mask)
+                if HAS_DX2:
+                    tl.store(DX2 + rows[:, None] * stride_dx2 + c[None, :], to_out(dx, DX2.dtype.element_ty),
+                             mask=mask)
                 part = tl.load(dw_row + c, mask=col_mask, other=0.0)
                 tl.store(dw_row + c, part + tl.sum(dy * n, axis=0), mask=col_mask)
 
@@ -173,7 +183,8 @@ def _rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
-def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] = None, backward: bool = False):
+def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] = None, backward: bool = False,
+            copy: bool = False):
     """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of width n_cols.
 
     Measured on an H100 (bf16, CUDA-graph timing; experiments in the benchmark notes): the forward wants tiles of
@@ -182,7 +193,10 @@ def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] 
     (8 rows x 1,024: 42 -> 29 us at 8,192 x 1,024; 2 rows x 4,096: 349 -> 316 us at 32,768 x 4,096). Under the
     interpreter tiles hold ~64K elements, since its cost is mostly a Python overhead per program and per op.
     ``block_cols`` forces the column chunk (tests use it to drive the wide-row path at small widths); ``tune``
-    overrides block_rows / num_warps (benchmark sweeps)."""
+    overrides block_rows / num_warps (benchmark sweeps). ``copy`` (the backward that also stores dx in a second
+    dtype) halves the GPU tile: at 8 rows x 1,024 with 4 warps ptxas (triton 3.6, sm_90) gives it 255 registers and
+    spills 148 B per thread; at 4 rows, 187 registers and no spill, still 2 CTAs per SM (8 warps with 8 rows is also
+    spill-free, at 226 registers, but fits 1 CTA per SM where the persistent grid launches 2 programs per SM)."""
     full = triton.next_power_of_2(max(n_cols, 1))
     if block_cols is None:
         block_cols = full if full <= MAX_SINGLE_PASS else WIDE_BLOCK_COLS
@@ -191,7 +205,7 @@ def _config(n_cols: int, block_cols: Optional[int] = None, tune: Optional[dict] 
     if interpreting():
         target, max_rows = 65536, 512
     else:
-        target, max_rows = (8192 if backward else 4096), 64
+        target, max_rows = (4096 if copy else 8192) if backward else 4096, 64
     block_rows = max(1, min(max_rows, target // block_cols))
     if tune and "block_rows" in tune:
         block_rows = tune["block_rows"]
@@ -272,28 +286,33 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Op
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  dh: Optional[torch.Tensor] = None, block_cols: Optional[int] = None,
-                 tune: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 tune: Optional[dict] = None, copy_dtype: Optional[torch.dtype] = None):
     """Launch the backward kernel. dy, x (the normalised input: h for the fused op), dh: [..., C]; weight: [C]
-    -> (dx [..., C] in x.dtype (dy + dh folded in), dw [C] in weight.dtype)."""
+    -> (dx [..., C] in x.dtype (dy + dh folded in), dw [C] in weight.dtype). With ``copy_dtype`` it returns
+    (dx, dw, dx_copy): dx_copy = dx.to(copy_dtype), written by the same pass (bitwise equal to the cast)."""
     shape = x.shape
     x2 = _as_rows(x)
     dy2 = _as_rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty(shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(n_rows, n_cols)
+    dxc = torch.empty(shape, dtype=copy_dtype, device=x.device) if copy_dtype is not None else None
+    dxc2 = dxc.view(n_rows, n_cols) if dxc is not None else dx2
     dh2 = _as_rows(dh) if dh is not None else dy2
     if n_rows == 0 or n_cols == 0:
-        return dx, torch.zeros_like(weight)
-    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune, backward=True)
+        return (dx, torch.zeros_like(weight)) + ((dxc,) if dxc is not None else ())
+    block_rows, bc, single, num_warps = _config(n_cols, block_cols, tune, backward=True, copy=copy_dtype is not None)
     n_prog, rows_per_program = _bwd_programs(n_rows, block_rows, x.device, (tune or {}).get("per_sm"))
     alloc = torch.empty if single else torch.zeros  # the looped path accumulates into its row in place
     dw_part = alloc(n_prog, n_cols, dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_prog,)](
-        dy2, x2, weight.contiguous(), dh2, dx2, dw_part, n_rows, n_cols, rows_per_program,
-        dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), eps,
-        HAS_DH=dh is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=bc, SINGLE_PASS=single, num_warps=num_warps,
+        dy2, x2, weight.contiguous(), dh2, dx2, dxc2, dw_part, n_rows, n_cols, rows_per_program,
+        dy2.stride(0), x2.stride(0), dh2.stride(0), dx2.stride(0), dxc2.stride(0), eps,
+        HAS_DH=dh is not None, HAS_DX2=dxc is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=bc, SINGLE_PASS=single,
+        num_warps=num_warps,
     )
-    return dx, dw_part.sum(0).to(weight.dtype)
+    dw = dw_part.sum(0).to(weight.dtype)
+    return (dx, dw) + ((dxc,) if dxc is not None else ())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,6 +399,26 @@ def _(dy, dh, h, weight, eps):
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
+def _fused_add_rms_norm_backward_cast_impl(dy: torch.Tensor, dh: torch.Tensor, h: torch.Tensor,
+                                           weight: torch.Tensor, eps: float,
+                                           x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dsum, dw, dx = rms_norm_bwd(dy, h, weight, eps, dh=dh, copy_dtype=x_dtype)
+    return dsum, dx, dw
+
+
+# x and residual of different dtypes (the autocast layout: bf16 branch output, fp32 stream): both get the same
+# gradient, so one pass writes it in both dtypes instead of a cast kernel re-reading the fp32 one (6 B/element)
+_fused_add_rms_norm_backward_cast_op = torch.library.custom_op(
+    "mllm::fused_add_rms_norm_backward_cast", _fused_add_rms_norm_backward_cast_impl, mutates_args=())
+
+
+@_fused_add_rms_norm_backward_cast_op.register_fake
+def _(dy, dh, h, weight, eps, x_dtype):
+    patch_inductor_operator_str()
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(h, dtype=x_dtype, memory_format=torch.contiguous_format), torch.empty_like(weight))
+
+
 def _fused_add_setup_context(ctx, inputs, output):
     x, _, weight, eps, _ = inputs
     ctx.save_for_backward(output[1], weight)  # only h is needed: x and residual are not kept alive
@@ -388,25 +427,29 @@ def _fused_add_setup_context(ctx, inputs, output):
     ctx.y_meta = (output[0].shape, output[0].dtype)
 
 
-def _fused_add_backward(bwd):
+def _fused_add_backward(bwd, bwd_cast):
     def backward(ctx, dy, dh):
         h, weight = ctx.saved_tensors
         if dh is None:
             dh = torch.zeros_like(h)
         if dy is None:  # only h was used downstream
             dy = torch.zeros(ctx.y_meta[0], dtype=ctx.y_meta[1], device=h.device)
-        dsum, dw = bwd(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
         # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a
         # leaf); dsum has h's (the residual's) dtype, x's share is rounded to x's dtype as x.to(residual.dtype) would
-        dx = dsum if ctx.x_dtype == dsum.dtype else dsum.to(ctx.x_dtype)
+        if ctx.x_dtype == h.dtype:
+            dsum, dw = bwd(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
+            return dsum, dsum, dw, None, None
+        dsum, dx, dw = bwd_cast(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps, ctx.x_dtype)
         return dx, dsum, dw, None, None
     return backward
 
 
-_fused_add_rms_norm_op.register_autograd(_fused_add_backward(_fused_add_rms_norm_backward_op),
-                                         setup_context=_fused_add_setup_context)
-_FusedAddRMSNormFunction = eager_function("fused_add_rms_norm", _fused_add_rms_norm_impl, _fused_add_setup_context,
-                                          _fused_add_backward(_fused_add_rms_norm_backward_impl))
+_fused_add_rms_norm_op.register_autograd(
+    _fused_add_backward(_fused_add_rms_norm_backward_op, _fused_add_rms_norm_backward_cast_op),
+    setup_context=_fused_add_setup_context)
+_FusedAddRMSNormFunction = eager_function(
+    "fused_add_rms_norm", _fused_add_rms_norm_impl, _fused_add_setup_context,
+    _fused_add_backward(_fused_add_rms_norm_backward_impl, _fused_add_rms_norm_backward_cast_impl))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -488,8 +488,9 @@ def test_bf16_residual_stream_option():
     """model.residual_dtype="autocast": under a bf16 autocast the embedding output is cast once and every fused
     add+norm then carries a bf16 stream (and, in the backward, a bf16 stream gradient); the parameters and their
     gradients stay fp32. Accuracy by FlashAttention's rule against the fp64 model: each parameter gradient's error
-    (relative norm) and the loss error stay within 2x those of the default fp32-stream model under the same
-    autocast (measured: at most 1.3x on three seeds). Without autocast the option changes nothing."""
+    (relative norm) stays within 2x that of the default fp32-stream model under the same autocast (measured: at
+    most 1.5x over three model seeds), and the loss error within 2x, or half a bf16 ulp of the loss. Without
+    autocast the option changes nothing."""
     seen = {}
 
     def record(name):
@@ -520,7 +521,8 @@ def test_bf16_residual_stream_option():
         assert seen[f"{mode}1"] == (stream[mode], stream[mode])
     assert losses["autocast"] != losses["param"]  # the option does change the arithmetic
     loss_err = {mode: abs(v - float(ref_loss.detach())) for mode, v in losses.items()}
-    assert loss_err["autocast"] <= 2 * loss_err["param"] + 1e-3, loss_err
+    # the loss is one number, whose fp32-stream error can be small by chance: the floor is half a bf16 ulp of it
+    assert loss_err["autocast"] <= max(2 * loss_err["param"], 2 ** -9 * abs(float(ref_loss.detach()))), loss_err
     for name, p in ref.named_parameters():
         err = {mode: float((g[name].double() - p.grad).norm() / p.grad.norm().clamp(min=1e-12))
                for mode, g in grads.items()}

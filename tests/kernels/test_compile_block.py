@@ -112,12 +112,21 @@ def test_compiled_graph_holds_the_custom_ops():
     torch._dynamo.reset()
     block = Block(KERNEL_OPS).to(DEVICE)
     compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    _fwd_bwd(compiled, *_inputs())
+    x, res, pos = _inputs()
+    _fwd_bwd(compiled, x, res, pos)
     text = " ".join(seen)
     for op in ("mllm.fused_add_rms_norm.default", "mllm.rms_norm.default", "mllm.apply_rope.default",
                "mllm.swiglu.default", "mllm.fused_add_rms_norm_backward.default", "mllm.rms_norm_backward.default",
                "mllm.apply_rope_backward.default", "mllm.swiglu_backward.default"):
         assert op in text, f"{op} missing from the compiled graphs"
+    assert "fused_add_rms_norm_backward_cast" not in text
+    # a bf16 branch output into the fp32 stream (the autocast layout): one backward op writes both gradients (before,
+    # the x gradient was an aten._to_copy of the fp32 one in the backward graph)
+    seen.clear()
+    grads = _fwd_bwd(compiled, x.bfloat16(), res, pos)
+    text = " ".join(seen)
+    assert "mllm.fused_add_rms_norm_backward_cast.default" in text and "aten._to_copy" not in text, text
+    assert grads[1].dtype == torch.bfloat16 and torch.equal(grads[1], grads[2].bfloat16())
 
 
 _DISPATCH_SCRIPT = r"""

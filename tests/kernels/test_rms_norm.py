@@ -182,6 +182,8 @@ def test_mixed_dtypes_and_out_dtype(shape):
     assert [t.dtype for t in kern] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32]
     for name, k, e, o in zip(("y", "h", "dx", "dresidual", "dw"), kern, eager, oracle):
         _assert_fa_mixed(name, k, e, o, ctx)
+    # one backward pass writes both inputs' gradient: x's is the residual's rounded once (as the eager cast does)
+    assert torch.equal(kern[2], kern[3].bfloat16()), ctx
 
     # plain norm of an fp32 tensor with a bf16 output
     kern = _run(lambda a, b: K.rms_norm(a, b, EPS, torch.bfloat16), (res, w), (dy,))
@@ -190,6 +192,28 @@ def test_mixed_dtypes_and_out_dtype(shape):
     assert [t.dtype for t in kern] == [torch.bfloat16, torch.float32, torch.float32]
     for name, k, e, o in zip(("y", "dx", "dw"), kern, eager, oracle):
         _assert_fa_mixed(name, k, e, o, ctx)
+
+
+@pytest.mark.parametrize("block_cols,tune", [(None, None), (32, None), (None, {"block_rows": 4, "num_warps": 4})],
+                         ids=["single_pass", "looped", "gpu_tile"])
+@pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_copy_in_a_second_dtype(block_cols, tune, copy_dtype):
+    """``rms_norm_bwd(copy_dtype=)`` (the fused op's backward when x and residual differ in dtype) stores dx twice
+    from the same fp32 value: the copy is bitwise dx.to(copy_dtype), and dx, dw equal those of the launch without a
+    copy (bitwise with the same tile), on the single-pass and the looped wide-row path and with the GPU's 4-row tile
+    for this launch (``_config(copy=True)``; 37 rows leave a partial last tile)."""
+    x, _, w, dy, dh = _inputs((37, 100), torch.float32, _seed())
+    dx, dw = K.rms_norm_bwd(dy, x, w, EPS, dh=dh, block_cols=block_cols, tune=tune)
+    dx2, dw2, dxc = K.rms_norm_bwd(dy, x, w, EPS, dh=dh, block_cols=block_cols, tune=tune, copy_dtype=copy_dtype)
+    assert dxc.dtype == copy_dtype and dxc.shape == dx.shape
+    assert torch.equal(dxc, dx.to(copy_dtype))
+    assert torch.equal(dx2, dx) and torch.equal(dw2, dw)
+    if tune is not None:  # another tile sums dw in another order: equal up to fp32 rounding
+        ref_dx, ref_dw = K.rms_norm_bwd(dy, x, w, EPS, dh=dh)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    empty = K.rms_norm_bwd(dy[:0], x[:0], w, EPS, dh=dh[:0], copy_dtype=copy_dtype)
+    assert len(empty) == 3 and empty[2].shape == (0, 100) and empty[2].dtype == copy_dtype
 
 
 def test_out_dtype_validation():
@@ -216,6 +240,8 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm.default,
                           (x.detach().bfloat16().requires_grad_(), res.float(), w, EPS, torch.bfloat16))
     torch.library.opcheck(torch.ops.mllm.rms_norm.default, (x, w, EPS, torch.bfloat16))
+    torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm_backward_cast.default,
+                          (dy.float(), dh.float(), res.detach().float(), w.detach(), EPS, torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,3 +371,13 @@ def test_fuzz_shapes(lead, width, dtype, fused, seed):
         _check_fused(shape, dtype, seed)
     else:
         _check_rms_norm(shape, dtype, seed)
+
+
+def test_gpu_backward_tiles(monkeypatch):
+    """The GPU launch configs at the model's width (the interpreter uses bigger tiles): ~8K-element backward tiles
+    with 4 warps, and 4K for the backward that also writes the bf16 copy of dx, whose 8-row tile spills on sm_90
+    (ptxas: 255 registers + 148 B; ``python -m benchmarks.aot_check``)."""
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    assert K._config(1024, backward=True) == (8, 1024, True, 4)
+    assert K._config(1024, backward=True, copy=True) == (4, 1024, True, 4)
+    assert K._config(1024) == (4, 1024, True, 8)
