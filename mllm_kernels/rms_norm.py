@@ -384,8 +384,8 @@ def _(x, residual, weight, eps, out_dtype=None):
             torch.empty_like(residual, memory_format=torch.contiguous_format))
 
 
-def _fused_add_rms_norm_backward_impl(dy: torch.Tensor, dh: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
-                                      eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fused_add_rms_norm_backward_impl(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor,
+                                      weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_bwd(dy, h, weight, eps, dh=dh)
 
 
@@ -399,7 +399,7 @@ def _(dy, dh, h, weight, eps):
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-def _fused_add_rms_norm_backward_cast_impl(dy: torch.Tensor, dh: torch.Tensor, h: torch.Tensor,
+def _fused_add_rms_norm_backward_cast_impl(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor,
                                            weight: torch.Tensor, eps: float,
                                            x_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dsum, dw, dx = rms_norm_bwd(dy, h, weight, eps, dh=dh, copy_dtype=x_dtype)
@@ -422,6 +422,7 @@ def _(dy, dh, h, weight, eps, x_dtype):
 def _fused_add_setup_context(ctx, inputs, output):
     x, _, weight, eps, _ = inputs
     ctx.save_for_backward(output[1], weight)  # only h is needed: x and residual are not kept alive
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros to read
     ctx.eps = eps
     ctx.x_dtype = x.dtype
     ctx.y_meta = (output[0].shape, output[0].dtype)
@@ -430,16 +431,17 @@ def _fused_add_setup_context(ctx, inputs, output):
 def _fused_add_backward(bwd, bwd_cast):
     def backward(ctx, dy, dh):
         h, weight = ctx.saved_tensors
-        if dh is None:
-            dh = torch.zeros_like(h)
+        # h unused downstream (the model's final norm): dh is None and the kernel runs without it (HAS_DH=False)
+        # rather than reading a zero-filled [N, C] tensor
+        dh = dh.contiguous() if dh is not None else None
         if dy is None:  # only h was used downstream
             dy = torch.zeros(ctx.y_meta[0], dtype=ctx.y_meta[1], device=h.device)
         # h = x + residual, so both inputs receive the same gradient (autograd copies before accumulating into a
         # leaf); dsum has h's (the residual's) dtype, x's share is rounded to x's dtype as x.to(residual.dtype) would
         if ctx.x_dtype == h.dtype:
-            dsum, dw = bwd(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps)
+            dsum, dw = bwd(dy.contiguous(), dh, h, weight, ctx.eps)
             return dsum, dsum, dw, None, None
-        dsum, dx, dw = bwd_cast(dy.contiguous(), dh.contiguous(), h, weight, ctx.eps, ctx.x_dtype)
+        dsum, dx, dw = bwd_cast(dy.contiguous(), dh, h, weight, ctx.eps, ctx.x_dtype)
         return dx, dsum, dw, None, None
     return backward
 

@@ -242,6 +242,8 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.mllm.rms_norm.default, (x, w, EPS, torch.bfloat16))
     torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm_backward_cast.default,
                           (dy.float(), dh.float(), res.detach().float(), w.detach(), EPS, torch.bfloat16))
+    torch.library.opcheck(torch.ops.mllm.fused_add_rms_norm_backward.default,  # h unused downstream: no dh
+                          (dy, None, x.detach(), w.detach(), EPS))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,16 +331,27 @@ def test_stride_zero_grad():
     torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
 
 
-def test_unused_residual_output():
-    # only y is used: the gradient of h arrives as zeros/None and must not corrupt dx
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unused_residual_output(monkeypatch, x_dtype):
+    """Only y is used (the model's final norm): the gradient of h arrives as None, and the backward launches
+    without dh (no zero-filled [N, C] tensor) and gives the reference's gradients, for one stream dtype and for
+    the autocast layout (bf16 x into an fp32 stream)."""
     x, res, w, dy, _ = _inputs((4, 64), torch.float32, _seed())
-    x.requires_grad_()
+    x = x.to(x_dtype).requires_grad_()
+    res.requires_grad_()
+    seen = []
+    launch = K.rms_norm_bwd
+    monkeypatch.setattr(K, "rms_norm_bwd", lambda *a, **kw: seen.append(kw.get("dh")) or launch(*a, **kw))
     y, _h = K.fused_add_rms_norm(x, res, w, EPS)
-    (gx,) = torch.autograd.grad(y, x, dy)
+    gx, gr = torch.autograd.grad(y, (x, res), dy)
+    assert seen == [None]
     x2 = x.detach().clone().requires_grad_()
-    y2, _ = R.fused_add_rms_norm(x2, res, w, EPS)
-    (rx,) = torch.autograd.grad(y2, x2, dy)
+    r2 = res.detach().clone().requires_grad_()
+    y2, _ = R.fused_add_rms_norm(x2, r2, w, EPS)
+    rx, rr = torch.autograd.grad(y2, (x2, r2), dy)
+    assert gx.dtype == x_dtype and gr.dtype == torch.float32
     torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gr, rr, atol=1e-5, rtol=1e-5)
 
 
 def test_module_and_dispatch_path():
