@@ -20,8 +20,8 @@ CPU: the same ``run`` times the eager reference at small shapes; ``pytest benchm
     python benchmarks/bench_rms_norm.py --sweep --out benchmarks/results/   # GPU: backward launch-config sweep
 
 The backward sweep times ``rms_norm_bwd`` (plain, with the fused op's dh, and the autocast layout's fp32 stream with
-the bf16 copy of dx) per launch config: rows per tile, warps, programs per SM. Why: the shipped backward (8 rows x 1,024 with 4 warps) was measured fastest on an H100 among
-the configs tried then, yet sits at 53% of bandwidth, and ptxas gives it 253-255 registers, i.e. 2 CTAs = 8 warps
+the bf16 copy of dx) per launch config: rows per tile, warps, programs per SM. Why: the shipped backward (8 rows x
+1,024 with 4 warps) was measured fastest on an H100 among the configs tried then, yet sits at 53% of bandwidth, and ptxas gives it 253-255 registers, i.e. 2 CTAs = 8 warps
 per SM (``python -m benchmarks.aot_check``, benchmarks/NOTES.md tuning step 12): 8 or 16 warps per tile halve or
 quarter the registers per thread.
 """

@@ -33,6 +33,7 @@ from .ops import BACKENDS, KernelOps, get_ops
 def _check_model_config(cfg) -> None:
     """The structural constraints the model needs; errors name the config key (``ConfigError``)."""
     from mllm.config import ConfigError
+    from mllm.config.pipeline_config import RESIDUAL_DTYPES
 
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
                 "vocab_pad_multiple"):
@@ -51,8 +52,9 @@ def _check_model_config(cfg) -> None:
         raise ConfigError(f"config key 'model.n_sink_tokens': must be >= 0, got {cfg.n_sink_tokens}")
     if cfg.kernel_backend not in BACKENDS:
         raise ConfigError(f"config key 'model.kernel_backend': must be one of {BACKENDS}, got {cfg.kernel_backend!r}")
-    if cfg.residual_dtype not in ("param", "autocast"):
-        raise ConfigError(f"config key 'model.residual_dtype': must be 'param' or 'autocast', got {cfg.residual_dtype!r}")
+    if cfg.residual_dtype not in RESIDUAL_DTYPES:
+        raise ConfigError(f"config key 'model.residual_dtype': must be one of {RESIDUAL_DTYPES}, "
+                          f"got {cfg.residual_dtype!r}")
 
 
 class Block(nn.Module):
