@@ -110,6 +110,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for MFU (default: from the card name; H100 SXM 989.4)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--compiled-autograd", action="store_true",
+                   help="+compile backends: run each backward under compiled autograd (the whole backward, gradient "
+                        "accumulation included, as one inductor graph with --compile-mode; benchmarks/NOTES.md, "
+                        "tuning step 20). Experimental: bench loop only")
     p.add_argument("--loop", choices=("bench", "trainer"), default="bench",
                    help="time this script's training step (with a per-range breakdown) or the Trainer's train_step")
     p.add_argument("--torch-profile", default=None, metavar="DIR",
@@ -210,6 +214,10 @@ def resolve_args(args: argparse.Namespace):
                              f"{args.dtype}")
         if args.torch_profile:
             raise ValueError("--torch-profile is not available with --loop trainer (use the trainer's --profile)")
+        if args.compiled_autograd:
+            raise ValueError("--compiled-autograd is not available with --loop trainer (bench loop only)")
+    if args.compiled_autograd and not any(BACKENDS[b][1] for b in backends):
+        raise ValueError("--compiled-autograd needs a +compile backend in --backends")
     return args, cfg, device, backends
 
 
@@ -438,10 +446,26 @@ def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optio
         "kernel_paths": paths,
         # the attention backward's dq variant (MLLM_ATTN_DQ): "separate" kernel or "atomic" (benchmarks/NOTES.md 17)
         "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
+        "compiled_autograd": bool(args.compiled_autograd and compiled and args.loop == "bench"),
     }
     if not all(math.isfinite(v) for v in losses):
         res["error"] = f"non-finite loss during the run: {list(losses)}"
     return res
+
+
+def compiled_autograd_context(compile_mode: Optional[str]):
+    """A context factory under which ``loss.backward()`` runs through compiled autograd: the autograd engine's
+    whole backward (the AOT backward graphs and the AccumulateGrad nodes) is traced at run time and compiled by
+    inductor with ``compile_mode``. What it changes for the gpu-full step: each weight gradient leaves the backward
+    graph as bf16, is cast to fp32 by one kernel and added into .grad by another (eager AccumulateGrad, outside any
+    CUDA graph); under compiled autograd cast and add are one fused kernel in the graph (read 2 + 4, write 4 bytes
+    per parameter instead of 2 + 4 and 4 + 4 + 4). The entry point is private in torch (``_enable`` since 2.5,
+    ``enable`` before)."""
+    import torch._dynamo.compiled_autograd as ca
+
+    enable = getattr(ca, "_enable", None) or getattr(ca, "enable")
+    compiler = torch.compile(backend="inductor", **({"mode": compile_mode} if compile_mode else {}))
+    return lambda: enable(compiler)
 
 
 def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak_flops: Optional[float]) -> Dict[str, Any]:
@@ -465,6 +489,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     fwd = torch.compile(forward_loss, **({"mode": args.compile_mode} if args.compile_mode else {})) \
         if compiled else forward_loss
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
+    backward_ctx = compiled_autograd_context(args.compile_mode) if compiled and args.compiled_autograd \
+        else contextlib.nullcontext
     timer = PhaseTimer(device)
 
     accum = args.grad_accum
@@ -476,6 +502,10 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     if cudagraphs:
         for p in params:
             p.grad = torch.zeros_like(p)
+            if args.compiled_autograd:
+                # the compiled-autograd graph adds into .grad in place: a mutated graph input makes cudagraph trees
+                # skip the graph unless the input is static (inductor's check_for_mutation)
+                torch._dynamo.mark_static_address(p.grad)
 
     def step(i: int, timed: bool) -> torch.Tensor:
         """One optimizer step over ``accum`` micro-batches (mean loss, as the trainer's accumulation)."""
@@ -496,7 +526,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
                 with trace_range("forward"), autocast():
                     loss = fwd(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"]) / accum
                 mark("forward")
-                with trace_range("backward"):
+                with trace_range("backward"), backward_ctx():
                     loss.backward()
                 mark("backward")
                 total = loss.detach() if total is None else total + loss.detach()
@@ -591,11 +621,13 @@ def markdown(report: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if any(r.get("loop") == "trainer" for r in report["results"]):
-        lines[-3:-3] = ["Timed loop: `Trainer.train_step` (`--loop trainer`): the real training loop; no per-range "
+        lines[-2:-2] = ["Timed loop: `Trainer.train_step` (`--loop trainer`): the real training loop; no per-range "
                         "breakdown.", ""]
+    if any(r.get("compiled_autograd") for r in report["results"]):
+        lines[-2:-2] = ["Backward under compiled autograd (`--compiled-autograd`) for the +compile backends.", ""]
     dq_modes = sorted({r["attention_bwd_dq"] for r in report["results"] if r.get("attention_bwd_dq")})
     if dq_modes and dq_modes != ["separate"]:  # the non-default backward (benchmarks/NOTES.md, tuning step 17)
-        lines[-3:-3] = [f"Attention backward dq: {', '.join(dq_modes)} (MLLM_ATTN_DQ).", ""]
+        lines[-2:-2] = [f"Attention backward dq: {', '.join(dq_modes)} (MLLM_ATTN_DQ).", ""]
     base = next((r["tokens_per_s"] for r in report["results"] if r.get("backend") == "eager" and "tokens_per_s" in r), None)
     for r in report["results"]:
         if "tokens_per_s" not in r:
