@@ -5,8 +5,8 @@
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
-# trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq train_bf16_residual train_compiled_autograd train_goal
-# attention_tune stages profile profile_compiled attn_cache_tests.
+# trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq train_bf16_residual train_compiled_autograd train_mb16
+# train_goal attention_tune stages profile profile_compiled attn_cache_tests.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
 # T_CG, T_ATTN_TUNE) so
@@ -73,6 +73,11 @@ for s in $SECTIONS; do
       section train_compiled_autograd "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
         --compiled-autograd --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 \
         --out "$OUT/results" ;;
+    train_mb16)  # micro-batch 16 at half the accumulation (same tokens per optimizer step): GEMMs with M = 16,384
+      # instead of 8,192 (NOTES step 21; compare with train_cudagraphs of the same run)
+      section train_mb16 "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
+        --micro-batch 16 --grad-accum "$(( ${ACCUM:-4} > 1 ? ${ACCUM:-4} / 2 : 1 ))" --compile-mode reduce-overhead \
+        --steps 6 --warmup 4 --out "$OUT/results" ;;
     train_goal)  # issue 9's number: every measured-or-predicted win together at the pretraining's accumulation (16):
       # CUDA graphs, fused q/k/v, bf16 residual stream (NOTES steps 6, 14, 18)
       section train_goal "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
