@@ -54,3 +54,41 @@ def test_summary_lists_ranges_busy_fraction_and_top_kernels(tmp_path, capsys):
 def test_cli_names_a_missing_file(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         main([str(tmp_path / "nope.json")])
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("_attn_bwd_dkdv_kernel", "attention (mllm)"),
+    ("_rms_norm_bwd_kernel", "rms_norm (mllm)"),
+    ("_ce_rows_kernel", "lm loss / dpo (mllm)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM (cuBLAS/CUTLASS)"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_NNT", "GEMM (cuBLAS/CUTLASS)"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8>(T1::Params)",
+     "GEMM (cuBLAS/CUTLASS)"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>, true>(Flash_fwd_params)",
+     "attention (PyTorch SDPA)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+     "optimizer / foreach (ATen)"),
+    ("triton_poi_fused__to_copy_add_3", "inductor-generated"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copies and casts (ATen)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>",
+     "other ATen element-wise / reductions"),
+    ("some_custom_thing", "other"),
+])
+def test_kernel_kinds(name, kind):
+    from mllm.training.trace_summary import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_summary_splits_gpu_time_by_kind(tmp_path):
+    k = lambda name, ts, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+    events = [k("nvjet_tst_128x256", 0, 600), k("_attn_fwd_kernel", 600, 300), k("nvjet_tst_128x256", 900, 200),
+              {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 1100, "dur": 100}]
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(events))
+    lines = summarize(p).splitlines()
+    i = next(j for j, line in enumerate(lines) if line.startswith("GPU time by kind"))
+    assert [line.split() for line in lines[i + 1:i + 4]] == [
+        ["0.80", "66.7%", "2", "GEMM", "(cuBLAS/CUTLASS)"], ["0.30", "25.0%", "1", "attention", "(mllm)"],
+        ["0.10", "8.3%", "1", "memcpy", "/", "memset"]]

@@ -1,4 +1,5 @@
-"""Summary of a torch.profiler Chrome trace: per-range totals, top GPU kernels, and how busy the GPU was.
+"""Summary of a torch.profiler Chrome trace: per-range totals, how busy the GPU was, GPU time by kind (GEMMs, each
+of this package's kernels, inductor's, copies, the optimizer), and the top GPU kernels.
 
     python -m mllm.training.trace_summary TRACE.json [--top 15]
 
@@ -19,10 +20,38 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 RANGES = ("step", "data", "forward", "backward", "optimizer")
+# kernel name -> kind, first match wins: the step-time budget of benchmarks/NOTES.md by part (this package's Triton
+# kernels by op; cuBLAS/CUTLASS GEMMs, whose names vary by card and library version: sm90_xmma_gemm_*, nvjet_*,
+# cutlass_*; inductor's generated Triton kernels; the rest of ATen)
+KINDS = (
+    ("attention (mllm)", re.compile(r"_attn_")),
+    ("rms_norm (mllm)", re.compile(r"_rms_norm_")),
+    ("swiglu (mllm)", re.compile(r"_swiglu_")),
+    ("rope (mllm)", re.compile(r"_rope_")),
+    ("lm loss / dpo (mllm)", re.compile(r"_ce_rows|_dpo_logprobs")),
+    ("GEMM (cuBLAS/CUTLASS)", re.compile(r"gemm|cutlass|xmma|nvjet|cublas", re.I)),
+    ("attention (PyTorch SDPA)", re.compile(r"flash|fmha|efficient_attention", re.I)),
+    ("optimizer / foreach (ATen)", re.compile(r"multi_tensor_apply|adam", re.I)),
+    ("inductor-generated", re.compile(r"^triton_(?:poi|red|per|tem|for)_")),
+    ("copies and casts (ATen)", re.compile(r"copy|cast", re.I)),
+    ("other ATen element-wise / reductions", re.compile(r"elementwise|vectorized|reduce|index|scatter|gather|fill",
+                                                        re.I)),
+)
+
+
+def kernel_kind(name: str, cat: str = "kernel") -> str:
+    """The part of the step a GPU activity belongs to (``KINDS``); memcpy/memset by their trace category."""
+    if cat in ("gpu_memcpy", "gpu_memset"):
+        return "memcpy / memset"
+    for kind, pat in KINDS:
+        if pat.search(name):
+            return kind
+    return "other"
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 GAP_BINS_US = (5, 20, 100, 1000)  # gap histogram edges: <5 µs, 5–20, 20–100, 100–1000, >= 1000
 
@@ -65,10 +94,14 @@ def gpu_busy(events: Iterable[dict]) -> Dict[str, object]:
 
 def summarize(path: str | Path, top: int = 15) -> str:
     events = load_events(path)
-    tot, cnt, kern, kcount = (collections.Counter() for _ in range(4))
+    tot, cnt, kern, kcount, kind_ms, kind_n = (collections.Counter() for _ in range(6))
     for e in events:
         if e.get("ph") != "X":
             continue
+        if e.get("cat") in GPU_CATS:
+            kind = kernel_kind(e.get("name", ""), e["cat"])
+            kind_ms[kind] += e.get("dur", 0) / 1e3
+            kind_n[kind] += 1
         if e.get("name") in RANGES and e.get("cat") in ("user_annotation", "gpu_user_annotation"):
             # user_annotation: the host-side record_function span; gpu_user_annotation: the same range on the stream
             side = "gpu" if e["cat"] == "gpu_user_annotation" else "cpu"
@@ -89,6 +122,11 @@ def summarize(path: str | Path, top: int = 15) -> str:
                   f"({100 * b['busy_frac']:.1f}%), {b['n_kernels']} kernels/copies "
                   f"(mean {b['busy_us'] / b['n_kernels']:.1f} us busy per launch)",
                   "idle gaps:  " + ", ".join(f"{lab}: {n} ({us / 1e3:.2f} ms)" for lab, (n, us) in b["gaps"].items())]
+    if kind_ms:
+        total = sum(kind_ms.values())
+        lines += ["", "GPU time by kind (ms, share of the summed GPU time, launches; overlapping kernels both count)"]
+        for kind, ms in kind_ms.most_common():
+            lines.append(f"{ms:>10.2f} {100 * ms / total:>6.1f}% {kind_n[kind]:>6}  {kind}")
     if kern:
         lines += ["", f"top GPU kernels by total time (ms, launches)"]
         for name, ms in kern.most_common(top):
