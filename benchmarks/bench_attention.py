@@ -397,6 +397,37 @@ def tune(B: int = 8, H: int = 16, T: int = 1024, D: int = 64, provider: str = "m
     return rows
 
 
+def tune_verdicts(rows: List[dict]) -> List[dict]:
+    """Per kernel of a ``tune`` run: the fastest tile against the shipped one (mean of its two timings) and whether it
+    wins, i.e. is faster by more than the shipped tile's drift and 1%. Dicts: kernel, D, best (row), base_ms, drift,
+    wins."""
+    out = []
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        rk = [r for r in rows if r["kernel"] == kernel]
+        ship = [r["ms"] for r in rk if r["shipped"] and r["ms"] is not None]
+        ok = [r for r in rk if r["ms"] is not None and not r["shipped"]]
+        if not ship or not ok:
+            continue
+        base = sum(ship) / len(ship)
+        best = min(ok, key=lambda r: r["ms"])
+        drift = max(ship) / min(ship) - 1 if len(ship) > 1 else 0.0
+        out.append(dict(kernel=kernel, D=best["D"], best=best, base_ms=base, drift=drift,
+                        wins=best["ms"] < base / (1 + max(drift, 0.01))))
+    return out
+
+
+def tiles_table(rows: List[dict], env: Optional[dict] = None, command: str = "") -> dict:
+    """The winning tiles of a ``tune`` run as a tile table (``mllm_kernels.attention.read_tiles`` format, 16-bit
+    entries): what ``MLLM_ATTN_TILES`` loads over the shipped ``GPU_CONFIGS``. Empty when nothing wins."""
+    tiles = []
+    for v in tune_verdicts(rows):
+        if v["wins"]:
+            bm, bn, w, st = v["best"]["tile"]
+            tiles.append(dict(kernel=v["kernel"], head_dim=v["D"], dtype="bf16", BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                              num_stages=st, ms=v["best"]["ms"], shipped_ms=v["base_ms"], shape=v["best"]["shape"]))
+    return {"environment": env or {}, "command": command, "tiles": tiles}
+
+
 def tune_markdown(rows: List[dict], env: Optional[dict] = None, command: str = "") -> str:
     """Table of every tile, then per kernel the fastest tile against the shipped one (mean of its two timings)."""
     lines = []
@@ -406,25 +437,23 @@ def tune_markdown(rows: List[dict], env: Optional[dict] = None, command: str = "
                   f"{env.get('driver')}, commit {env.get('git_commit')}, {env.get('date_utc')}."
                   + (f" Command: `{command}`." if command else ""), ""]
     lines += ["| kernel | shape | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | vs shipped |", "|---|---|---|---|---|"]
+    verdicts = {v["kernel"]: v for v in tune_verdicts(rows)}
     winners = []
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        rk = [r for r in rows if r["kernel"] == kernel]
-        ship = [r["ms"] for r in rk if r["shipped"] and r["ms"] is not None]
-        base = sum(ship) / len(ship) if ship else None
-        for r in rk:
+        base = verdicts[kernel]["base_ms"] if kernel in verdicts else None
+        for r in (r for r in rows if r["kernel"] == kernel):
             tag = " (shipped" + (", again" if r["repeat"] else "") + ")" if r["shipped"] else ""
             if r["ms"] is None:
                 lines.append(f"| {kernel} | {r['shape']} | {tuple(r['tile'])}{tag} | {r['error']} | |")
             else:
                 rel = f"{base / r['ms']:.3f}x" if base else ""
                 lines.append(f"| {kernel} | {r['shape']} | {tuple(r['tile'])}{tag} | {r['ms']:.4f} | {rel} |")
-        ok = [r for r in rk if r["ms"] is not None and not r["shipped"]]
-        if ok and base:
-            best = min(ok, key=lambda r: r["ms"])
-            drift = max(ship) / min(ship) - 1 if len(ship) > 1 else 0.0
+        v = verdicts.get(kernel)
+        if v:
+            best, base, drift = v["best"], v["base_ms"], v["drift"]
             bm, bn, w, st = best["tile"]
             verdict = (f"`(\"{kernel}\", {best['D']}, 2): dict(BLOCK_M={bm}, BLOCK_N={bn}, num_warps={w}, "
-                       f"num_stages={st})`" if best["ms"] < base / (1 + max(drift, 0.01)) else "keep the shipped tile")
+                       f"num_stages={st})`" if v["wins"] else "keep the shipped tile")
             winners.append(f"- {kernel}: fastest {tuple(best['tile'])} {best['ms']:.4f} ms vs shipped {base:.4f} ms "
                            f"({base / best['ms']:.3f}x; shipped drift {100 * drift:.1f}%): {verdict}")
     return "\n".join(lines + ["", "Winners (a tile counts only if faster than the shipped one by more than its drift "
@@ -490,6 +519,8 @@ def main():
     ap.add_argument("--candidates", default=None,
                     help="--tune: an aot_check --sweep-attention JSON; its spill-free tiles are the candidates")
     ap.add_argument("--min-tile", type=int, default=0, help="--candidates: only tiles with BLOCK_M*BLOCK_N >= this")
+    ap.add_argument("--write-tiles", default=None, metavar="PATH",
+                    help="--tune: also write the winning tiles as a tile table (MLLM_ATTN_TILES=PATH loads it)")
     ap.add_argument("--providers", nargs="*", default=None, choices=sorted(PROVIDERS))
     ap.add_argument("--seq-lens", nargs="*", type=int, default=None)
     ap.add_argument("--head-dims", nargs="*", type=int, default=None)
@@ -511,6 +542,11 @@ def main():
         if args.out:
             path = write_sweep(args.out, "bench_attention_tune", env, rows, text)
             print(f"wrote {path} and {path.with_suffix('.md').name}")
+        if args.write_tiles:
+            table = tiles_table(rows, env, " ".join(["python benchmarks/bench_attention.py", *sys.argv[1:]]))
+            Path(args.write_tiles).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.write_tiles).write_text(json.dumps(table, indent=2) + "\n")
+            print(f"wrote {args.write_tiles}: {len(table['tiles'])} winning tile(s)")
         return
     rows = run(quick=args.quick, providers=args.providers, seq_lens=args.seq_lens, head_dims=args.head_dims,
                log_path=args.log)

@@ -6,7 +6,7 @@
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
 # trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq train_bf16_residual train_compiled_autograd train_mb16
-# train_goal attention_tune stages profile profile_compiled attn_cache_tests.
+# train_goal attention_tune train_tuned_tiles stages profile profile_compiled attn_cache_tests.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
 # T_CG, T_ATTN_TUNE) so
@@ -83,10 +83,19 @@ for s in $SECTIONS; do
       section train_goal "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
         --set model.fused_qkv=true --set model.residual_dtype=autocast --compile-mode reduce-overhead \
         --grad-accum "${ACCUM:-16}" --steps 6 --warmup 4 --out "$OUT/results" ;;
-    attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15)
+    attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15);
+      # the winners (if any) become a tile table for train_tuned_tiles
       section attention_tune "${T_ATTN_TUNE:-200}" $PY benchmarks/bench_attention.py --tune --min-tile 4096 \
         --candidates "$(ls benchmarks/results/aot_sweep_attention_*_D64_bf16_causal_sm90_triton3.6.0.json | tail -n 1)" \
-        --out "$OUT/results" ;;
+        --write-tiles "$OUT/results/attention_tiles.json" --out "$OUT/results" ;;
+    train_tuned_tiles)  # the training step with attention_tune's winning tiles (MLLM_ATTN_TILES; vs train_cudagraphs)
+      if ! grep -q '"kernel"' "$OUT/results/attention_tiles.json" 2>/dev/null; then
+        summary "train_tuned_tiles skipped: no winning tile in $OUT/results/attention_tiles.json (run attention_tune first)"
+        continue
+      fi
+      section train_tuned_tiles "${T_CG:-120}" env MLLM_ATTN_TILES="$OUT/results/attention_tiles.json" \
+        $PY scripts/bench_train.py --backends triton+compile --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" \
+        --steps 6 --warmup 4 --out "$OUT/results" ;;
     rms_norm_sweep)  # RMSNorm backward launch configs (NOTES tuning step 12: 255 registers, 8 warps per SM)
       section rms_norm_sweep "${T_RMS_SWEEP:-120}" $PY benchmarks/bench_rms_norm.py --sweep --out "$OUT/results" ;;
     bench_lm_loss) section bench_lm_loss "${T_BENCH_LM:-60}" $PY benchmarks/bench_lm_loss.py --quick --out "$OUT/results" ;;

@@ -621,6 +621,69 @@ GPU_CONFIGS = {
 }
 # the interpreter is fastest with few, large numpy tiles; 64 keeps "T not a multiple of the block" testable
 INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+# where GPU_CONFIGS came from: "shipped", or the tile table loaded over it (``load_tiles`` / MLLM_ATTN_TILES)
+TILES_SOURCE = "shipped"
+
+
+def read_tiles(path) -> list:
+    """Parse a tile table: JSON ``{"tiles": [{"kernel": "fwd" | "dkdv" | "dq", "head_dim": 64 | 128,
+    "dtype": "bf16" | "fp16" | "fp32", "BLOCK_M": .., "BLOCK_N": .., "num_warps": .., "num_stages": ..}, ...]}``
+    (``benchmarks/bench_attention.py --tune --write-tiles`` writes one from a GPU sweep; other keys are ignored)
+    -> [(GPU_CONFIGS key, config)]. bf16 and fp16 share the 16-bit entry. Errors name the file and the entry."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"attention tile table {path}: cannot read it ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"attention tile table {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    tiles = data.get("tiles") if isinstance(data, dict) else None
+    if not isinstance(tiles, list):
+        raise ValueError(f"attention tile table {path}: expected an object with a 'tiles' list")
+    out = []
+    for i, t in enumerate(tiles):
+        where = f"attention tile table {path}: tiles[{i}]"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: expected an object, got {t!r}")
+        missing = [k for k in ("kernel", "head_dim", "dtype") + TILE_FIELDS if k not in t]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        if t["kernel"] not in ("fwd", "dkdv", "dq"):
+            raise ValueError(f"{where}: kernel must be 'fwd', 'dkdv' or 'dq', got {t['kernel']!r}")
+        if t["head_dim"] not in (64, 128):
+            raise ValueError(f"{where}: head_dim must be 64 or 128, got {t['head_dim']!r}")
+        if t["dtype"] not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"{where}: dtype must be 'bf16', 'fp16' or 'fp32', got {t['dtype']!r}")
+        for k, lo, hi in (("BLOCK_M", 16, 256), ("BLOCK_N", 16, 256), ("num_warps", 1, 16)):
+            v = t[k]
+            if not (isinstance(v, int) and lo <= v <= hi and v & (v - 1) == 0):
+                raise ValueError(f"{where}: {k} must be a power of two in [{lo}, {hi}], got {v!r}")
+        if not (isinstance(t["num_stages"], int) and 1 <= t["num_stages"] <= 8):
+            raise ValueError(f"{where}: num_stages must be an integer in [1, 8], got {t['num_stages']!r}")
+        key = (t["kernel"], t["head_dim"], 4 if t["dtype"] == "fp32" else 2)
+        out.append((key, {k: t[k] for k in TILE_FIELDS}))
+    return out
+
+
+def load_tiles(path) -> int:
+    """Replace the ``GPU_CONFIGS`` entries a tile table names (``read_tiles``; the others stay shipped) and return
+    how many. What it is for: a GPU session's tile sweep applied to the training step without a code edit
+    (``MLLM_ATTN_TILES=<table> scripts/bench_train.py ...``; gpu_check section ``train_tuned_tiles``). A tile that
+    does not fit the card fails at its first launch (``python -m benchmarks.aot_check`` checks a table's tiles
+    without a GPU). The interpreter keeps its own tile."""
+    global TILES_SOURCE
+    entries = read_tiles(path)
+    for key, cfg in entries:
+        GPU_CONFIGS[key] = cfg
+    TILES_SOURCE = str(path)
+    return len(entries)
+
+
+if os.environ.get("MLLM_ATTN_TILES"):  # a bad table fails at import, not at the first launch
+    load_tiles(os.environ["MLLM_ATTN_TILES"])
 
 
 def _config(kernel: str, head_dim: int, dtype: torch.dtype) -> dict:

@@ -446,6 +446,8 @@ def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optio
         "kernel_paths": paths,
         # the attention backward's dq variant (MLLM_ATTN_DQ): "separate" kernel or "atomic" (benchmarks/NOTES.md 17)
         "attention_bwd_dq": _attention_bwd_dq() if kernel_backend == "triton" else None,
+        # the attention tile table: "shipped" GPU_CONFIGS or the MLLM_ATTN_TILES file loaded over them
+        "attention_tiles": _attention_module().TILES_SOURCE if kernel_backend == "triton" else None,
         "compiled_autograd": bool(args.compiled_autograd and compiled and args.loop == "bench"),
     }
     if not all(math.isfinite(v) for v in losses):
@@ -581,8 +583,12 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     return res
 
 
+def _attention_module():
+    return __import__("importlib").import_module("mllm_kernels.attention")  # the package exports a same-named function
+
+
 def _attention_bwd_dq() -> str:
-    return __import__("importlib").import_module("mllm_kernels.attention").BWD_DQ
+    return _attention_module().BWD_DQ
 
 
 def _free(device: torch.device) -> None:
@@ -625,6 +631,9 @@ def markdown(report: Dict[str, Any]) -> str:
                         "breakdown.", ""]
     if any(r.get("compiled_autograd") for r in report["results"]):
         lines[-2:-2] = ["Backward under compiled autograd (`--compiled-autograd`) for the +compile backends.", ""]
+    tiles = sorted({r["attention_tiles"] for r in report["results"] if r.get("attention_tiles") not in (None, "shipped")})
+    if tiles:  # a tuned tile table instead of the shipped GPU_CONFIGS (benchmarks/NOTES.md, tuning step 15)
+        lines[-2:-2] = [f"Attention tiles: {', '.join(tiles)} (MLLM_ATTN_TILES) over the shipped table.", ""]
     dq_modes = sorted({r["attention_bwd_dq"] for r in report["results"] if r.get("attention_bwd_dq")})
     if dq_modes and dq_modes != ["separate"]:  # the non-default backward (benchmarks/NOTES.md, tuning step 17)
         lines[-2:-2] = [f"Attention backward dq: {', '.join(dq_modes)} (MLLM_ATTN_DQ).", ""]

@@ -76,3 +76,22 @@ def test_candidates_from_an_aot_sweep_keep_the_tiles_that_compile_without_spilli
 def test_tune_rejects_an_unknown_provider():
     with pytest.raises(KeyError):
         BA.tune(1, 1, 64, 64, "nope", ("fwd",), {}, device="cpu", measure=lambda *a: 1.0)
+
+
+def test_winning_tiles_become_a_tile_table(tmp_path):
+    """``--write-tiles``: only tiles that win (faster than the shipped tile by more than its drift and 1%) go into
+    the table, in the format ``MLLM_ATTN_TILES`` loads (``attention.read_tiles``)."""
+    def row(kernel, tile, ms, shipped=False, repeat=False):
+        return dict(kernel=kernel, D=64, shape="8x1024x16x64", provider="mllm", tile=list(tile), shipped=shipped,
+                    repeat=repeat, ms=ms, error=None)
+
+    rows = [row("fwd", FWD, 1.0, shipped=True), row("fwd", (64, 64, 4, 3), 0.8), row("fwd", FWD, 1.02, True, True),
+            row("dq", DQ, 1.0, shipped=True), row("dq", (64, 64, 4, 3), 0.995), row("dq", DQ, 1.0, True, True),
+            row("dkdv", DKDV, 1.0, shipped=True), row("dkdv", (64, 64, 4, 3), 0.99), row("dkdv", DKDV, 1.05, True, True)]
+    verdicts = {v["kernel"]: v["wins"] for v in BA.tune_verdicts(rows)}
+    assert verdicts == {"fwd": True, "dq": False, "dkdv": False}  # dq: < 1% faster; dkdv: inside the 5% drift
+    table = BA.tiles_table(rows, {"card": "H100"}, "python benchmarks/bench_attention.py --tune")
+    assert [(t["kernel"], t["head_dim"], t["dtype"]) for t in table["tiles"]] == [("fwd", 64, "bf16")]
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(table))
+    assert A.read_tiles(path) == [(("fwd", 64, 2), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))]

@@ -70,6 +70,9 @@ def test_eager_cpu_throughput_and_report(bt, tmp_path):
     assert r["attention_bwd_dq"] is None and "Attention backward dq" not in md  # eager: no attention kernel
     atomic = {**rep, "results": [{**r, "attention_bwd_dq": "atomic"}]}  # a triton row run with MLLM_ATTN_DQ=atomic
     assert "Attention backward dq: atomic (MLLM_ATTN_DQ)." in bt.markdown(atomic)
+    assert r["attention_tiles"] is None and "Attention tiles" not in md
+    tuned = {**rep, "results": [{**r, "attention_tiles": "/x/attention_tiles.json"}]}  # run with MLLM_ATTN_TILES
+    assert "Attention tiles: /x/attention_tiles.json (MLLM_ATTN_TILES)" in bt.markdown(tuned)
 
 
 def test_trainer_loop_times_the_real_train_step(bt, tmp_path):

@@ -49,3 +49,15 @@ def test_attention_tune_section_finds_its_candidates_and_needs_cuda(tmp_path):
     assert (out / "summary.txt").read_text().startswith("attention_tune rc=1")
     log = (out / "attention_tune.log").read_text()
     assert "needs CUDA" in log and "ls: cannot access" not in log
+
+
+def test_train_tuned_tiles_needs_a_winning_tile(tmp_path):
+    """train_tuned_tiles runs the training step on attention_tune's tile table; with no table (or no winner in it)
+    it says so and does not run bench_train with the shipped tiles under a misleading name."""
+    out = tmp_path / "out"
+    res = _run(out, "train_tuned_tiles", BUNDLE="0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (out / "summary.txt").read_text().startswith("train_tuned_tiles skipped: no winning tile")
+    (out / "results" / "attention_tiles.json").write_text('{"tiles": []}')
+    _run(out, "train_tuned_tiles", BUNDLE="0")
+    assert (out / "summary.txt").read_text().count("train_tuned_tiles skipped") == 2

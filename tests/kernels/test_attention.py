@@ -171,6 +171,90 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, D, width):
     _check(1, 150, 2, 2, D, torch.float32, seed=D * width)
 
 
+def _tile(**kw):
+    return {"kernel": "fwd", "head_dim": 64, "dtype": "bf16", "BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4,
+            "num_stages": 2, **kw}
+
+
+def test_tile_table_overrides_the_named_gpu_tiles(monkeypatch, tmp_path):
+    """``load_tiles`` (MLLM_ATTN_TILES) replaces exactly the GPU_CONFIGS entries a tile table names: bf16 and fp16
+    share the 16-bit entry, fp32 has its own; the GPU launch then uses them, the interpreter keeps its own tile, and
+    every loaded tile still computes the reference's result (the same block-range arithmetic as above)."""
+    import json
+
+    monkeypatch.setattr(A, "GPU_CONFIGS", {k: dict(v) for k, v in A.GPU_CONFIGS.items()})
+    monkeypatch.setattr(A, "TILES_SOURCE", "shipped")
+    before = {k: dict(v) for k, v in A.GPU_CONFIGS.items()}
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"environment": {"card": "H100"}, "tiles": [
+        _tile(), _tile(kernel="dq", head_dim=128, dtype="fp32", BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1,
+                       ms=0.1)]}))
+    assert A.load_tiles(path) == 2 and A.TILES_SOURCE == str(path)
+    assert A.GPU_CONFIGS[("fwd", 64, 2)] == dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    assert A.GPU_CONFIGS[("dq", 128, 4)] == dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
+    assert {k: v for k, v in A.GPU_CONFIGS.items() if k not in {("fwd", 64, 2), ("dq", 128, 4)}} == \
+        {k: v for k, v in before.items() if k not in {("fwd", 64, 2), ("dq", 128, 4)}}
+    if DEVICE == "cpu":
+        assert A._config("fwd", 64, torch.bfloat16) == A.INTERPRETER_CONFIG
+    table = dict(A.GPU_CONFIGS)
+    monkeypatch.setattr(A, "interpreting", lambda: False)
+    assert A._config("fwd", 64, torch.bfloat16) == table[("fwd", 64, 2)]
+    assert A._config("dq", 128, torch.float32) == table[("dq", 128, 4)]
+    monkeypatch.undo()
+    if DEVICE == "cpu":  # the loaded tiles on the interpreter, as test_gpu_tiles_under_the_interpreter does:
+        width = {64: 2, 128: 4}  # fwd's loaded tile is a 16-bit entry (D = 64), dq's an fp32 one (D = 128)
+        monkeypatch.setattr(A, "_config", lambda kernel, head_dim, dtype: dict(table[(kernel, head_dim, width[head_dim])]))
+        _check(1, 150, 2, 1, 64, torch.float32, docs=True, window=40, n_sink_tokens=3, sinks=True, seed=3)
+        _check(1, 150, 2, 1, 128, torch.float32, seed=4)
+
+
+@pytest.mark.parametrize("tiles, match", [
+    ('{"tiles": [', "tiles.json:1: not valid JSON"),
+    ('[1, 2]', "expected an object with a 'tiles' list"),
+    ('{"tiles": [7]}', r"tiles\[0\]: expected an object"),
+    ('{"tiles": [{"kernel": "fwd"}]}', r"tiles\[0\]: missing head_dim, dtype, BLOCK_M"),
+    (_tile(kernel="bwd"), "kernel must be 'fwd', 'dkdv' or 'dq'"),
+    (_tile(head_dim=96), "head_dim must be 64 or 128"),
+    (_tile(dtype="float32"), "dtype must be 'bf16', 'fp16' or 'fp32'"),
+    (_tile(BLOCK_M=48), r"BLOCK_M must be a power of two in \[16, 256\], got 48"),
+    (_tile(num_warps=32), r"num_warps must be a power of two in \[1, 16\]"),
+    (_tile(num_stages=0), r"num_stages must be an integer in \[1, 8\]"),
+])
+def test_tile_table_errors_name_the_file_and_entry(tmp_path, tiles, match):
+    import json
+
+    path = tmp_path / "tiles.json"
+    path.write_text(tiles if isinstance(tiles, str) else json.dumps({"tiles": [tiles]}))
+    before = {k: dict(v) for k, v in A.GPU_CONFIGS.items()}
+    with pytest.raises(ValueError, match=match) as e:
+        A.load_tiles(path)
+    assert str(path) in str(e.value) and A.GPU_CONFIGS == before  # nothing half-applied
+    with pytest.raises(ValueError, match="cannot read it"):
+        A.load_tiles(tmp_path / "missing.json")
+
+
+def test_tile_table_from_the_environment_at_import(tmp_path):
+    """MLLM_ATTN_TILES is read at import: the table applies to every launch, and a bad one fails right there."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"tiles": [_tile(kernel="dkdv", BLOCK_M=16, BLOCK_N=64)]}))
+    bad.write_text(json.dumps({"tiles": [_tile(BLOCK_N=3)]}))
+    code = ("import importlib; A = importlib.import_module('mllm_kernels.attention'); "
+            "print(A.TILES_SOURCE, A.GPU_CONFIGS[('dkdv', 64, 2)]['BLOCK_M'], A.GPU_CONFIGS[('dkdv', 64, 2)]['BLOCK_N'])")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MLLM_ATTN_TILES": str(good)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == [str(good), "16", "64"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MLLM_ATTN_TILES": str(bad)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "BLOCK_N must be a power of two" in out.stderr
+
+
 def test_no_rope_and_custom_scale():
     _check(1, 100, 2, 1, 64, torch.float32, docs=True, sinks=True, rope_theta=None, softmax_scale=0.3, seed=11)
 
