@@ -1047,8 +1047,6 @@ def cu_seqlens_to_device(cu_seqlens: torch.Tensor, B: int, T: int, device, non_b
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
     if cu_seqlens.is_cuda:
         return cu_seqlens.to(device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu_seqlens.numel()} value(s)")
     _check_cu_values(cu_seqlens, B, T)
     out = cu_seqlens.to(device, non_blocking=non_blocking)
     _CU_VALID_CACHE.put(out, (B, T), True)

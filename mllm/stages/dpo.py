@@ -375,7 +375,8 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     val_src = eval_source(val, dc, dist, collate)
     trainer = Trainer(model, make_dpo_loss(dc.beta, ref_model), train_src, dc, cfg.optim, stage=STAGE,
                       run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
-                      compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict(),
+                      compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
+                      config=cfg.to_dict(),
                       perplexity=False)  # its loss is not a token cross-entropy
     del model
     try:

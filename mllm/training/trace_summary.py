@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 RANGES = ("step", "data", "forward", "backward", "optimizer")
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+GAP_BINS_US = (5, 20, 100, 1000)  # gap histogram edges: <5 µs, 5–20, 20–100, 100–1000, >= 1000
 # kernel name -> kind, first match wins: the step-time budget of benchmarks/NOTES.md by part (this package's Triton
 # kernels by op; cuBLAS/CUTLASS GEMMs, whose names vary by card and library version: sm90_xmma_gemm_*, nvjet_*,
 # cutlass_*; inductor's generated Triton kernels; the rest of ATen)
@@ -52,8 +54,6 @@ def kernel_kind(name: str, cat: str = "kernel") -> str:
         if pat.search(name):
             return kind
     return "other"
-GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-GAP_BINS_US = (5, 20, 100, 1000)  # gap histogram edges: <5 µs, 5–20, 20–100, 100–1000, >= 1000
 
 
 def load_events(path: str | Path) -> List[dict]:
