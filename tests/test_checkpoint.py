@@ -175,3 +175,54 @@ def test_require_stage_output_names_file_and_stage(tmp_path):
     model.register_parameter("w", torch.nn.Parameter(torch.zeros(3)))
     meta = ckpt.load_model_weights(model, path)
     assert meta["step"] == 4 and torch.equal(model.w.data, torch.ones(3))
+
+
+def test_cuda_rng_state_is_this_devices_only(monkeypatch):
+    """A checkpoint keeps the CUDA generator of the trainer's device only: a node with 8 visible GPUs must resume
+    on a process that sees 1 (e.g. 2 nodes x 4 GPUs instead of 1 x 8, same world size). Checkpoints written
+    before kept one state per visible device; their entry for this device is used. CUDA is simulated."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((s.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    dev = torch.device("cuda", 0)
+    s = rng_state(dev)
+    assert s["cuda"].tolist() == [7]  # one tensor, not a per-device list
+    set_rng_state(s, dev)
+    assert calls[-1] == ([7], dev)
+    old = dict(s, cuda=[torch.tensor([i], dtype=torch.uint8) for i in range(8)])  # written on an 8-GPU node
+    set_rng_state(old, torch.device("cuda", 3))
+    assert calls[-1] == ([3], torch.device("cuda", 3))
+    with pytest.warns(UserWarning, match="none for cuda:9"):
+        set_rng_state(old, torch.device("cuda", 9))
+    assert len(calls) == 2
+
+
+def test_resume_takes_this_runs_optimizer_hyperparameters(tmp_path):
+    """The optimizer's saved param groups carry the writer's betas/eps/weight decay; after a resume the current
+    config's values apply (what config.json and later checkpoints record). lr is set every step anyway."""
+    first = trainer(tmp_path, 4)
+    first.train_step()
+    first.save()
+    first.close()
+    second = trainer(tmp_path, 4)
+    second.optim_cfg = OptimConfig(weight_decay=0.0, beta1=0.8, beta2=0.999, eps=1e-6)
+    assert second.resume()
+    groups = {g["name"]: g for g in second.optimizer.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.0 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.8, 0.999) and g["eps"] == 1e-6 for g in groups.values())
+    second.optim_cfg = OptimConfig(weight_decay=0.05)
+    assert second.resume()
+    groups = {g["name"]: g for g in second.optimizer.param_groups}
+    assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"]) == (0.05, 0.0)
+
+
+def test_finished_stage_resume_keeps_its_summary(tmp_path):
+    """``last_train`` is checkpointed: resuming a finished stage reports the same final train loss, not null."""
+    t = trainer(tmp_path, 3)
+    first = t.fit()
+    t.close()
+    again = trainer(tmp_path, 3)
+    assert again.resume()
+    assert again.fit()["final_train_loss"] == first["final_train_loss"] is not None

@@ -77,6 +77,20 @@ def test_overrides_coerce_types():
     ("model.window=0", "model.window"),
     ("compile_mode=reduce_overhead", "compile_mode"),  # not a torch.compile mode
     ("compile_mode=reduce-overhead", "compile_mode"),  # a mode without compile=true
+    ("optim.weight_decay=nan", "optim.weight_decay"),  # NaN passes a plain `< 0` check
+    ("optim.eps=-1", "optim.eps"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("verifier.num_questions=-3", "verifier.num_questions"),  # would slice "all but 3"
+    ("eval.perplexity_stride=0", "eval.perplexity_stride"),  # was read as "stride = context"
+    ("eval.perplexity_stride=2000", "eval.perplexity_stride"),
+    ("eval.sst2_shots=-2", "eval.sst2_shots"),
+    ("eval.gsm8k_temperature=-1", "eval.gsm8k_temperature"),
+    ("verifier.temperature=-0.5", "verifier.temperature"),
+    ("eval.gsm8k_max_new_tokens=128", "eval.gsm8k_max_new_tokens"),  # = model.max_seq_len: no prompt left
+    ("verifier.max_new_tokens=500", "verifier.max_new_tokens"),
+    ("data.num_workers=2", "data.num_workers"),  # no such key: it was accepted and never used
 ])
 def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -125,6 +139,28 @@ def test_file_errors_name_the_file_and_key(tmp_path):
         load_config("local-smoke", file=str(unknown))
     with pytest.raises(ConfigError, match="not found"):
         load_config("local-smoke", file=str(tmp_path / "missing.json"))
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("model:\n  n_layers: 2\n  window: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"syntax\.yaml:\d+: invalid YAML"):
+        load_config("local-smoke", file=str(syntax))
+    with pytest.raises(ConfigError, match="'data.pretrain_datasets'.*not a JSON list"):
+        load_config("local-smoke", overrides=["data.pretrain_datasets=[tinystories,"])
+
+
+def test_config_file_name_and_preset_keys(tmp_path):
+    """``preset`` picks the base and ``name`` stays the run's name; a saved config.json (no preset) that names a
+    preset run still loads on that preset."""
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: gpu-full\nname: my-exp\n")
+    c = load_config(str(f))
+    assert (c.name, c.model.d_model) == ("my-exp", 1024)
+    f.write_text("name: my-exp\npretrain:\n  steps: 7\n")
+    c = load_config(str(f))
+    assert (c.name, c.pretrain.steps) == ("my-exp", 7)
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"name": "gpu-full", "pretrain": {"steps": 9}}))
+    c = load_config(str(saved))
+    assert (c.name, c.model.d_model, c.pretrain.steps) == ("gpu-full", 1024, 9)
 
 
 def test_round_trip_through_dict():

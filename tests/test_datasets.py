@@ -216,13 +216,17 @@ def test_wrong_schema_names_fields(tmp_path):
     with pytest.raises(DatasetError, match=r"missing field\(s\) 'sentence'"):
         D.load_sst2(f)
     f = write(tmp_path / "s.jsonl", jsonl([{"sentence": "ok", "label": 2}]))
-    with pytest.raises(DatasetError, match="should be 0, 1"):
+    with pytest.raises(DatasetError, match="should be 0 or 1 in the train split, got 2"):
         D.load_sst2(f)
     f = write(tmp_path / "l.jsonl", "[1, 2]\n")
     with pytest.raises(DatasetError, match="expected a JSON object"):
         D.load_gsm8k(f)
     with pytest.raises(DatasetError, match=r"missing field\(s\) 'label'"):
         D.load_sst2(write(tmp_path / "train.tsv", "index\tsentence\n0\tx\n"))  # only the test split may lack labels
+    with pytest.raises(DatasetError, match=r"s\.jsonl:1: .*should be 0 or 1 in the validation split, got -1"):
+        D.load_sst2(write(tmp_path / "s.jsonl", jsonl([{"sentence": "ok", "label": -1}])), split="validation")
+    with pytest.raises(DatasetError, match=r"empty\.jsonl: no gsm8k records"):
+        D.load_gsm8k(write(tmp_path / "empty.jsonl", ""))
     with pytest.raises(DatasetError, match=r"gsm8k cannot be read from a \.tsv file"):
         D.load_gsm8k(write(tmp_path / "g.tsv", "question\tanswer\nq\t#### 1\n"))
     with pytest.raises(DatasetError, match=r"unsupported file type '\.csv'"):

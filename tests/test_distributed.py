@@ -126,7 +126,9 @@ def test_ddp_under_the_cuda_graph_mode_equals_plain_training(tmp_path):
     assert r0["summary"]["final_val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
 
 
-def test_pipeline_cli_two_ranks_train_and_resume(data_dir, tmp_path):
+def test_pipeline_cli_two_ranks_resume_is_exact(data_dir, tmp_path):
+    """Two ranks through the CLI: 4 steps in one go, then the same run resumed from its step-2 checkpoint ends on
+    bitwise the same weights and logs the same losses."""
     sets = ["data.tokenizer=byte", "model.vocab_size=257", "model.d_model=32", "model.n_layers=1",
             "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64", "data.max_docs=20",
             "pretrain.seq_len=64", "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.eval_every=2",
@@ -136,13 +138,25 @@ def test_pipeline_cli_two_ranks_train_and_resume(data_dir, tmp_path):
             "--run-name", "ddp", "--no-progress"]
     for s in sets:
         args += ["--set", s]
-    r = torchrun(*args, "--set", "pretrain.steps=2")
-    assert "run directory:" in r.stdout
+    full = torchrun(*args, "--set", "pretrain.steps=4")
+    assert "run directory:" in full.stdout
+    run = tmp_path / "ddp"
+    ckdir = run / "checkpoints" / "pretrain"
+    end = torch.load(ckdir / "step_00000004.pt", weights_only=False)
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"}
+    # a crash right after the step-2 checkpoint: step 4's file never got written
+    (ckdir / "step_00000004.pt").unlink()
     r = torchrun(*args, "--set", "pretrain.steps=4", "--resume")
     assert "resumed from" in r.stderr and "at step 2" in r.stderr
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())["pretrain"]
+    summary = json.loads((run / "summary.json").read_text())["pretrain"]
     assert summary["steps"] == 4 and summary["checkpoint"].endswith("step_00000004.pt")
-    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    # exact: weights, optimizer state and both ranks' data positions came back
+    again = torch.load(ckdir / "step_00000004.pt", weights_only=False)
+    for k, v in end["model"].items():
+        assert torch.equal(again["model"][k], v), k
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["loss"] for r in recs if r["kind"] == "train"} == losses
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(r["world_size"] == 2 for r in recs if r["kind"] == "start")
 

@@ -49,6 +49,22 @@ def tiny_run(tmp_path, data_dir):
     return cfg, run
 
 
+def test_gsm8k_eval_never_scores_a_question_sft_trains_on(tmp_path):
+    """A data folder with only GSM8K's test file: SFT and the verifier train on it minus a held-out carve, so the
+    evaluation must take exactly that carve (not the whole test file, of which they trained on 95%)."""
+    from mllm.stages.sft import gsm8k_splits
+
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(400)]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("local-smoke", [f"data.data_dir={tmp_path}", "eval.gsm8k_examples=null"])
+    train, dev, _ = gsm8k_splits(cfg)
+    ev = runner.gsm8k_eval_rows(cfg)
+    assert ev["rows"] == dev and 0 < len(dev) < 60
+    assert not {r["question"] for r in train} & {r["question"] for r in ev["rows"]}
+    assert "held out of the SFT/verifier training" in ev["source"]
+
+
 def test_evaluate_run_reuses_only_up_to_date_results(tiny_run):
     cfg, run = tiny_run
     tasks = ["sst2"]  # the cheapest task: the logic under test is per model, not per task

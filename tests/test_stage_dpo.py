@@ -43,10 +43,12 @@ def test_parse_skips_and_counts_bad_pairs():
         {"chosen": f"{H} only a human turn", "rejected": f"{H} only a human turn!"},  # no Assistant turn
         {"chosen": f"{H} a{A}", "rejected": f"{H} a{A} b"},  # empty chosen
         {"chosen": f"{H} x{A} y", "rejected": f"{H} z{A} y"},  # divergence before any Assistant turn
+        # divergence in an earlier Assistant turn: the "answers" would carry the later Human turn
+        {"chosen": f"{H} a{A} No.{H} why?{A} because", "rejected": f"{H} a{A} Yes.{H} why?{A} because"},
     ]
     pairs, counts = dpo.parse_hh_records(records)
     assert len(pairs) == 1 and pairs[0]["chosen"] == " yes"
-    assert counts == {"pairs_in": 6, "no_assistant_turn": 2, "identical": 1, "empty_answer": 2}
+    assert counts == {"pairs_in": 7, "no_assistant_turn": 2, "identical": 1, "empty_answer": 2, "not_final_turn": 1}
 
 
 def test_tokenize_keeps_prompt_end_and_truncates_answers():
@@ -73,6 +75,7 @@ def test_real_hh_rlhf_parses_with_counts(data_dir):
     assert counts["pairs_in"] == 2354 and counts["identical"] >= 2
     assert len(pairs) == 2354 - sum(v for k, v in counts.items() if k != "pairs_in")
     assert all(p["prompt"].endswith(A) and p["chosen"] != p["rejected"] for p in pairs)
+    assert not any(m in p[k] for p in pairs for k in ("chosen", "rejected") for m in (H, A))  # final turns only
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,3 +183,43 @@ def test_wilson_interval_known_values():
     # more pairs narrow it: the same 0.55 is compatible with chance at n=256 but not at n=1024
     assert dpo.wilson_interval(0.55, 256)[0] < 0.5 < dpo.wilson_interval(0.55, 1024)[0]
     assert dpo.wilson_interval(0.7, 0) is None
+
+
+def test_reference_cache_follows_the_sft_checkpoint_file_not_its_name(tmp_path):
+    """The cached reference log-probs are reused only for the same SFT checkpoint file: an SFT retrained into the
+    same file name (same step count) must not leave DPO training against the old reference."""
+    import os
+    import types
+
+    from mllm.config.pipeline_config import PipelineConfig
+    from mllm.training import checkpoint as ckpt
+    from mllm.training.distributed import DistContext
+
+    cfg = PipelineConfig()
+    cfg.dpo.micro_batch_size = 2
+    ctx = types.SimpleNamespace(run_dir=tmp_path, dist=DistContext(), progress=False)
+    rng = np.random.default_rng(3)
+    src = tmp_path / "step_00000060.pt"
+
+    def save(seed):
+        model = _tiny_model(seed=seed)
+        torch.save(model.state_dict(), src)
+        st = src.stat()
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + seed * 10**9))  # coarse-mtime file systems too
+        return model
+
+    def run(model):
+        train, val = dpo.PairDataset(list(pairs)), dpo.PairDataset(list(pairs[:2]))
+        info = dpo.attach_reference(model, train, val, cfg, ctx, src, "cpu")
+        return info["reference"], train.ref, dpo.reference_logprobs(model, train, 4, "cpu", progress=False)
+
+    pairs = _pairs(rng, 4)
+    model = save(seed=0)
+    how, ref, true = run(model)
+    assert how == "precomputed" and np.array_equal(ref, true)
+    how, ref, true = run(model)
+    assert how == "precomputed (cached)" and np.array_equal(ref, true)
+    model = save(seed=1)  # other weights, same path
+    how, ref, true = run(model)
+    assert how == "precomputed" and np.array_equal(ref, true)
+    assert ckpt.file_identity(src)["size"] == src.stat().st_size

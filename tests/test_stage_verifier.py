@@ -134,3 +134,37 @@ def test_few_steps_separate_correct_from_wrong_solutions():
             ids = torch.as_tensor(ex["input_ids"])[None]
             scores.append(torch.sigmoid(vm.values(vm.hidden_states(ids))[0, -1]).item())
     assert V.roc_auc(scores, [int(e["label"]) for e in val]) >= 0.9
+
+
+def test_samples_are_cached_for_a_resume(tmp_path):
+    """A resumed verifier stage trains on the samples its checkpoint was trained on (read back, not drawn again:
+    another world size would draw others), and samples again when the generator checkpoint or a sampling key
+    changes."""
+    import os
+    import types
+
+    from mllm.training import checkpoint as ckpt
+    from mllm.training.distributed import DistContext
+
+    ctx = types.SimpleNamespace(run_dir=tmp_path, dist=DistContext())
+    gen = tmp_path / "sft.pt"
+    gen.write_bytes(b"weights v1")
+    calls = []
+
+    def sample(tag):
+        def fn():
+            calls.append(tag)
+            return [[f"{tag} a", f"{tag} b"]], [[f"{tag} c"]]
+        return fn
+
+    key = lambda **kw: {"generator": ckpt.file_identity(gen), "temperature": 0.7, **kw}  # noqa: E731
+    assert V.cached_samples(ctx, key(), sample("first")) == (([["first a", "first b"]], [["first c"]]),
+                                                                     "sampled")
+    assert V.cached_samples(ctx, key(), sample("second")) == (([["first a", "first b"]], [["first c"]]),
+                                                                      "cached")
+    assert V.cached_samples(ctx, key(temperature=1.0), sample("hot"))[1] == "sampled"
+    gen.write_bytes(b"weights v2")
+    st = gen.stat()
+    os.utime(gen, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert V.cached_samples(ctx, key(), sample("retrained"))[1] == "sampled"
+    assert calls == ["first", "hot", "retrained"]

@@ -192,6 +192,17 @@ def test_config_errors(tmp_path):
         get_stage("nope")
     assert main(["--config", "local-smoke", "--stage", "nope"]) == 2
     assert main(["--config", "local-smoke", "--stage", "pretrain", "--set", "pretrain.nosuch=1"]) == 2
+    # a batch that cannot split over the ranks is refused before any data loading, naming the key
+    from mllm.config import load_config
+    from mllm.training.runner import check_batch_sizes
+
+    cfg = load_config("local-smoke")
+    with pytest.raises(ConfigError, match=r"'dpo\.batch_size'.*world_size=3"):
+        check_batch_sizes(cfg, "dpo", 3)
+    with pytest.raises(ConfigError, match=r"'pretrain\.batch_size'"):
+        check_batch_sizes(cfg, "all", 3)
+    check_batch_sizes(cfg, "eval", 3)  # eval trains nothing
+    check_batch_sizes(cfg, "all", 1)
 
 
 def test_metrics_mfu_and_writer(tmp_path):
@@ -206,6 +217,45 @@ def test_metrics_mfu_and_writer(tmp_path):
     recs = read_metrics(tmp_path / "m.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3] and recs[0]["t"] == 1.5
     assert plot_loss_curve(recs, tmp_path / "f" / "loss.png").stat().st_size > 1000
+
+
+def test_mfu_peak_matches_the_card_variant(monkeypatch):
+    """PCIe / NVL cards share the SXM name's prefix but not its peak: the first, longer match must win."""
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756.5e12),
+                       ("NVIDIA H100 NVL", 835.5e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA H200", 989.4e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        got, note = device_peak_flops("cuda")
+        assert got == peak, name
+        assert name in note
+
+
+def test_metrics_writer_cuts_a_torn_last_line(tmp_path):
+    """A writer killed mid-line leaves a fragment; the next writer must not glue its record onto it."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"stage": "pretrain", "step": 1, "kind": "train", "loss": 2.0}\n{"stage": "pretrain", "st')
+    w = MetricsWriter(path)
+    w.write({"stage": "pretrain", "step": 2, "kind": "train", "loss": 1.5})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_fresh_restart_replaces_the_earlier_attempts_records(tmp_path):
+    """A stage that dies before its first checkpoint starts over at step 0 (no checkpoint to resume): the earlier
+    attempt's train/val records are dropped, not kept next to the new ones; other stages' records stay."""
+    MetricsWriter(tmp_path / "metrics.jsonl").write({"stage": "sft", "step": 3, "kind": "train", "loss": 1.0})
+    sc = stage(steps=3, save_every=100)
+    first = make_trainer(sc, run_dir=tmp_path)
+    first.train_step(), first.train_step()
+    first.log({"kind": "train", "loss": 9.0})  # what fit() logs at step 2, before the "crash"
+    first.close()
+    second = make_trainer(sc, run_dir=tmp_path)
+    assert not second.resume()  # nothing saved yet
+    second.log({"kind": "data", "rows": 1})  # the stage's data record, logged after the trainer is built
+    second.fit()
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["stage"] == "pretrain" and r["kind"] == "train"] == [1, 2, 3]
+    assert sum(r["kind"] == "data" for r in recs) == 1
+    assert [(r["stage"], r["step"]) for r in recs if r["stage"] == "sft"] == [("sft", 3)]
 
 
 def test_collate_cu_seqlens_offsets_rows():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -79,7 +80,6 @@ class DataConfig:
     val_fraction: float = 0.05
     packing: bool = False
     packing_algorithm: str = "bfd"  # "bfd" | "ffd"
-    num_workers: int = 0
 
 
 @dataclass
@@ -88,7 +88,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 turns clipping off (the norm is still logged)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     max_consecutive_nonfinite: int = 5
 
@@ -260,7 +260,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             s = value.strip()
             if s.startswith("["):
-                value = json.loads(s)
+                try:
+                    value = json.loads(s)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"config key '{key}': {value!r} is not a JSON list ({e.msg})") from e
             else:
                 value = [v for v in s.split(",") if v]
         if not isinstance(value, (list, tuple)):
@@ -354,7 +357,13 @@ def load_file(path: str | os.PathLike) -> Dict[str, Any]:
             import yaml
         except ImportError as e:  # pragma: no cover - yaml is a dependency
             raise ConfigError("reading YAML configs needs PyYAML (pip install pyyaml)") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from e
     else:
         try:
             data = json.loads(text)
@@ -363,6 +372,24 @@ def load_file(path: str | os.PathLike) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of config keys")
     return data
+
+
+def validate_optim(o: OptimConfig) -> None:
+    """The optimizer keys (also checked by the Trainer, which can be built without a PipelineConfig). NaN fails
+    every comparison, so each check is written to reject it."""
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"config key 'optim.{key}': {msg}")
+
+    need(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "weight_decay", f"must be >= 0, got {o.weight_decay}")
+    for k in ("beta1", "beta2"):
+        need(0.0 <= getattr(o, k) < 1.0, k, f"must be in [0, 1), got {getattr(o, k)}")
+    need(math.isfinite(o.eps) and o.eps > 0, "eps", f"must be positive, got {o.eps}")
+    need(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "grad_clip",
+         f"must be >= 0 (0 turns clipping off), got {o.grad_clip}")
+    need(0.0 <= o.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    need(isinstance(o.max_consecutive_nonfinite, int) and o.max_consecutive_nonfinite >= 1,
+         "max_consecutive_nonfinite", f"must be a positive integer, got {o.max_consecutive_nonfinite}")
 
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
@@ -417,9 +444,22 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(cfg.dpo.reference in ("precomputed", "frozen"), "dpo.reference", "must be 'precomputed' or 'frozen'")
     need(0.0 <= cfg.sft.gsm8k_weight <= 1.0, "sft.gsm8k_weight", "must be in [0, 1]")
     need(cfg.verifier.samples_per_question > 0, "verifier.samples_per_question", "must be positive")
+    need(cfg.verifier.num_questions is None or cfg.verifier.num_questions > 0, "verifier.num_questions",
+         f"must be positive or null, got {cfg.verifier.num_questions}")
+    validate_optim(cfg.optim)
     need(cfg.eval.perplexity_split in ("test", "validation"), "eval.perplexity_split", "must be test or validation")
     for k in ("batch_size", "gen_batch_size", "gsm8k_samples", "perplexity_context"):
         need(getattr(cfg.eval, k) > 0, f"eval.{k}", f"must be positive, got {getattr(cfg.eval, k)}")
+    ev = cfg.eval
+    need(ev.perplexity_stride is None or 0 < ev.perplexity_stride <= ev.perplexity_context, "eval.perplexity_stride",
+         f"must be null (= eval.perplexity_context) or in [1, {ev.perplexity_context}], got {ev.perplexity_stride}")
+    need(ev.sst2_shots >= 0, "eval.sst2_shots", f"must be >= 0 (0 skips SST-2), got {ev.sst2_shots}")
+    for key, t in (("eval.gsm8k_temperature", ev.gsm8k_temperature), ("verifier.temperature", cfg.verifier.temperature)):
+        need(math.isfinite(t) and t >= 0, key, f"must be >= 0 (0 = greedy), got {t}")
+    for key, n in (("eval.gsm8k_max_new_tokens", ev.gsm8k_max_new_tokens),
+                   ("verifier.max_new_tokens", cfg.verifier.max_new_tokens)):
+        # generation keeps the prompt's last max_seq_len - max_new_tokens tokens: at least one must remain
+        need(0 < n < m.max_seq_len, key, f"must be in [1, model.max_seq_len={m.max_seq_len}), got {n}")
     for k in ("perplexity_max_documents", "sst2_examples", "gsm8k_examples"):
         v = getattr(cfg.eval, k)
         need(v is None or v > 0, f"eval.{k}", f"must be positive or null, got {v}")
@@ -432,7 +472,11 @@ def load_config(name: str = "local-smoke", overrides: Sequence[str] = (), file: 
         cfg = PRESETS[name]()
     elif Path(name).suffix in (".json", ".yaml", ".yml"):
         data = load_file(name)
-        base = data.pop("preset", data.pop("name", "local-smoke"))
+        # "preset" picks the base; a saved config.json has none, only its run "name" (a preset's name when the run
+        # used one). "name" stays a config key either way
+        base = data.pop("preset", None)
+        if base is None:
+            base = data["name"] if data.get("name") in PRESETS else "local-smoke"
         if base not in PRESETS:
             raise ConfigError(f"{name}: 'preset' must be one of {sorted(PRESETS)}, got {base!r}")
         cfg = apply_dict(PRESETS[base](), data)

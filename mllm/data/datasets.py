@@ -539,8 +539,10 @@ def _convert_sst2(obj: Any, where: str, split: str) -> Record:
             raise DatasetError(f"{where}: wrong schema, field 'label' should be 0 or 1, got {s[:20]!r}")
         obj = {**obj, "label": int(s)}
     rec = check_schema(obj, {"sentence": str, "label": int}, where)
-    if rec["label"] not in (0, 1, -1):
-        raise DatasetError(f"{where}: wrong schema, field 'label' should be 0, 1 (or -1 unlabelled), got {rec['label']}")
+    allowed = (0, 1, -1) if split == "test" else (0, 1)  # only GLUE's test split is unlabelled
+    if rec["label"] not in allowed:
+        what = "0, 1 (or -1 unlabelled)" if split == "test" else f"0 or 1 in the {split} split"
+        raise DatasetError(f"{where}: wrong schema, field 'label' should be {what}, got {rec['label']}")
     return rec
 
 
@@ -629,7 +631,10 @@ def _load_records(name: str, source, split: str, max_rows: Optional[int],
     res = _resolve_or_raise(name, source, split, subsets=subsets)
     convert = _converter(name, split)
     rows = (convert(obj, where) for where, obj in _raw_rows(name, spec, res, split, max_rows, subsets))
-    return list(itertools.islice(rows, max_rows))
+    out = list(itertools.islice(rows, max_rows))
+    if not out and res.kind == "local":  # an empty file would only fail later, far from its name
+        raise DatasetError(f"{', '.join(map(str, res.paths))}: no {name} records in the {split} split's file(s)")
+    return out
 
 
 def _load_text(name: str, source, split: str, max_rows: Optional[int], raw: bool, granularity: str,

@@ -190,15 +190,24 @@ def sst2_rows(cfg) -> Dict:
 
 
 def gsm8k_eval_rows(cfg) -> Dict:
-    """{"rows", "source"}: GSM8K test (or the held-out carve of train, keyed by question)."""
+    """{"rows", "source"}: GSM8K test (or the held-out carve of train, keyed by question). Never a question the
+    SFT / verifier stages train on: where the data folder holds no train split, they train on the test split
+    minus its held-out carve (``mllm.stages.sft.gsm8k_splits``), and the evaluation takes that carve."""
     from mllm.data.datasets import DatasetError, load_gsm8k, split_holdout
+    from mllm.stages.common import available_split
     src = _data_source(cfg)
     n = cfg.eval.gsm8k_examples
+    holdout = dict(fraction=cfg.data.val_fraction, seed=cfg.seed, key="question")
     try:
         rows = load_gsm8k(src, split="test")
         source = "GSM8K test split"
+        if available_split("gsm8k", src) == "test":
+            _, rows = split_holdout(rows, **holdout)
+            source = (f"GSM8K test questions held out of the SFT/verifier training (split_holdout fraction="
+                      f"{cfg.data.val_fraction}, seed={cfg.seed}, key=question): the data folder has no train split, "
+                      "so those stages train on the rest of the test split")
     except DatasetError as e:
-        _, rows = split_holdout(load_gsm8k(src, split="train"), cfg.data.val_fraction, seed=cfg.seed, key="question")
+        _, rows = split_holdout(load_gsm8k(src, split="train"), **holdout)
         source = (f"GSM8K questions held out of train (split_holdout fraction={cfg.data.val_fraction}, "
                   f"seed={cfg.seed}, key=question) because the test split is not available here")
         unavailable = str(e)

@@ -6,8 +6,10 @@ Parsing a pair (``parse_hh_pair``): both dialogues are ``\\n\\nHuman: ... \\n\\n
 share everything up to the final Assistant turn. prompt = the longest common prefix of the two strings, cut back
 to the end of its last ``\\n\\nAssistant:``; chosen / rejected = the rest of each string (the final Assistant
 turns, leading space kept). Dropped and counted: ``no_assistant_turn`` (the common prefix holds no Assistant
-marker), ``identical`` (the two answers are the same text), ``empty_answer`` (an answer is blank), and
-``identical_after_truncation`` (the answers differ only beyond the token budget).
+marker), ``identical`` (the two answers are the same text), ``empty_answer`` (an answer is blank),
+``not_final_turn`` (the dialogues diverge before their last turn, so an "answer" holds further Human/Assistant
+turns: log π(y|x) would score human text; 19 of hh-rlhf test's 8,552 records), and ``identical_after_truncation``
+(the answers differ only beyond the token budget).
 
 Tokens: ``prompt_ids`` keeps the LAST ``dpo.max_prompt_len`` tokens of the prompt (the end of a dialogue is what
 the answer replies to); each answer is ``answer tokens ++ [eot]`` cut to ``dpo.seq_len - len(prompt_ids)``.
@@ -60,7 +62,8 @@ STAGE = "dpo"
 INPUT_STAGE = "sft"
 ASSISTANT = "\n\nAssistant:"
 REFERENCE_CACHE = "reference_logps.pt"
-SKIP_REASONS = ("no_assistant_turn", "identical", "empty_answer", "identical_after_truncation")
+HUMAN = "\n\nHuman:"
+SKIP_REASONS = ("no_assistant_turn", "identical", "empty_answer", "not_final_turn", "identical_after_truncation")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,6 +89,8 @@ def parse_hh_pair(chosen: str, rejected: str) -> Tuple[Optional[Dict[str, str]],
         return None, "identical"
     if not c.strip() or not r.strip():
         return None, "empty_answer"
+    if any(m in a for a in (c, r) for m in (HUMAN, ASSISTANT)):
+        return None, "not_final_turn"
     return {"prompt": chosen[:cut], "chosen": c, "rejected": r}, None
 
 
@@ -324,9 +329,10 @@ def build_pairs(cfg: PipelineConfig, tok) -> Tuple[PairDataset, PairDataset, Dic
 
 def attach_reference(model, train: PairDataset, val: PairDataset, cfg: PipelineConfig, ctx, src, device,
                      autocast=None) -> Dict[str, Any]:
-    """Fill ``train.ref`` / ``val.ref`` from the cache when it matches (same SFT checkpoint, same tokens), else
+    """Fill ``train.ref`` / ``val.ref`` from the cache when it matches (same SFT checkpoint file: path, size and
+    mtime; same tokens), else
     compute them with ``model`` (the reference) and write the cache (rank 0)."""
-    key = {"input_checkpoint": str(src), "train": train.fingerprint(), "heldout": val.fingerprint()}
+    key = {"input_checkpoint": ckpt.file_identity(src), "train": train.fingerprint(), "heldout": val.fingerprint()}
     path = ckpt.stage_checkpoint_dir(ctx.run_dir, STAGE) / REFERENCE_CACHE
     if path.is_file():
         try:
@@ -377,7 +383,10 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
                       run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
                       compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
                       config=cfg.to_dict(),
-                      perplexity=False)  # its loss is not a token cross-entropy
+                      perplexity=False,  # its loss is not a token cross-entropy
+                      mfu_unavailable="the DPO step runs the LM head on answer tokens only and pads pairs to the "
+                                      "batch's longest row"
+                                      + (", and a frozen reference forward per pair" if ref_model is not None else ""))
     del model
     try:
         trainer.log({"kind": "data", **info})

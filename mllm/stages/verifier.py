@@ -347,6 +347,39 @@ def heldout_report(generator, scorer: VerifierScorer, tok, dev_rows: Sequence[Di
 # ----------------------------------------------------------------------------------------------------
 # stage entry point
 # ----------------------------------------------------------------------------------------------------
+SAMPLES_CACHE = "samples.pt"  # in the stage's checkpoint folder
+
+
+def cached_samples(ctx, key: Dict[str, Any], sample) -> Tuple[Any, str]:
+    """``sample()``'s result, or the one stored under ``key`` by an earlier attempt of this stage. A resume must
+    train on the solutions its checkpoint was trained on: sampling again could differ (the questions are split
+    over the ranks, so another world size draws other samples) and would repeat the whole sampling pass. Every
+    rank reads the cache; rank 0 writes it. Returns (result, "sampled" | "cached")."""
+    path = ckpt.stage_checkpoint_dir(ctx.run_dir, STAGE) / SAMPLES_CACHE
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # a torn cache is just sampled again
+            cached = {}
+        if cached.get("key") == key:
+            return cached["samples"], "cached"
+    out = sample()
+    if ctx.dist.is_main:
+        ckpt.atomic_torch_save({"key": key, "samples": out}, path)
+    ctx.dist.barrier()
+    return out, "sampled"
+
+
+def _questions_fingerprint(rows: Sequence[Dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r["question"].encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _sample_seed(cfg: PipelineConfig, which: str) -> int:
     return cfg.seed * 1000 + {"train": 1, "val": 2}[which]
 
@@ -369,13 +402,20 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
         raise ConfigError(f"verifier: {len(train_rows)} train and {len(dev_rows)} dev GSM8K questions; need both "
                           "(verifier.num_questions, eval.gsm8k_examples, data.val_fraction)")
 
-    with torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else contextlib.nullcontext():
-        train_samples = sample_sharded(generator, tok, train_rows, vc.samples_per_question, vc.temperature,
-                                       vc.max_new_tokens, _sample_seed(cfg, "train"), dist, ctx.progress,
-                                       "verifier samples (train)")
-        val_samples = sample_sharded(generator, tok, dev_rows, vc.samples_per_question, vc.temperature,
-                                     vc.max_new_tokens, _sample_seed(cfg, "val"), dist, ctx.progress,
-                                     "verifier samples (dev)")
+    def sample():
+        with torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else contextlib.nullcontext():
+            return (sample_sharded(generator, tok, train_rows, vc.samples_per_question, vc.temperature,
+                                   vc.max_new_tokens, _sample_seed(cfg, "train"), dist, ctx.progress,
+                                   "verifier samples (train)"),
+                    sample_sharded(generator, tok, dev_rows, vc.samples_per_question, vc.temperature,
+                                   vc.max_new_tokens, _sample_seed(cfg, "val"), dist, ctx.progress,
+                                   "verifier samples (dev)"))
+
+    key = {"generator": ckpt.file_identity(src), "train_questions": _questions_fingerprint(train_rows),
+           "dev_questions": _questions_fingerprint(dev_rows), "samples_per_question": vc.samples_per_question,
+           "temperature": vc.temperature, "max_new_tokens": vc.max_new_tokens,
+           "seeds": [_sample_seed(cfg, "train"), _sample_seed(cfg, "val")]}
+    (train_samples, val_samples), sampled = cached_samples(ctx, key, sample)
     train_ex, train_counts = labelled_examples(tok, train_rows, train_samples, vc.seq_len, vc.include_gold_solutions)
     val_ex, val_counts = labelled_examples(tok, dev_rows, val_samples, vc.seq_len, vc.include_gold_solutions)
     if len(train_ex) < vc.batch_size:
@@ -386,7 +426,8 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
             "examples_of_samples": [{"question": train_rows[0]["question"][:200], "solution": s,
                                      "correct": label_solution(s, gold_answer(train_rows[0]["answer"]))}
                                     for s in train_samples[0][:2]],
-            "include_gold_solutions": vc.include_gold_solutions, "sampling_time_s": time.perf_counter() - t0}
+            "include_gold_solutions": vc.include_gold_solutions, "samples": sampled,
+            "sampling_time_s": time.perf_counter() - t0}
 
     model = VerifierModel.from_lm(generator)
     collate = make_collate(tok.eot_id)

@@ -172,6 +172,14 @@ def load_checkpoint(path_or_dir: str | Path, map_location: str | torch.device = 
         raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from e
 
 
+def file_identity(path: str | Path) -> Dict[str, Any]:
+    """Path, size and modification time of a checkpoint file: the key of caches derived from it (DPO reference
+    log-probs, verifier samples). A stage retrained into the same file name gets a new mtime, so its caches
+    are recomputed rather than silently reused; hashing the contents would cost a full read of a large file."""
+    st = Path(path).stat()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def stage_checkpoint_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / "checkpoints" / stage
 

@@ -6,8 +6,9 @@ MFU (PaLM appendix B / nanoGPT convention)::
     MFU             = flops_per_token · tokens_per_s / (peak_flops_per_device · world_size)
 
 ``tokens_per_s`` counts the tokens of all ranks. The peak is the dense bf16 tensor-core number of the device from
-its datasheet (no sparsity): H100 SXM 989.4 TFLOP/s, H200 989.4 TFLOP/s (same compute die as the H100 SXM),
-A100 312 TFLOP/s. On CPU, or a GPU not in the table, MFU is ``null`` (there is no honest peak to divide by).
+its datasheet (no sparsity; half the datasheet's "with sparsity" figure): H100 SXM 989.4 TFLOP/s, H200 (SXM)
+989.4 TFLOP/s (same compute die as the H100 SXM), H100 PCIe 756.5, H100 NVL and H200 NVL 835.5 (lower clocks and
+power), A100 312 TFLOP/s. On CPU, or a GPU not in the table, MFU is ``null`` (there is no honest peak to divide by).
 """
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-# (substring of torch.cuda.get_device_name(), label, dense bf16 FLOP/s)
+# (substring of torch.cuda.get_device_name(), label, dense bf16 FLOP/s); the first match wins, so the PCIe/NVL
+# variants (same names plus a suffix, lower peaks) come before their SXM rows
 PEAK_BF16_FLOPS: Tuple[Tuple[str, str, float], ...] = (
+    ("H100 PCIe", "NVIDIA H100 PCIe bf16 dense", 756.5e12),
+    ("H100 NVL", "NVIDIA H100 NVL bf16 dense", 835.5e12),
+    ("H200 NVL", "NVIDIA H200 NVL bf16 dense", 835.5e12),
     ("H200", "NVIDIA H200 bf16 dense", 989.4e12),
     ("H100", "NVIDIA H100 SXM bf16 dense", 989.4e12),
     ("A100", "NVIDIA A100 bf16 dense", 312e12),
@@ -60,13 +65,25 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path``; a no-op when ``enabled`` is False (ranks other than 0)."""
+    """Appends one JSON object per line to ``path``; a no-op when ``enabled`` is False (ranks other than 0).
+
+    Opening an existing file cuts a last line left unfinished by a killed writer, so the next record starts a line of
+    its own instead of joining the fragment into an unreadable one."""
 
     def __init__(self, path: Optional[str | Path], enabled: bool = True):
         self.path = Path(path) if path is not None else None
         self.enabled = enabled and self.path is not None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._cut_torn_tail()
+
+    def _cut_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -76,9 +93,9 @@ class MetricsWriter:
             f.write(line + "\n")
             f.flush()
 
-    def truncate_after(self, stage: str, step: int) -> int:
-        """Drop ``stage`` records with step > ``step`` (logged after the checkpoint we resume from, so they would
-        be logged twice); returns how many were dropped. Rewritten atomically."""
+    def drop(self, stage: str, predicate: Callable[[Dict[str, Any]], bool]) -> int:
+        """Drop the ``stage`` records for which ``predicate`` holds, and unreadable lines; returns how many were
+        dropped. Rewritten atomically."""
         if not self.enabled or not self.path.exists():
             return 0
         kept, dropped = [], 0
@@ -88,7 +105,7 @@ class MetricsWriter:
             except json.JSONDecodeError:
                 dropped += 1  # a line cut short by a crash
                 continue
-            if rec.get("stage") == stage and isinstance(rec.get("step"), int) and rec["step"] > step:
+            if rec.get("stage") == stage and predicate(rec):
                 dropped += 1
                 continue
             kept.append(line)
@@ -97,6 +114,16 @@ class MetricsWriter:
             tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
             os.replace(tmp, self.path)
         return dropped
+
+    def truncate_after(self, stage: str, step: int) -> int:
+        """Drop ``stage`` records with step > ``step`` (logged after the checkpoint we resume from, so they would
+        be logged twice); returns how many were dropped."""
+        return self.drop(stage, lambda r: isinstance(r.get("step"), int) and r["step"] > step)
+
+    def drop_before(self, stage: str, t: float) -> int:
+        """Drop ``stage`` records written before time ``t`` (an earlier attempt of a stage that now starts over
+        from step 0: its records would be logged twice)."""
+        return self.drop(stage, lambda r: isinstance(r.get("time"), (int, float)) and r["time"] < t)
 
 
 def read_metrics(path: str | Path, stage: Optional[str] = None) -> List[Dict[str, Any]]:

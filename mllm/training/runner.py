@@ -140,6 +140,18 @@ def record_summary(run_dir: Path, stage: str, summary: Dict[str, Any]) -> Path:
     return path
 
 
+TRAINING_STAGES = ("pretrain", "sft", "dpo", "verifier")
+
+
+def check_batch_sizes(cfg: PipelineConfig, stage: str, world_size: int) -> None:
+    """Each training stage the run reaches needs batch_size % (micro_batch_size · world_size) == 0; a ConfigError
+    naming the key now, instead of a failure after DPO's reference pass or the verifier's sampling."""
+    from mllm.training.trainer import accumulation_steps
+
+    for st in TRAINING_STAGES if stage == "all" else (stage,) if stage in TRAINING_STAGES else ():
+        accumulation_steps(getattr(cfg, st), world_size, st)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mllm.evaluation.common import command_line
     from mllm.stages import StageContext, get_stage, valid_stages
@@ -151,6 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
         cfg = load_config(args.config, args.overrides, args.config_file)
         ctx = init_distributed(cfg.device)
+        check_batch_sizes(cfg, args.stage, ctx.world_size)  # before any data loading or sampling pass
         run_root = Path(cfg.run_root)
         name = args.run_name
         if name is None and args.resume:

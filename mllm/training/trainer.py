@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig
+from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig, validate_optim
 from mllm.training import checkpoint as ckpt
 from mllm.training.batches import batch_to_device
 from mllm.training.distributed import DistContext
@@ -109,23 +109,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Python, NumPy and CPU torch RNG states, plus the CUDA generator of ``device`` (default: the current CUDA
+    device). One device only: a checkpoint from a node with 8 visible GPUs must resume on a process that sees 1."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device if device is not None else "cuda")
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return
+    dev = torch.device(device if device is not None else "cuda")
+    if isinstance(cuda, (list, tuple)):  # format of earlier checkpoints: one state per device the writer saw
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        if idx >= len(cuda):
+            warnings.warn(f"checkpoint holds CUDA RNG states for {len(cuda)} devices, none for cuda:{idx}; this "
+                          "device's CUDA RNG stream is not restored")
+            return
+        cuda = cuda[idx]
+    torch.cuda.set_rng_state(cuda, dev)
 
 
 def count_input_tokens(batch: Mapping[str, Any]) -> int:
-    """Tokens processed by the model: elements of every tensor whose key ends in ``input_ids``."""
+    """Tokens processed: elements of every tensor whose key ends in ``input_ids`` (padding included)."""
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
 
 
@@ -150,16 +162,7 @@ def check_stage_config(stage_cfg: StageConfig, optim_cfg: OptimConfig, stage: st
         raise ConfigError(f"config key '{stage}.lr': must be positive, got {stage_cfg.lr!r}")
     if stage_cfg.warmup_steps < 0:
         raise ConfigError(f"config key '{stage}.warmup_steps': must be >= 0, got {stage_cfg.warmup_steps}")
-    if not 0.0 <= optim_cfg.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'optim.min_lr_ratio': must be in [0, 1], got {optim_cfg.min_lr_ratio}")
-    if optim_cfg.weight_decay < 0:
-        raise ConfigError(f"config key 'optim.weight_decay': must be >= 0, got {optim_cfg.weight_decay}")
-    if not (0.0 <= optim_cfg.beta1 < 1.0 and 0.0 <= optim_cfg.beta2 < 1.0):
-        raise ConfigError(f"config keys 'optim.beta1'/'optim.beta2': must be in [0, 1), got "
-                          f"{optim_cfg.beta1}, {optim_cfg.beta2}")
-    if optim_cfg.max_consecutive_nonfinite < 1:
-        raise ConfigError(f"config key 'optim.max_consecutive_nonfinite': must be >= 1, got "
-                          f"{optim_cfg.max_consecutive_nonfinite}")
+    validate_optim(optim_cfg)
 
 
 class _LossModule(nn.Module):
@@ -199,6 +202,8 @@ class Trainer:
         compile_mode: torch.compile's ``mode`` (None: its default); the CUDA-graph modes are described above.
         seed: seeds python/numpy/torch RNGs with ``seed + rank`` (None leaves them alone).
         flops_per_token: for MFU; default ``model.flops_per_token(stage_cfg.seq_len)`` when the model has it.
+        mfu_unavailable: a reason why the 6N + attention FLOP model does not describe this stage's step; MFU is then
+            not reported (``null``) and the start record says why.
         eval_fn: ``eval_fn(trainer) -> dict`` run after the validation loss (samples, task metrics); all ranks call it.
         profile: write a ``torch.profiler`` trace of a few steps to ``run_dir/profile/``.
         progress: show the tqdm bar (rank 0 only in any case).
@@ -216,7 +221,7 @@ class Trainer:
                  profile: bool = False, progress: bool = True, config: Optional[Dict[str, Any]] = None,
                  find_unused_parameters: bool = False,
                  count_tokens: Callable[[Mapping[str, Any]], int] = count_input_tokens,
-                 perplexity: bool = True):
+                 perplexity: bool = True, mfu_unavailable: Optional[str] = None):
         check_stage_config(stage_cfg, optim_cfg, stage)
         self.dist = dist if dist is not None else DistContext(device=torch.device(device or "cpu"))
         self.device = self.dist.device
@@ -271,11 +276,14 @@ class Trainer:
 
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_dir = ckpt.stage_checkpoint_dir(self.run_dir, stage) if self.run_dir is not None else None
+        self._created = time.time()  # records of this stage older than this come from an earlier attempt
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if self.run_dir is not None else None,
                                      enabled=self.dist.is_main)
-        if flops_per_token is None and hasattr(model, "flops_per_token"):
+        if flops_per_token is None and hasattr(model, "flops_per_token") and mfu_unavailable is None:
             flops_per_token = float(model.flops_per_token(getattr(stage_cfg, "seq_len", 0)))
-        self.flops_per_token = flops_per_token
+        self.flops_per_token = None if mfu_unavailable is not None else flops_per_token
+        self.mfu_unavailable = mfu_unavailable
+        self.count_tokens_doc = (count_tokens.__doc__ or count_tokens.__name__).strip().splitlines()[0]
         self.peak_flops, self.peak_flops_note = device_peak_flops(self.device)
 
         self.step = 0  # optimizer steps done (skipped non-finite steps included)
@@ -408,7 +416,7 @@ class Trainer:
         ``perplexity=False``: losses that are not a token cross-entropy); plus eval_fn.
         The RNG states are restored afterwards, so how often one evaluates never changes the training run."""
         out: Dict[str, Any] = {}
-        saved_rng = rng_state()  # evaluation must not shift the training RNG streams (eval cadence-independent)
+        saved_rng = rng_state(self.device)  # evaluation must not shift the training RNG streams (eval cadence-independent)
         if self.val_data is not None:
             was_training = self.model.training
             self.model.eval()
@@ -443,7 +451,7 @@ class Trainer:
                 out.update({f"val_{k}": vals[2 + j] / vals[1] for j, k in enumerate(keys)})
         if self.eval_fn is not None:
             out.update(self.eval_fn(self) or {})
-        set_rng_state(saved_rng)
+        set_rng_state(saved_rng, self.device)
         return out
 
     def _run_eval(self) -> None:
@@ -461,7 +469,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit for bit. Collective: every rank must call it."""
-        rngs = self.dist.all_gather_object(rng_state())
+        rngs = self.dist.all_gather_object(rng_state(self.device))
         datas = self.dist.all_gather_object(self.train_data.state_dict())
         return {
             "format": 1, "stage": self.stage, "step": self.step, "total_steps": self.stage_cfg.steps,
@@ -470,7 +478,7 @@ class Trainer:
             "rng": rngs, "data": datas,
             "trainer": {"skipped_steps": self.skipped_steps, "consecutive_nonfinite": self.consecutive_nonfinite,
                         "tokens_seen": self.tokens_seen, "train_time_s": self.train_time_s,
-                        "first_eval": self.first_eval, "last_eval": self.last_eval},
+                        "first_eval": self.first_eval, "last_eval": self.last_eval, "last_train": self.last_train},
             "config": self.config,
         }
 
@@ -479,6 +487,12 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint is from stage '{state.get('stage')}', not '{self.stage}'")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # the saved param groups carry the writer's hyperparameters; this run's config decides them (lr is set
+        # every step), as config.json and the checkpoints written from now on record
+        o = self.optim_cfg
+        for g in self.optimizer.param_groups:
+            g["betas"], g["eps"] = (o.beta1, o.beta2), o.eps
+            g["weight_decay"] = o.weight_decay if g.get("name") == "decay" else 0.0
         self.step = int(state["step"])
         t = state.get("trainer", {})
         self.skipped_steps = int(t.get("skipped_steps", 0))
@@ -487,6 +501,7 @@ class Trainer:
         self.train_time_s = float(t.get("train_time_s", 0.0))
         self.first_eval = dict(t.get("first_eval", {}) or {})
         self.last_eval = dict(t.get("last_eval", {}) or {})
+        self.last_train = dict(t.get("last_train", {}) or {})
         rank, world = self.dist.rank, self.dist.world_size
         datas = state["data"]
         if len(datas) == world:
@@ -498,7 +513,7 @@ class Trainer:
                                        f"cannot resume them on {world} ranks")
         rngs = state["rng"]
         if len(rngs) == world:
-            set_rng_state(rngs[rank])
+            set_rng_state(rngs[rank], self.device)
         else:
             warnings.warn(f"checkpoint was written by {len(rngs)} ranks, resuming on {world}: RNG streams are "
                           "re-seeded, so the continuation is not bit-identical")
@@ -542,13 +557,19 @@ class Trainer:
                "micro_batch_size": self.stage_cfg.micro_batch_size, "params": n_params,
                "flops_per_token": self.flops_per_token, "peak_flops_per_device": self.peak_flops,
                "peak_flops_note": self.peak_flops_note, "nvtx": NVTX_BACKEND,
-               "mfu_formula": "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size); "
-                              "flops_per_token = 6N + 12*L*H*Q*T"}
+               "mfu_formula": ("not reported: " + self.mfu_unavailable) if self.mfu_unavailable else
+                              "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size); "
+                              "flops_per_token = 6N + 12*L*H*Q*T",
+               "tokens": self.count_tokens_doc}
         self.log(rec)
         self.info(f"{n_params / 1e6:.2f}M params | {self.dist.world_size} rank(s) on {self.device.type} | "
                   f"batch {self.stage_cfg.batch_size} = {self.stage_cfg.micro_batch_size} x {self.accum_steps} "
                   f"accum x {self.dist.world_size} ranks (~{tokens_per_step} tokens/step) | "
                   f"steps {self.step}->{self.stage_cfg.steps} | MFU peak: {self.peak_flops_note}")
+        if self.stage_cfg.warmup_steps > self.stage_cfg.steps:  # allowed (short debug runs), but say so
+            self.info(f"note: {self.stage}.warmup_steps={self.stage_cfg.warmup_steps} > {self.stage}.steps="
+                      f"{self.stage_cfg.steps}: the learning rate ends at {self.lr_at(self.stage_cfg.steps - 1):.3g}, "
+                      f"short of the peak {self.stage_cfg.lr:.3g}")
 
     def fit(self) -> Dict[str, Any]:
         """Train until ``stage_cfg.steps``; evaluate every ``eval_every`` (and at steps 0 and the end), log every
@@ -559,6 +580,11 @@ class Trainer:
             if self.ckpt_dir is not None and ckpt.final_checkpoint(self.ckpt_dir) is None:
                 self.save()
             return self.summary(time.perf_counter() - wall0)
+        if self.step == 0:  # a fresh start (no checkpoint): an earlier attempt's records would be logged twice
+            dropped = self.metrics.drop_before(self.stage, self._created)
+            if dropped:
+                self.info(f"starting from step 0: {dropped} metrics records of an earlier '{self.stage}' attempt "
+                          "dropped")
         self._start_record()
         if self.step == 0:
             self._run_eval()
