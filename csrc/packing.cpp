@@ -42,7 +42,8 @@ py::dict pack_py(const py::array& lengths, int64_t row_len, const std::string& a
                  const std::string& overflow, const py::object& seed) {
   if (lengths.ndim() != 1)
     throw std::invalid_argument("lengths must be 1-D, got " + std::to_string(lengths.ndim()) + " dimensions");
-  if (!lengths.dtype().is(py::dtype::of<int64_t>()))
+  // equivalence, not identity: np.longlong or a native-order int64 with metadata is the same type to numpy
+  if (!py::detail::npy_api::get().PyArray_EquivTypes_(lengths.dtype().ptr(), py::dtype::of<int64_t>().ptr()))
     throw std::invalid_argument("lengths must have dtype int64, got " + std::string(py::str(lengths.dtype())));
   const auto algo = mllm_packing::parse_algorithm(algorithm);
   const auto ovf = mllm_packing::parse_overflow(overflow);

@@ -195,18 +195,26 @@ inline Items make_sorted_items(const int64_t* lengths, size_t n, int64_t L, Over
     if (x <= 0)
       throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(x) +
                                   ": every document length must be >= 1");
+    // doc and chunk indices are int32: fewer than 2**31 items, hence documents and chunks per document. Checked
+    // before each addition, so that neither n_items nor count[] can wrap (a wrapped n_items sized the arrays
+    // below too small)
+    const int64_t pieces = (x <= L || overflow != Overflow::Split) ? 1 : x / L + (x % L ? 1 : 0);
+    if (pieces > int64_t(INT32_MAX) - int64_t(n_items))
+      throw std::invalid_argument("too many pieces to pack: more than 2**31 - 1 (at lengths[" + std::to_string(i) +
+                                  "] = " + std::to_string(x) + ", row_len " + std::to_string(L) + ")");
     if (x <= L) {  // the common case, without a division
       count[size_t(x)] += 1;
-      n_items += 1;
     } else if (overflow == Overflow::Split) {
       count[size_t(L)] += x / L;
       if (x % L) count[size_t(x % L)] += 1;
-      n_items += size_t(x / L) + (x % L ? 1 : 0);
     } else {
-      count[size_t(std::min(x, L))] += 1;
-      n_dropped += std::max<int64_t>(x - L, 0);
-      n_items += 1;
+      count[size_t(L)] += 1;
+      if (x - L > INT64_MAX - n_dropped)
+        throw std::invalid_argument("tokens dropped by truncation overflow int64 (at lengths[" + std::to_string(i) +
+                                    "] = " + std::to_string(x) + ")");
+      n_dropped += x - L;
     }
+    n_items += size_t(pieces);
   }
   // position of the first item of each length in the sorted (descending) order
   std::vector<int64_t> pos(size_t(L) + 2, 0);
@@ -215,9 +223,6 @@ inline Items make_sorted_items(const int64_t* lengths, size_t n, int64_t L, Over
     pos[size_t(l)] = acc;
     acc += count[size_t(l)];
   }
-  // doc and chunk indices are int32: fewer than 2**31 items, hence documents and chunks per document
-  if (n_items > size_t(INT32_MAX))
-    throw std::invalid_argument("too many pieces to pack: " + std::to_string(n_items) + " > 2**31 - 1");
   Items it;
   it.doc.resize(n_items);
   it.chunk.resize(n_items);

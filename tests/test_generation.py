@@ -136,6 +136,8 @@ def test_sample_next_support_and_renormalisation():
     assert counts[0] == 0 and counts[2] == 0
     assert abs(counts[1].item() - 0.5 / 0.75) < 0.03  # renormalised over the nucleus {1, 3}
     assert torch.equal(sample_next(logits[:3], temperature=0.0), torch.tensor([1, 1, 1]))
+    # a tiny temperature is (almost) greedy, not NaN probabilities from logits / T overflowing to inf
+    assert torch.equal(sample_next(logits[:3], temperature=1e-40, generator=gen), torch.tensor([1, 1, 1]))
 
 
 def test_generation_argument_errors():
@@ -146,8 +148,13 @@ def test_generation_argument_errors():
         generate(model, [[1, 64]], 3)
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [[1] * 30], 11)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(model, [[1]], 3, temperature=-1.0)
+    for bad in (-1.0, float("nan"), float("inf"), None, "0.7"):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(model, [[1]], 3, temperature=bad)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds non-integer"):
+        generate(model, [[1.9, 2.2]], 3)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds non-integer"):
+        generate(model, [torch.tensor([1.0, 2.0])], 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):

@@ -210,6 +210,7 @@ def test_splitmix64_reference_value():
 
 def test_int32_and_list_inputs_accepted():
     a = P.pack(np.array([3, 9, 2], dtype=np.int32), 4)
+    assert_same(a, P.pack(np.array([3, 9, 2], dtype=np.longlong), 4))  # int64 by another dtype object
     assert_same(a, P.pack([3, 9, 2], 4))
     assert_same(a, P.pack(np.array([3, 9, 2], dtype=np.uint16), 4))
     strided = np.array([3, 0, 9, 0, 2], dtype=np.int64)[::2]
@@ -223,6 +224,17 @@ def test_cpp_reads_strided_views():
         got, want = P._C.pack(view, 16, "bfd", "split", 1), P._C.pack(view.copy(), 16, "bfd", "split", 1)
         for f in FIELDS:
             np.testing.assert_array_equal(got[f], want[f])
+
+
+@needs_ext
+def test_cpp_accepts_int64_under_another_dtype_object():
+    """np.longlong is int64 on Linux but not the same dtype object: equivalent types are accepted."""
+    want = P._C.pack(np.array([3, 9, 2], dtype=np.int64), 4, "bfd", "split", 0)
+    got = P._C.pack(np.array([3, 9, 2], dtype=np.longlong), 4, "bfd", "split", 0)
+    for f in FIELDS:
+        np.testing.assert_array_equal(got[f], want[f])
+    with pytest.raises(ValueError, match="int64"):  # other byte order: same kind and size, not the same type
+        P._C.pack(np.array([3, 9, 2], dtype=">i8"), 4, "bfd", "split", 0)
 
 
 @needs_ext
@@ -257,6 +269,8 @@ BAD_PLANS = [
     (dict(seed=-1), "seed"),
     (dict(seed=2**64), "seed"),
     (dict(seed=1.5), "seed"),
+    (dict(lengths=[2**62, 2**62, 3]), r"more than 2\*\*62"),  # int64 token sums would overflow
+    (dict(lengths=[2**31, 5], row_len=1), "too many pieces"),  # the int32 piece indices
 ]
 
 
@@ -284,6 +298,9 @@ def test_python_errors(fn, bad, msg):
     ((np.array([1], dtype=np.int64), 8, "bfd", "split", 2**64), "seed"),
     ((np.array([1], dtype=np.int64), 8, "bfd", "split", "x"), "seed"),
     ((np.array([1], dtype=np.int64), 8, "bfd", "split", True), "seed"),
+    # piece count and dropped-token sums are checked before they can wrap (a wrapped count wrote past the arrays)
+    ((np.array([2**63 - 1, 2**63 - 1, 2], dtype=np.int64), 1, "bfd", "split"), "too many pieces"),
+    ((np.array([2**63 - 1, 2**63 - 1], dtype=np.int64), 1, "bfd", "truncate"), "overflow int64"),
 ])
 def test_cpp_errors(args, msg):
     with pytest.raises(ValueError, match=msg):
@@ -451,6 +468,14 @@ def test_iter_batches_cover_all_rows_in_order():
     (lambda: P.materialize_rows(P.pack([2], 8), [np.array([1, 2, 3])], pad_id=0), r"docs\[0\] has 3"),
     (lambda: P.materialize_rows(P.pack([2], 8), [], pad_id=0), "plan is for 1"),
     (lambda: P.materialize_rows(P.pack([2], 8), [np.array([1, 2])], [1], pad_id=0), "rows must be"),
+    # the plan-once path (materialize_rows / iter_batches) checks what it reads: no cast, no broadcast
+    (lambda: P.materialize_rows(P.pack([3], 8), [np.array([1.7, 2.9, 3.5])], pad_id=0), r"docs\[0\] must be"),
+    (lambda: next(P.iter_batches(P.pack([4], 8), [np.array([1, 2, 3, 4])], 1, pad_id=0,
+                                 loss_masks=[np.array([True, False])])), r"loss_masks\[0\] must be"),
+    (lambda: P.materialize_rows(P.pack([4], 8), [np.array([1, 2, 3, 4])], pad_id=0,
+                                loss_masks=[np.array([1, 0, 2, 0])]), r"loss_masks\[0\] must be a bool"),
+    (lambda: P.materialize_rows(P.pack([4], 8), [np.array([1, 2, 3, 4])], pad_id=0, loss_masks=[]),
+     "loss_masks has 0 entries"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([0, 1])), "2-D"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([[1, 0]])), "row start"),
 ])

@@ -63,10 +63,17 @@ def test_cache_key(tmp_path):
     ]
     assert len({a.path} | {o.path for o in others}) == 7 and not any(o.cache_hit for o in others)
     assert build_shard(TEXTS, tok, tmp_path, "toy", progress=False).path.name.startswith("toy-all-byte-")
-    mtime = (a.path / "tokens.bin").stat().st_mtime_ns
+    want = a.tokens.tolist()
+    with open(a.path / "tokens.bin", "r+b") as f:  # an in-range change that loading cannot tell: rebuild must
+        f.write(bytes([ord("j"), 0]))              # rewrite the file, not reopen it
     c = build_shard(TEXTS, tok, tmp_path, ShardKey("toy", "train"), progress=False, rebuild=True)
-    assert not c.cache_hit and c.path == a.path and np.array_equal(c.tokens, a.tokens)
-    assert (a.path / "tokens.bin").stat().st_mtime_ns >= mtime
+    assert not c.cache_hit and c.path == a.path and c.tokens.tolist() == want
+
+    class OtherVocab(ByteTokenizer):  # same name and sizes, different ids: a GPT-2-shaped vocabulary would be
+        fingerprint = "other"         # this, since any consistent encoder.json + vocab.bpe loads as "gpt2"
+
+    d = build_shard(TEXTS, OtherVocab(), tmp_path, ShardKey("toy", "train"), progress=False)
+    assert not d.cache_hit and d.path != a.path
     with pytest.raises(ValueError, match="JSON-serialisable"):
         build_shard(TEXTS, tok, tmp_path, ShardKey("toy", "train", {"f": object()}), progress=False)
 
@@ -122,6 +129,37 @@ def test_bad_inputs_and_corruption(tmp_path):
         load_shard(tmp_path)
 
 
+
+def _flip_high_byte(p):
+    with open(p / "tokens.bin", "r+b") as f:
+        f.write(b"h\x01")
+
+
+def _corrupt(tmp_path, name, edit):
+    shard = build_shard(TEXTS, ByteTokenizer(), tmp_path / name, "toy", progress=False)
+    edit(shard.path)
+    return shard.path
+
+
+@pytest.mark.parametrize("name,edit,msg", [
+    # a flipped high byte: id 0x0168 = 360 >= 257 would index past the embedding on a GPU
+    ("flip", _flip_high_byte, r"id 360 outside"),
+    ("swap", lambda p: np.save(p / "doc_offsets.npy", np.load(p / "doc_offsets.npy")[[0, 2, 1, 3, 4]]),
+     "offsets do not increase"),
+    ("eot", lambda p: np.save(p / "doc_offsets.npy", np.load(p / "doc_offsets.npy") - [0, 1, 1, 1, 0]),
+     "does not end with eot_id=256"),
+    ("dtype", lambda p: (p / "meta.json").write_text((p / "meta.json").read_text().replace("uint16", "float16")),
+     "dtype float16 does not hold"),
+    ("missing", lambda p: (p / "doc_offsets.npy").unlink(), r"doc_offsets\.npy: unreadable"),
+    ("empty", lambda p: (p / "doc_offsets.npy").write_bytes(b""), r"doc_offsets\.npy: unreadable"),
+])
+def test_load_detects_corruption(tmp_path, name, edit, msg):
+    path = _corrupt(tmp_path, name, edit)
+    with pytest.raises(ValueError, match=msg) as e:
+        load_shard(path)
+    assert "to rebuild" in str(e.value)
+
+
 def test_gpt2_roundtrip_on_real_text(data_dir, tmp_path):
     from mllm.data.datasets import load_tinystories
 
@@ -136,3 +174,27 @@ def test_gpt2_roundtrip_on_real_text(data_dir, tmp_path):
         assert doc[:-1].tolist() == tok.encode_ordinary(t) and tok.decode(doc[:-1]) == t
     again = load_shard(shard.path)
     assert np.array_equal(again.tokens, shard.tokens) and np.array_equal(again.doc_offsets, shard.doc_offsets)
+
+
+def test_gpt2_fingerprint_tells_vocabularies_apart(data_dir, tmp_path):
+    """Two self-consistent GPT-2 file pairs (the last two merges and their ids swapped) both load as "gpt2" but
+    encode some text differently: their fingerprints, hence their shard folders, differ."""
+    import json
+
+    src = data_dir / "gpt2-tokenizer"
+    enc = json.loads((src / "encoder.json").read_text(encoding="utf-8"))
+    lines = (src / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    a, b = lines[-3], lines[-2]  # the last two merges (the file ends with a newline)
+    ta, tb = a.replace(" ", ""), b.replace(" ", "")
+    lines[-3], lines[-2] = b, a
+    enc[ta], enc[tb] = enc[tb], enc[ta]
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "vocab.bpe").write_text("\n".join(lines), encoding="utf-8")
+    (tmp_path / "mod" / "encoder.json").write_text(json.dumps(enc), encoding="utf-8")
+    official, modified = get_tokenizer("gpt2", src), get_tokenizer("gpt2", tmp_path / "mod")
+    assert official.fingerprint == get_tokenizer("gpt2", src).fingerprint != modified.fingerprint
+    assert S.shard_dirname(ShardKey("x"), official, "d") != S.shard_dirname(ShardKey("x"), modified, "d")
+    with pytest.raises(ValueError, match=r"id 50257 is outside \[0, 50257\)"):
+        official.decode([50257])
+    with pytest.raises(ValueError, match=r"id -1 is outside"):
+        official.decode([-1])

@@ -122,12 +122,17 @@ def _check_lengths(lengths) -> np.ndarray:
         raise ValueError(f"lengths must have an integer dtype, got {arr.dtype}")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         raise ValueError("lengths must fit in int64")
-    arr = arr.astype(np.int64, copy=False)
+    # a canonical int64 dtype object: the C++ extension is strict about it, and np.longlong is equal but not it
+    arr = arr.view(np.int64) if arr.dtype == np.int64 else arr.astype(np.int64)
     if arr.size:
         bad = np.flatnonzero(arr <= 0)
         if bad.size:
             i = int(bad[0])
             raise ValueError(f"lengths[{i}] = {int(arr[i])}: every document length must be >= 1")
+        # token counts (n_tokens, n_dropped) are int64 in the C++ extension: keep every sum far from overflow
+        # (the float sum's rounding cannot cross from 2**62 to 2**63)
+        if float(arr.sum(dtype=np.float64)) > 2.0**62:
+            raise ValueError(f"lengths sum to {float(arr.sum(dtype=np.float64)):.3g} tokens, more than 2**62")
     return arr
 
 
@@ -277,6 +282,9 @@ def pack_reference(lengths, row_len: int, algorithm: str = "bfd", overflow: str 
     arguments and results as ``pack``."""
     lengths = _check_lengths(lengths)
     L, seed = _check_args(row_len, algorithm, overflow, seed)
+    n_pieces = int(((lengths + L - 1) // L).sum()) if overflow == "split" else lengths.size
+    if n_pieces > 2**31 - 1:  # the C++ extension's int32 indices: same limit, same error
+        raise ValueError(f"too many pieces to pack: {n_pieces} > 2**31 - 1 (row_len {L})")
     items, dropped = _items(lengths.tolist(), L, overflow)
     lens = [it[2] for it in items]
     bins, offsets, n_bins = (_place_bfd if algorithm == "bfd" else _place_ffd)(lens, L)
@@ -386,6 +394,8 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
     ignore_index = _check_int("ignore_index", ignore_index, np.iinfo(np.int64).min)
     if len(docs) != plan.doc_lengths.size:
         raise ValueError(f"the plan is for {plan.doc_lengths.size} documents, got {len(docs)} docs")
+    if loss_masks is not None and len(loss_masks) != len(docs):
+        raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(docs)} docs")
     rows = np.arange(plan.n_rows) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
     if rows.size and (rows.min() < 0 or rows.max() >= plan.n_rows):
         raise ValueError(f"rows must be in [0, {plan.n_rows}), got min {rows.min()}, max {rows.max()}")
@@ -400,7 +410,18 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
         used = 0
         for k in range(plan.row_ptr[r], plan.row_ptr[r + 1]):
             d, s, n, o = int(plan.doc[k]), int(plan.start[k]), int(plan.length[k]), int(plan.offset[k])
-            tok = np.asarray(docs[d], dtype=np.int64)
+            tok = np.asarray(docs[d])
+            # checked here, for the documents of these rows only: iter_batches stays O(batch) per call, and a
+            # float id or a short mask cannot be cast or broadcast silently
+            if tok.ndim != 1 or (tok.size and tok.dtype.kind not in "iu"):
+                raise ValueError(f"docs[{d}] must be a 1-D integer array of token ids, got dtype {tok.dtype}, "
+                                 f"shape {tok.shape}")
+            if loss_masks is not None:
+                m = np.asarray(loss_masks[d])
+                if m.dtype != np.bool_ or m.shape != tok.shape:
+                    raise ValueError(f"loss_masks[{d}] must be a bool array of shape {tok.shape} like docs[{d}], "
+                                     f"got dtype {m.dtype}, shape {m.shape}")
+            tok = tok.astype(np.int64, copy=False)
             if eot_id is not None:
                 tok = np.append(tok, eot_id)
             if tok.size != plan.doc_lengths[d]:

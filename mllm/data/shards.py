@@ -12,7 +12,8 @@ Documents map 1:1 to ``texts`` (an empty text is the single token ``eot_id``). T
 tokens, so a literal ``<|endoftext|>`` inside a document cannot fake a document boundary.
 
 A shard is a folder ``<cache_dir>/<dataset>-<split>-<tokenizer>-<digest>/`` holding ``tokens.bin`` (raw array),
-``doc_offsets.npy`` and ``meta.json``. ``digest`` hashes the key's params, the tokenizer (name, vocab size, eot id),
+``doc_offsets.npy`` and ``meta.json``. ``digest`` hashes the key's params, the tokenizer (name, vocab size, eot id,
+and its ``fingerprint``: two GPT-2-shaped vocabularies both load as "gpt2"),
 the texts' content and the format version, so any change gives a new folder rather than a stale hit. The folder is
 written under a temporary name and renamed into place, so readers never see a half-written shard and concurrent
 builders (e.g. several ranks) are safe: the first rename wins and the others use its result.
@@ -78,7 +79,8 @@ def shard_dirname(key: ShardKey, tokenizer, texts_sha256: str) -> str:
     except TypeError as e:
         raise ValueError(f"ShardKey.params must be JSON-serialisable: {e}") from e
     blob = json.dumps({"v": FORMAT_VERSION, "dataset": key.dataset, "split": key.split, "params": params,
-                       "tokenizer": [tokenizer.name, int(tokenizer.vocab_size), int(tokenizer.eot_id)],
+                       "tokenizer": [tokenizer.name, int(tokenizer.vocab_size), int(tokenizer.eot_id),
+                                     getattr(tokenizer, "fingerprint", None)],
                        "texts": texts_sha256}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return f"{_safe(key.dataset)}-{_safe(key.split)}-{_safe(tokenizer.name)}-{digest}"
@@ -122,7 +124,11 @@ class TokenShard:
 
 
 def load_shard(path: Union[str, os.PathLike]) -> TokenShard:
-    """Open a shard folder read-only; a missing or inconsistent file raises ValueError naming it."""
+    """Open a shard folder read-only; a missing, corrupt or inconsistent file raises ValueError naming it.
+
+    Checked on every open (one pass over the tokens, ~0.3 s per GB): offsets increase, every document ends with
+    ``eot_id``, every id is below ``vocab_size`` (on a GPU an out-of-range id would index past the embedding with
+    no error), and the dtype is the one ``shard_dtype`` gives for the vocabulary."""
     path = Path(path)
     meta_path = path / _META
     if not meta_path.is_file():
@@ -131,15 +137,31 @@ def load_shard(path: Union[str, os.PathLike]) -> TokenShard:
         meta = json.loads(meta_path.read_text())
         dtype = np.dtype(meta["dtype"])
         n_tokens, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        vocab_size, eot_id = int(meta["vocab_size"]), int(meta["eot_id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: corrupt shard metadata ({e}); delete {path} to rebuild") from e
-    offsets = np.load(path / _OFFSETS)
+    if not 0 < vocab_size <= 1 << 32 or dtype != shard_dtype(vocab_size):
+        raise ValueError(f"{meta_path}: dtype {dtype} does not hold a vocabulary of {vocab_size} ids; delete {path} "
+                         "to rebuild")
+    try:
+        offsets = np.load(path / _OFFSETS)
+    except (OSError, ValueError, EOFError) as e:  # missing, empty or truncated .npy
+        raise ValueError(f"{path / _OFFSETS}: unreadable ({type(e).__name__}: {e}); delete {path} to rebuild") from e
     size = (path / _TOKENS).stat().st_size if (path / _TOKENS).is_file() else -1
     if (offsets.dtype != np.int64 or offsets.shape != (n_docs + 1,) or offsets[0] != 0
             or offsets[-1] != n_tokens or size != n_tokens * dtype.itemsize):
         raise ValueError(f"{path}: shard files disagree with {_META} (n_tokens={n_tokens}, n_docs={n_docs}, "
                          f"{_TOKENS} has {size} bytes, offsets shape {offsets.shape}); delete it to rebuild")
+    if n_docs and not (np.diff(offsets) >= 1).all():
+        raise ValueError(f"{path / _OFFSETS}: offsets do not increase (every document holds at least its eot); "
+                         f"delete {path} to rebuild")
     tokens = np.memmap(path / _TOKENS, dtype=dtype, mode="r", shape=(n_tokens,))
+    if n_docs and not (tokens[offsets[1:] - 1] == eot_id).all():
+        raise ValueError(f"{path}: a document does not end with eot_id={eot_id} (corrupt {_TOKENS} or {_OFFSETS}); "
+                         f"delete it to rebuild")
+    if n_tokens and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{path / _TOKENS}: id {int(tokens.max())} outside the vocabulary [0, {vocab_size}); "
+                         f"delete {path} to rebuild")
     return TokenShard(path, tokens, offsets, meta)
 
 

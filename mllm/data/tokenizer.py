@@ -178,6 +178,17 @@ class GPT2Tokenizer:
         self.eot_id = GPT2_EOT_ID
         self.vocab_size = GPT2_VOCAB_SIZE
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over every id's bytes, in id order: equal iff the two vocabularies encode alike (any
+        self-consistent encoder.json + vocab.bpe pair loads as "gpt2"; caches of token ids key on this)."""
+        h = hashlib.sha256()
+        for i in range(self.vocab_size - 1):  # the last id is <|endoftext|>, fixed
+            b = self._enc.decode_single_token_bytes(i)
+            h.update(len(b).to_bytes(2, "little"))
+            h.update(b)
+        return h.hexdigest()
+
     def encode(self, text: str, allow_special: bool = True) -> List[int]:
         """Token ids of ``text``; ``<|endoftext|>`` -> ``eot_id`` unless ``allow_special=False``."""
         if allow_special:
@@ -199,7 +210,11 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (invalid UTF-8 from a cut multi-byte character becomes U+FFFD)."""
-        return self._enc.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:  # tiktoken raises a KeyError or an OverflowError that names neither
+            raise ValueError(f"GPT2Tokenizer.decode: id {bad} is outside [0, {self.vocab_size})")
+        return self._enc.decode(ids)
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
@@ -213,6 +228,7 @@ class ByteTokenizer:
     """
 
     name = "byte"
+    fingerprint = "byte-256+eot"  # fixed: the ids are the bytes
     eot_id = 256
     vocab_size = 257
 

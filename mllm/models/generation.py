@@ -14,8 +14,10 @@ each step through ``model.hidden_states`` (the reference the cached path is test
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,13 +31,18 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_i
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty: generation needs at least one prompt token")
+        floating = p.dtype.is_floating_point if isinstance(p, torch.Tensor) else \
+            any(isinstance(t, (float, np.floating)) for t in p)
+        if floating:  # int() would truncate 1.9 to 1 without a word
+            raise ValueError(f"prompts[{i}] holds non-integer token ids")
         bad = [t for t in p if not (0 <= int(t) < V)]
         if bad:
             raise ValueError(f"prompts[{i}] has token ids outside [0, {V}): {bad[:5]}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
@@ -73,11 +80,14 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token per row from logits [N, V] -> [N] int64. temperature 0: argmax (top-k/top-p irrelevant);
-    else sample from softmax(filter_logits(logits / temperature)) with ``generator``."""
+    else sample from softmax(filter_logits(logits / temperature)) with ``generator``. The row maximum is
+    subtracted before dividing (the same softmax): a tiny temperature then sends the other logits to -inf
+    instead of every logit to inf (NaN probabilities)."""
     logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
