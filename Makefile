@@ -7,6 +7,8 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.mllm-installed
 DATA_DIR ?= $(shell [ -d ../shared/data ] && cd ../shared/data && pwd)
 TEST_ENV := TRITON_INTERPRET=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MLLM_DATA_DIR=$(DATA_DIR)
+# smoke: the local files when ../shared/data exists (offline, as these machines are); else the Hugging Face hub
+SMOKE_ENV := $(if $(DATA_DIR),HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MLLM_DATA_DIR=$(DATA_DIR))
 PYTEST_ARGS ?=
 
 .PHONY: setup smoke test test-gpu bench aot-check build-ext clean
@@ -26,7 +28,7 @@ build-ext: setup
 	$(VPY) setup.py -q build_ext --inplace
 
 smoke: setup
-	$(TEST_ENV) TRITON_INTERPRET=0 $(VPY) scripts/run_pipeline.py --config local-smoke --stage all $(SMOKE_ARGS)
+	$(SMOKE_ENV) TRITON_INTERPRET=0 $(VPY) scripts/run_pipeline.py --config local-smoke --stage all $(SMOKE_ARGS)
 
 test: setup
 	$(TEST_ENV) $(VPY) -m pytest $(PYTEST_ARGS)

@@ -90,7 +90,7 @@ def test_overrides_coerce_types():
     ("verifier.temperature=-0.5", "verifier.temperature"),
     ("eval.gsm8k_max_new_tokens=128", "eval.gsm8k_max_new_tokens"),  # = model.max_seq_len: no prompt left
     ("verifier.max_new_tokens=500", "verifier.max_new_tokens"),
-    ("data.num_workers=2", "data.num_workers"),  # no such key: it was accepted and never used
+    ("data.num_workers=2", "data.num_workers"),  # removed: it was accepted and never used
 ])
 def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -166,3 +166,17 @@ def test_config_file_name_and_preset_keys(tmp_path):
 def test_round_trip_through_dict():
     c = load_config("local-smoke", overrides=["model.window=8", "model.n_sink_tokens=2"])
     assert config_from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_saved_configs_with_removed_keys_still_load(tmp_path):
+    """Every checkpoint and config.json written before a key was removed still holds it: loading them must work
+    (evaluation, resume); setting the key by hand is an error that says it was removed."""
+    saved = load_config("gpu-full").to_dict()
+    saved["data"]["num_workers"] = 4
+    assert config_from_dict(saved) == load_config("gpu-full")
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="no longer exist.*data.num_workers"):
+        assert load_config(str(f)) == load_config("gpu-full")
+    with pytest.raises(ConfigError, match="'data.num_workers' was removed"):
+        load_config("local-smoke", overrides=["data.num_workers=2"])

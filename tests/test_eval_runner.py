@@ -65,6 +65,21 @@ def test_gsm8k_eval_never_scores_a_question_sft_trains_on(tmp_path):
     assert "held out of the SFT/verifier training" in ev["source"]
 
 
+def test_local_baseline_key_follows_its_files(tmp_path):
+    """A local baseline folder re-exported with other weights must not reuse the old results."""
+    cfg = load_config("local-smoke")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"v1")
+    key = lambda: runner.model_key({"baseline": str(folder), "files": runner._folder_sig(str(folder))},  # noqa
+                                   cfg, ["sst2"], None, None)
+    first = key()
+    assert key() == first
+    (folder / "model.safetensors").write_bytes(b"v2 weights")
+    assert key() != first
+    assert runner._folder_sig("gpt2") is None  # a hub name: no files to sign
+
+
 def test_evaluate_run_reuses_only_up_to_date_results(tiny_run):
     cfg, run = tiny_run
     tasks = ["sst2"]  # the cheapest task: the logic under test is per model, not per task
@@ -88,6 +103,9 @@ def test_evaluate_run_reuses_only_up_to_date_results(tiny_run):
     # an eval setting changed: stale
     cfg2 = load_config("local-smoke", TINY + [f"data.data_dir={cfg.data.data_dir}", "eval.sst2_shots=0"])
     assert not runner.plan_run(run, cfg2, stages=["pretrain"], tasks=tasks)["pretrain"]["up_to_date"]
+    # a data key that changes the scored rows (the held-out carves): stale too
+    cfg3 = load_config("local-smoke", TINY + [f"data.data_dir={cfg.data.data_dir}", "data.val_fraction=0.2"])
+    assert not runner.plan_run(run, cfg3, stages=["pretrain"], tasks=tasks)["pretrain"]["up_to_date"]
     # the checkpoint was rewritten after the results: stale, evaluated again
     ck = runner.plan_run(run, cfg, stages=["pretrain"], tasks=tasks)["pretrain"]["checkpoint"]
     st = ck.stat()

@@ -172,3 +172,28 @@ def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path, capsys
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     sft_train_steps = [r["step"] for r in recs if r["stage"] == "sft" and r["kind"] == "train"]
     assert sft_train_steps == [2, 4]  # the resumed run continued at step 3; its logs after step 2 were replaced
+
+
+def test_started_stage_must_follow_its_inputs_current_final(tmp_path):
+    """After SFT is trained further, a finished (or interrupted) DPO trained from the old SFT checkpoint is refused,
+    not reported as if it came from the new one."""
+    import torch
+
+    from mllm.config.pipeline_config import ConfigError
+    from mllm.stages.pipeline import check_input_current
+    from mllm.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    sft_dir = ckpt.stage_checkpoint_dir(run, "sft")
+    old = ckpt.save_checkpoint(sft_dir, 60, {"model": {"w": torch.zeros(1)}}, final=True)
+    (run / "summary.json").write_text(json.dumps({"dpo": {"input_checkpoint": str(old)}}))
+    check_input_current(run, "dpo")  # trained from the current final: fine
+    check_input_current(run, "pretrain")  # no input stage
+    new = ckpt.save_checkpoint(sft_dir, 120, {"model": {"w": torch.ones(1)}}, final=True)
+    with pytest.raises(ConfigError, match=rf"'dpo'.*step_00000060\.pt.*'sft' has since finished at .*{new.name}"):
+        check_input_current(run, "dpo")
+    # an interrupted verifier: its input is in its metrics data record
+    (run / "metrics.jsonl").write_text(json.dumps({"stage": "verifier", "step": 0, "kind": "data",
+                                                   "init_checkpoint": str(old)}) + "\n")
+    with pytest.raises(ConfigError, match="'verifier'"):
+        check_input_current(run, "verifier")

@@ -205,6 +205,29 @@ def test_config_errors(tmp_path):
     check_batch_sizes(cfg, "all", 1)
 
 
+def test_cli_takes_an_existing_runs_own_config(tmp_path, capsys, monkeypatch):
+    """Without --config, ``--run-name R`` of an existing run uses R's config.json (the local-smoke preset would
+    evaluate a gpu-full run at smoke sizes on the CPU, and overwrite its config.json); missing data files are one
+    ``error:`` line, not a traceback."""
+    from mllm.config import load_config
+    from mllm.training.runner import main
+
+    monkeypatch.delenv("MLLM_DATA_DIR", raising=False)
+    run = tmp_path / "R"
+    run.mkdir()
+    mine = load_config("local-smoke", ["pretrain.steps=7", "model.n_layers=3", "name=mine"]).to_dict()
+    (run / "config.json").write_text(json.dumps(mine))
+    missing = tmp_path / "no-data"
+    rc = main(["--stage", "pretrain", "--run-name", "R", "--no-progress", "--set", f"run_root={tmp_path}",
+               "--set", f"data.data_dir={missing}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the run's own" in err and err.strip().splitlines()[-1].startswith("error:")
+    assert str(missing) in err and "Traceback" not in err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["name"], saved["pretrain"]["steps"], saved["model"]["n_layers"]) == ("mine", 7, 3)
+    assert saved["data"]["data_dir"] == str(missing)  # --set still applies on top
+
+
 def test_metrics_mfu_and_writer(tmp_path):
     assert mfu(6e9, 1000.0, 989.4e12, world_size=2) == pytest.approx(6e12 / (2 * 989.4e12))
     assert mfu(None, 1000.0, 989.4e12) is None and mfu(1e9, 1000.0, None) is None

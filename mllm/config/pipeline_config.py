@@ -308,7 +308,30 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# Keys that existed once: saved configs (a run's config.json, every checkpoint) still hold them and must load;
+# set by hand they are an error saying so
+REMOVED_KEYS: Dict[str, str] = {
+    "data.num_workers": "removed: nothing read it (the batch sources are in-memory)",
+}
+
+
+def _drop_removed(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a saved config dict without ``REMOVED_KEYS`` (nested sections or dotted keys)."""
+    out = copy.deepcopy(data)
+    for dotted in REMOVED_KEYS:
+        out.pop(dotted, None)
+        section, _, key = dotted.rpartition(".")
+        node = out
+        for part in section.split(".") if section else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return out
+
+
 def _set_key(cfg: PipelineConfig, dotted: str, value: Any) -> None:
+    if dotted in REMOVED_KEYS:
+        raise ConfigError(f"config key '{dotted}' was {REMOVED_KEYS[dotted]}")
     parts = dotted.split(".")
     obj = cfg
     for i, p in enumerate(parts):
@@ -392,6 +415,17 @@ def validate_optim(o: OptimConfig) -> None:
          "max_consecutive_nonfinite", f"must be a positive integer, got {o.max_consecutive_nonfinite}")
 
 
+def _file_config(path) -> Dict[str, Any]:
+    """``load_file`` without ``REMOVED_KEYS`` (a saved config.json passed back as a config), with a warning."""
+    import warnings
+
+    data = load_file(path)
+    kept = _drop_removed(data)
+    if kept != data:
+        warnings.warn(f"{path}: ignoring config keys that no longer exist ({', '.join(REMOVED_KEYS)})")
+    return kept
+
+
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     m = cfg.model
 
@@ -471,7 +505,7 @@ def load_config(name: str = "local-smoke", overrides: Sequence[str] = (), file: 
     if name in PRESETS:
         cfg = PRESETS[name]()
     elif Path(name).suffix in (".json", ".yaml", ".yml"):
-        data = load_file(name)
+        data = _file_config(name)
         # "preset" picks the base; a saved config.json has none, only its run "name" (a preset's name when the run
         # used one). "name" stays a config key either way
         base = data.pop("preset", None)
@@ -484,7 +518,7 @@ def load_config(name: str = "local-smoke", overrides: Sequence[str] = (), file: 
         raise ConfigError(f"unknown config '{name}': valid presets are {', '.join(sorted(PRESETS))} "
                           "(or a .json/.yaml file)")
     if file:
-        apply_dict(cfg, load_file(file))
+        apply_dict(cfg, _file_config(file))
     apply_overrides(cfg, overrides)
     return validate(cfg)
 
@@ -492,5 +526,5 @@ def load_config(name: str = "local-smoke", overrides: Sequence[str] = (), file: 
 def config_from_dict(data: Dict[str, Any]) -> PipelineConfig:
     """Rebuild a config saved with ``to_dict`` (e.g. a run's config.json)."""
     cfg = PipelineConfig()
-    apply_dict(cfg, copy.deepcopy(data))
+    apply_dict(cfg, _drop_removed(data))
     return validate(cfg)

@@ -345,12 +345,24 @@ def _file_sig(path: Optional[Path]) -> Optional[Dict[str, Any]]:
     return {"path": str(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
+def _folder_sig(name: str) -> Optional[List[Dict[str, Any]]]:
+    """File signatures of a local baseline folder (hub names: None): new weights in the same folder must not
+    reuse the old results."""
+    p = Path(name)
+    if not p.is_dir():
+        return None
+    return [_file_sig(f) for f in sorted(p.rglob("*")) if f.is_file()]
+
+
 def model_key(source: Dict[str, Any], cfg, tasks: Sequence[str], max_documents: Optional[int],
               verifier: Optional[Path]) -> Dict[str, Any]:
     """What one model's results depend on (see "Reuse" in the module docstring); ``source`` names the model:
     ``{"checkpoint": _file_sig(...)}`` or ``{"baseline": name}``."""
     ev = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "baselines"}
-    return json.loads(json.dumps({**source, "tasks": list(tasks), "eval": ev, "seed": cfg.seed,
+    # the data keys choose the scored rows: which WikiText articles were pretrained on (pretrain_datasets,
+    # max_docs) and the held-out carves of SST-2 / GSM8K (val_fraction); cache_dir only says where shards live
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
+    return json.loads(json.dumps({**source, "tasks": list(tasks), "eval": ev, "data": data, "seed": cfg.seed,
                                   "data_dir": cfg.resolved_data_dir(), "max_documents": max_documents,
                                   "verifier": _file_sig(verifier) if "gsm8k" in tasks else None}))
 
@@ -408,7 +420,7 @@ def plan_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, sta
     btasks = [t for t in tasks if t != "attention"]
     for name in baselines:
         label = f"baseline-{Path(name).name}"
-        key = model_key({"baseline": name}, cfg, btasks, max_documents, None)
+        key = model_key({"baseline": name, "files": _folder_sig(name)}, cfg, btasks, max_documents, None)
         plan[label] = {"key": key, "tasks": btasks, "up_to_date": is_up_to_date(out, label, key, btasks, state)}
     return plan
 

@@ -9,7 +9,8 @@ no ``final`` continues from its latest one, the rest run from scratch. ``eval`` 
 checkpoint's results are newer than it and computed with the same eval settings and the report was written after
 them (skipped), partial when some are (it re-evaluates only the rest: resumed); ``--recompute`` re-evaluates all.
 Without ``--resume`` a run directory that already holds any stage's checkpoints is refused, as for a single stage
-(nothing is overwritten).
+(nothing is overwritten). A started stage whose input stage has since finished at another checkpoint (trained
+further) is refused too (``check_input_current``), rather than skipped or resumed on top of a stale input.
 
 Run summary (``summary.json["all"]``, also printed as a table): per stage its status (ran / resumed / skipped),
 wall-clock seconds of this invocation, steps and the final metrics that show the stage did its job::
@@ -70,6 +71,40 @@ def _recorded(run_dir: Path, stage: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+INPUT_STAGES = {"sft": "pretrain", "dpo": "sft", "verifier": "sft"}
+
+
+def _trained_from(run_dir: Path, stage: str) -> Optional[str]:
+    """The input checkpoint a started stage was trained from: its recorded summary, else the last data record
+    of its metrics (a stage interrupted before finishing)."""
+    rec = _recorded(run_dir, stage) or {}
+    if rec.get("input_checkpoint"):
+        return rec["input_checkpoint"]
+    from mllm.training.metrics import read_metrics
+
+    try:
+        data = [r for r in read_metrics(run_dir / "metrics.jsonl", stage) if r.get("kind") == "data"]
+    except ValueError:
+        return None
+    return data[-1].get("init_checkpoint") if data else None
+
+
+def check_input_current(run_dir: Path, stage: str) -> None:
+    """A started stage must have been trained from its input stage's current final checkpoint: after that input
+    was trained further (e.g. ``--stage sft --resume --set sft.steps=120``), keeping or resuming the stage would
+    report it against a checkpoint it never saw. Raises ConfigError naming both files."""
+    up = INPUT_STAGES.get(stage)
+    if up is None:
+        return
+    final = ckpt.final_checkpoint(ckpt.stage_checkpoint_dir(run_dir, up))
+    was = _trained_from(run_dir, stage)
+    if final is None or was is None or Path(was).name == final.name:
+        return
+    raise ConfigError(f"stage '{stage}' in {run_dir} was trained from {was}, but '{up}' has since finished at "
+                      f"{final}: its checkpoints no longer follow from it. Retrain '{stage}' in a new run "
+                      f"(--run-name), or move {ckpt.stage_checkpoint_dir(run_dir, stage)} aside to retrain it here")
+
+
 def headline(stage: str, summary: Dict[str, Any]) -> Dict[str, Any]:
     return {k: summary.get(k) for k in HEADLINE.get(stage, ()) if k in summary}
 
@@ -111,6 +146,8 @@ def run(cfg: PipelineConfig, ctx, stages: Sequence[str] = ORDER) -> Dict[str, An
         state = stage_state(run_dir, s, cfg)
         if s == "eval" and getattr(ctx, "recompute", False):
             state = "absent"
+        if state != "absent":
+            check_input_current(run_dir, s)
         prior = _recorded(run_dir, s) if state == "complete" else None
         if prior is not None:
             summary, status = prior, "skipped"

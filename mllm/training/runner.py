@@ -9,14 +9,17 @@ stage's records, tagged with ``stage``), ``checkpoints/<stage>/``, ``figures/<st
 (per-stage summaries) and, with ``--profile``, ``profile/<stage>_rank<r>.json``.
 
 ``--run-name`` defaults to ``<config name>-<YYYYmmdd-HHMMSS>`` (chosen on rank 0 and broadcast). ``--resume``
-without ``--run-name`` picks the newest run directory of that config. Starting a stage that already has
-checkpoints in the run directory without ``--resume`` is refused (nothing is overwritten).
+without ``--run-name`` picks the newest run directory of that config. Without ``--config``, an existing run
+directory's own ``config.json`` is the config (``--set`` applies on top), so ``--stage eval --run-name R`` evaluates
+R as it was trained. Starting a stage that already has checkpoints in the run directory without ``--resume`` is
+refused (nothing is overwritten).
 
 ``--stage eval`` evaluates every stage checkpoint of the run into ``<run>/results/`` and writes
 ``<run>/report/REPORT.md`` (``mllm.stages.eval``); up-to-date results are reused unless ``--recompute``.
 ``--stage all`` runs every stage and ends by printing where the run summary and the report are.
 
-Errors: a bad config key, an unknown stage or a missing/unreadable input checkpoint prints one ``error:`` line
+Errors: a bad config key, an unknown stage, missing data or tokenizer files (``DatasetError``,
+``TokenizerError``: they name what was looked for) or a missing/unreadable input checkpoint prints one ``error:`` line
 (for a checkpoint: the file, and the stage that makes it) and exits with status 2, without a traceback.
 """
 from __future__ import annotations
@@ -40,7 +43,9 @@ def build_parser(stages: Sequence[str]) -> argparse.ArgumentParser:
         prog="run_pipeline.py", description="Run a stage of the mllm pipeline (under torchrun for several GPUs/nodes).",
         epilog="Multi-node: torchrun --nnodes=N --nproc_per_node=G --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT "
                "--rdzv_id=JOB scripts/run_pipeline.py ... (see scripts/slurm/pipeline.slurm).")
-    p.add_argument("--config", default="local-smoke", help="preset name (local-smoke, gpu-full) or a .json/.yaml file")
+    p.add_argument("--config", default=None,
+                   help="preset name (local-smoke, gpu-full) or a .json/.yaml file; default: the run's own config.json "
+                        "when --run-name names an existing run, else local-smoke")
     p.add_argument("--config-file", default=None, help="JSON/YAML file of keys applied on top of the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set pretrain.steps=100 (repeatable)")
@@ -153,6 +158,8 @@ def check_batch_sizes(cfg: PipelineConfig, stage: str, world_size: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mllm.data.datasets import DatasetError
+    from mllm.data.tokenizer import TokenizerError
     from mllm.evaluation.common import command_line
     from mllm.stages import StageContext, get_stage, valid_stages
 
@@ -161,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx: Optional[DistContext] = None
     try:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
-        cfg = load_config(args.config, args.overrides, args.config_file)
+        cfg = load_config(args.config or "local-smoke", args.overrides, args.config_file)
         ctx = init_distributed(cfg.device)
         check_batch_sizes(cfg, args.stage, ctx.world_size)  # before any data loading or sampling pass
         run_root = Path(cfg.run_root)
@@ -174,6 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         name = ctx.broadcast_object(name)
         run_dir = run_root / name
+        if args.config is None and args.config_file is None and (run_dir / "config.json").is_file():
+            # an existing run continues (or is evaluated) with its own config, not the local-smoke preset's
+            cfg = load_config(str(run_dir / "config.json"), args.overrides)
+            check_batch_sizes(cfg, args.stage, ctx.world_size)
+            if ctx.is_main:
+                print(f"config: {run_dir / 'config.json'} (the run's own; --config picks another)", file=sys.stderr)
         if ctx.is_main:
             for w in prepare_run_dir(cfg, run_dir, args.stage, args.resume):
                 print(f"warning: {w}", file=sys.stderr)
@@ -187,6 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(outputs_line(args.stage, run_dir, summary, path))
         return 0
     except ConfigError as e:  # includes unknown stage / bad key: a message, not a traceback
+        if ctx is None or ctx.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetError, TokenizerError) as e:  # data or tokenizer files missing offline: the message says where
         if ctx is None or ctx.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
