@@ -28,15 +28,26 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default=None, help=f"comma-separated subset of {','.join(DATASETS)}")
     args = ap.parse_args(argv)
 
+    from mllm.config.pipeline_config import ConfigError, load_config
+
     names = list(DATASETS)
     data_dir = args.data_dir
-    if args.config:
-        from mllm.config.pipeline_config import load_config
-        cfg = load_config(args.config, overrides=args.overrides)
-        names = datasets_for_config(cfg)
+    if args.config or args.overrides:
+        try:  # --set alone applies to the local-smoke preset (its data keys), the datasets stay all seven
+            cfg = load_config(args.config or "local-smoke", overrides=args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.config:
+            names = datasets_for_config(cfg)
         data_dir = data_dir or cfg.resolved_data_dir()
     if args.datasets:
         names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+        unknown = [n for n in names if n not in DATASETS]
+        if unknown:
+            print(f"error: --datasets: unknown {', '.join(unknown)} (choose from {', '.join(DATASETS)})",
+                  file=sys.stderr)
+            return 2
     data_dir = data_dir or os.environ.get("MLLM_DATA_DIR")
     print(f"data folder: {data_dir or '(none: hub only)'}   datasets: {', '.join(names)}"
           f"{'   (quick)' if args.quick else ''}")

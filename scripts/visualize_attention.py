@@ -29,6 +29,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate texts (default: model max_seq_len)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if args.local_window < 0:
+        ap.error(f"--local-window must be >= 0, got {args.local_window}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        ap.error(f"--max-tokens must be >= 2 (attention over one token is trivial), got {args.max_tokens}")
 
     try:
         model, cfg, meta = load_stage_model(args.checkpoint, resolve_device(args.device))
@@ -38,7 +42,11 @@ def main(argv=None) -> int:
         return 2
     ckpt = Path(meta["checkpoint"])
     out = Path(args.out) if args.out else ckpt.parent.parent.parent / "attention" / (meta["stage"] or ckpt.parent.name)
-    doc = analyze(model, tok, args.text or DEFAULT_TEXTS, out, args.local_window, args.max_tokens)
+    try:
+        doc = analyze(model, tok, args.text or DEFAULT_TEXTS, out, args.local_window, args.max_tokens)
+    except ValueError as e:  # a text too short to analyse, and the like: analyze names the input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{meta['stage']} step {meta['step']} ({ckpt}):")
     for o in doc["observations"]:
         print(f"  - {o}")

@@ -347,6 +347,23 @@ def test_verify_datasets_reports_and_fails(tmp_path, offline):
     assert ok  # gsm8k test is absent offline, but the dataset is usable
 
 
+def test_verify_script_set_and_bad_names(tmp_path, offline, capsys, monkeypatch):
+    """``--set data.data_dir=...`` alone points the check at that folder (it was ignored without --config); an
+    unknown preset or dataset name is one error line with exit 2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import verify_datasets
+    finally:
+        sys.path.pop(0)
+    monkeypatch.delenv("MLLM_DATA_DIR", raising=False)
+    write(tmp_path / "gsm8k" / "train.jsonl", jsonl(GSM))
+    assert verify_datasets.main(["--quick", "--set", f"data.data_dir={tmp_path}", "--datasets", "gsm8k"]) == 0
+    assert f"data folder: {tmp_path}" in capsys.readouterr().out
+    assert verify_datasets.main(["--config", "nope"]) == 2
+    assert verify_datasets.main(["--datasets", "gsm9k"]) == 2
+    assert "unknown gsm9k" in capsys.readouterr().err
+
+
 def test_datasets_for_config():
     assert D.datasets_for_config(load_config("local-smoke")) == ["tinystories", "wikitext2", "alpaca", "gsm8k",
                                                                  "hh_rlhf", "sst2"]

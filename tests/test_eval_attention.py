@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mllm.config import load_config
-from mllm.evaluation.attention_maps import analyze, attention_statistics, head_statistics, observations
+from mllm.evaluation.attention_maps import (analyze, attention_statistics, head_statistics, observations,
+                                            uniform_statistics)
 from mllm.evaluation.loading import find_stage_checkpoints, load_stage_model
 from mllm.models import Transformer
 from mllm.training.checkpoint import save_checkpoint
@@ -66,6 +67,21 @@ def test_observations_follow_the_numbers():
     assert observations(flat)[0].startswith("No head puts more than 50% of its attention on the first token")
 
 
+def test_chance_level_keeps_uniform_heads_from_being_named():
+    """On 6 tokens uniform causal attention keeps more than the 70% threshold within 3 tokens back: the uniform
+    head (L0H2) must not be called local once the chance level is known; the chance numbers are the uniform
+    head's own statistics, and a head far above chance (the sink) is still named."""
+    stats = attention_statistics(_maps(), local_window=3)
+    chance = uniform_statistics(6, local_window=3)
+    unif = stats["layers"][0]["heads"][2]
+    assert all(abs(unif[k] - chance[k]) < 1e-6 for k in ("first_mass", "local_mass", "self_mass", "mean_distance"))
+    assert chance["local_mass"] > 0.7  # above the fixed threshold: without chance the uniform head was "local"
+    assert "L0H2" in [o for o in observations(stats) if o.startswith("Local heads")][0]
+    obs = observations(stats, chance)
+    assert obs[0].startswith("Chance level") and not any(o.startswith("Local heads") for o in obs)
+    assert any("L0H0 (100%)" in o for o in obs if o.startswith("Sink heads"))  # far above chance: still named
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     cfg = load_config("local-smoke", ["model.vocab_size=257", "model.d_model=32", "model.n_layers=2",
@@ -108,6 +124,8 @@ def test_analyze_transformer(run_dir, tmp_path):
     saved = json.loads((tmp_path / "att" / "attention_stats.json").read_text())
     assert saved["observations"] == doc["observations"] and saved["observations"]
     assert "| layer |" in (tmp_path / "att" / "observations.md").read_text()
+    assert "| uniform (chance) |" in (tmp_path / "att" / "observations.md").read_text()
+    assert set(saved["chance"]) >= {"first_mass", "local_mass", "self_mass", "mean_distance"}
 
 
 def test_visualize_script(run_dir, capsys):
@@ -120,3 +138,7 @@ def test_visualize_script(run_dir, capsys):
     assert (out / "attention_stats.json").is_file() and (out / "layer_1.png").is_file()
     assert "pretrain step 3" in capsys.readouterr().out
     assert mod.main(["--checkpoint", str(run / "missing")]) == 2
+    with pytest.raises(SystemExit):  # argparse: a usage error before anything loads
+        mod.main(["--checkpoint", str(run / "checkpoints" / "pretrain"), "--local-window", "-1"])
+    assert mod.main(["--checkpoint", str(run / "checkpoints" / "pretrain"), "--text", "a"]) == 2
+    assert "fewer than 2 tokens" in capsys.readouterr().err

@@ -140,3 +140,28 @@ def test_environment_names_the_commit(monkeypatch):
     monkeypatch.setenv("MLLM_GIT_COMMIT", "0123abc")
     sw = runner.environment_info()["software"]
     assert sw["mllm_git_commit"] == "0123abc" and sw["mllm_git_dirty"] is None
+
+
+def test_plan_finds_the_verifier_when_only_other_stages_are_evaluated(tmp_path):
+    """``--stages sft`` still reranks with the run's verifier (its file is part of the sft results' key); unknown
+    stage names and a run without checkpoints are errors, not a silent empty evaluation."""
+    import subprocess
+    import sys
+
+    from mllm.training import checkpoint as ckpt
+
+    for st in ("sft", "verifier"):
+        ckpt.save_checkpoint(ckpt.stage_checkpoint_dir(tmp_path, st), 1, {"model": {"w": torch.zeros(1)}}, final=True)
+    cfg = load_config("local-smoke")
+    plan = runner.plan_run(tmp_path, cfg, stages=["sft"], tasks=["gsm8k"])
+    assert list(plan) == ["sft"] and plan["sft"]["key"]["verifier"]["path"].endswith("step_00000001.pt")
+    with pytest.raises(ValueError, match="unknown stage.*sfft"):
+        runner.plan_run(tmp_path, cfg, stages=["sfft"], tasks=["gsm8k"])
+    script = [sys.executable, "scripts/evaluation/evaluate_tasks.py", "--config", "local-smoke"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for extra, msg in ((["--stage-checkpoints", str(empty)], "no pretrain, sft, dpo, verifier checkpoint"),
+                       (["--stage-checkpoints", str(tmp_path), "--stages", "sfft"], "unknown stage")):
+        r = subprocess.run(script + extra, capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -13,7 +13,10 @@ query rows i ≥ ``skip_first`` (row 0 can only attend to token 0, which would i
     norm_entropy   = mean_i entropy_i / ln(i + 1)                  (1 = uniform over the visible prefix)
     mean_distance  = mean_i Σ_j p̂_ij (i − j)
 
-Observations are sentences generated from these numbers with fixed thresholds (see ``THRESHOLDS``).
+Observations are sentences generated from these numbers with fixed thresholds (see ``THRESHOLDS``), read against
+the chance level: the same statistics of uniform causal attention over the same texts (``uniform_statistics``;
+on a 40-token text a uniform head already keeps ~35% within 4 tokens back). A head is called a sink, local or self
+head only above its threshold and ``CHANCE_FACTOR`` × chance.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 THRESHOLDS = {"sink": 0.5, "local": 0.7, "self": 0.5, "diffuse": 0.8}
+CHANCE_FACTOR = 1.5
+CHANCE_KEYS = ("first_mass", "local_mass", "self_mass", "mean_distance")
 STAT_KEYS = ("self_mass", "local_mass", "first_mass", "sink_tokens_mass", "sink_logit_mass", "entropy",
              "norm_entropy", "mean_distance")
 
@@ -57,6 +62,15 @@ def head_statistics(probs: torch.Tensor, local_window: int = 4, n_sink_tokens: i
         "mean_distance": (phat * dist.clamp_min(0)).sum(-1),
     }
     return {k: v.mean(dim=(0, 2)) for k, v in out.items()}
+
+
+def uniform_statistics(T: int, local_window: int = 4, n_sink_tokens: int = 0, skip_first: int = 1
+                       ) -> Dict[str, float]:
+    """The statistics of uniform causal attention (P[i, j] = 1/(i+1) for j <= i) over T tokens: the chance level
+    of each number for a text of that length."""
+    p = torch.tril(torch.ones(T, T, dtype=torch.float64))
+    p = (p / p.sum(-1, keepdim=True))[None, None]
+    return {k: float(v[0]) for k, v in head_statistics(p, local_window, n_sink_tokens, skip_first).items()}
 
 
 def attention_statistics(maps: Sequence[torch.Tensor], local_window: int = 4, n_sink_tokens: int = 0,
@@ -92,12 +106,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def observations(stats: Dict) -> List[str]:
-    """Sentences derived from the statistics: sink, local, self and diffuse heads, and per-layer trends."""
-    th = THRESHOLDS
+def observations(stats: Dict, chance: Optional[Dict[str, float]] = None) -> List[str]:
+    """Sentences derived from the statistics: sink, local, self and diffuse heads, and per-layer trends. With
+    ``chance`` (``uniform_statistics`` averaged like ``stats``) a head must also exceed ``CHANCE_FACTOR`` × chance."""
+    th = dict(THRESHOLDS)
     heads = [(L["layer"], h) for L in stats["layers"] for h in L["heads"]]
     w = stats["settings"]["local_window"]
     out: List[str] = []
+    if chance:
+        for name_, key in (("sink", "first_mass"), ("local", "local_mass"), ("self", "self_mass")):
+            th[name_] = max(th[name_], CHANCE_FACTOR * chance[key])
+        out.append(f"Chance level (uniform causal attention over the same texts): first token "
+                   f"{_pct(chance['first_mass'])}, within {w} token(s) back {_pct(chance['local_mass'])}, current "
+                   f"token {_pct(chance['self_mass'])}, mean distance {chance['mean_distance']:.1f} tokens; the "
+                   f"thresholds below are raised to {CHANCE_FACTOR}x chance where that is higher.")
 
     def name(l, h):
         return f"L{l}H{h['head']}"
@@ -207,7 +229,7 @@ def analyze(model, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, out_dir: str
     limit = max_tokens or getattr(cfg, "max_seq_len", None)
     out_dir = Path(out_dir)
     dev = next(model.parameters()).device
-    per_text, figures = [], []
+    per_text, chances, figures = [], [], []
     for t_idx, text in enumerate(texts):
         ids = tokenizer.encode(text)
         if limit:
@@ -216,25 +238,31 @@ def analyze(model, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, out_dir: str
             raise ValueError(f"text {t_idx} has fewer than 2 tokens: {text!r}")
         maps = model.attention_maps(torch.tensor([ids], device=dev))
         per_text.append(attention_statistics(maps, local_window, n_sink))
+        chances.append(uniform_statistics(len(ids), local_window, n_sink))
         if plot and t_idx == 0:
             toks = [tokenizer.decode([i]) for i in ids]
             for l, pr in enumerate(maps):
                 figures.append(str(plot_layer(pr, out_dir / f"layer_{l}.png", toks, f"layer {l}")))
     merged = merge_statistics(per_text)
-    obs = observations(merged)
-    doc = {**merged, "observations": obs, "figures": figures, "texts": list(texts),
+    chance = {k: sum(c[k] for c in chances) / len(chances) for k in STAT_KEYS}
+    obs = observations(merged, chance)
+    doc = {**merged, "chance": chance, "observations": obs, "figures": figures, "texts": list(texts),
            "n_tokens": [min(len(tokenizer.encode(t)), limit or 10**9) for t in texts], "per_text": per_text}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "attention_stats.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / "observations.md").write_text(observations_markdown(merged, obs))
+    (out_dir / "observations.md").write_text(observations_markdown(merged, obs, chance))
     return doc
 
 
-def observations_markdown(stats: Dict, obs: Sequence[str]) -> str:
-    """A per-layer table of mean statistics followed by the observations."""
+def observations_markdown(stats: Dict, obs: Sequence[str], chance: Optional[Dict[str, float]] = None) -> str:
+    """A per-layer table of mean statistics (and the chance row: uniform causal attention over the same texts)
+    followed by the observations."""
     lines = ["| layer | first token | local (≤ w back) | self | entropy (nats) | mean distance |",
              "|---|---|---|---|---|---|"]
     for L in stats["layers"]:
         lines.append(f"| {L['layer']} | {_pct(L['mean_first_mass'])} | {_pct(L['mean_local_mass'])} | "
                      f"{_pct(L['mean_self_mass'])} | {L['mean_entropy']:.2f} | {L['mean_mean_distance']:.1f} |")
+    if chance:
+        lines.append(f"| uniform (chance) | {_pct(chance['first_mass'])} | {_pct(chance['local_mass'])} | "
+                     f"{_pct(chance['self_mass'])} | {chance['entropy']:.2f} | {chance['mean_distance']:.1f} |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {o}" for o in obs) + "\n"

@@ -121,6 +121,8 @@ def load_baseline(name_or_path: str, device: str | torch.device = "cpu", dtype: 
                                   "(pip install transformers)") from e
     local = Path(name_or_path).expanduser()
     is_dir = local.is_dir()
+    if not is_dir and name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub name ("org/model")
+        raise BaselineUnavailable(f"skipped: {name_or_path}: no such local folder")
     src = str(local) if is_dir else name_or_path
     only_local = is_dir or _offline()
     try:

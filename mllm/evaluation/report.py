@@ -75,7 +75,10 @@ class Results:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from e
         env = self.dir / "environment.json"
-        self.env = {**json.loads(env.read_text()), "_path": env} if env.is_file() else None
+        try:
+            self.env = {**json.loads(env.read_text()), "_path": env} if env.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{env}:{e.lineno}: invalid JSON: {e.msg}") from e
         st = self.dir / "eval_state.json"  # per-model evaluation times (mllm.evaluation.runner)
         try:
             self.state = {**json.loads(st.read_text()), "_path": st} if st.is_file() else None
@@ -543,7 +546,10 @@ def section_taxonomy(R: Results, n_examples: int = 2) -> str:
         if res is None:
             rows.append([m] + [not_run(why)] * 4)
             continue
-        t = res["taxonomy"]
+        t = res.get("taxonomy")
+        if not isinstance(t, dict) or not {"counts", "n_wrong", "n"} <= set(t):  # written by an older version
+            rows.append([m] + [not_run(f"no error taxonomy in {R.rel(R.docs[(m, 'gsm8k')]['_path'])}")] * 4)
+            continue
         c = t["counts"]
         rows.append([m, f"{t['n_wrong']}/{t['n']}", str(c["extraction"]), str(c["arithmetic"]), str(c["reasoning"])])
     # examples from the last stage (or model) with results
@@ -631,7 +637,7 @@ def section_attention(R: Results) -> str:
             continue
         any_ = True
         from .attention_maps import observations_markdown
-        parts.append(f"### {m}\n\n" + observations_markdown(res, res["observations"]).strip())
+        parts.append(f"### {m}\n\n" + observations_markdown(res, res["observations"], res.get("chance")).strip())
         figs = [f"[layer {i}]({R.rel(R.dir / f)})" for i, f in enumerate(res.get("figures", []))]
         if figs:
             parts.append("Heatmaps: " + ", ".join(figs))

@@ -408,8 +408,12 @@ def plan_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None, sta
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "results"
+    unknown = [s for s in (stages or ()) if s not in STAGE_ORDER]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGE_ORDER)}")
     found = find_stage_checkpoints(run_dir, stages or STAGE_ORDER)
-    verifier = found.get("verifier")
+    # the verifier reranks GSM8K samples of every evaluated stage, whether or not it is evaluated itself
+    verifier = find_stage_checkpoints(run_dir, ["verifier"]).get("verifier")
     state = read_state(out)
     plan: Dict[str, Dict[str, Any]] = {}
     for stage in (stages or STAGE_ORDER):
@@ -434,7 +438,7 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
     ``eval_state.json``. With ``reuse``, models whose results are up to date (:func:`is_up_to_date`) are not
     evaluated again. ``log(line)`` gets one line per model. Returns {model name: {task: results path}}."""
     from .baselines import BaselineUnavailable, load_baseline, skip_record
-    from .loading import STAGE_ORDER, load_stage_model, resolve_device
+    from .loading import STAGE_ORDER, find_stage_checkpoints, load_stage_model, resolve_device
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "results"
@@ -442,6 +446,7 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
     dev = resolve_device(device)
     plan = plan_run(run_dir, cfg, out, stages, baselines, tasks, max_documents)
     found = {s: p["checkpoint"] for s, p in plan.items() if "checkpoint" in p}
+    verifier_ckpt = find_stage_checkpoints(run_dir, ["verifier"]).get("verifier")  # also when not evaluated
     state = read_state(out)  # entries of models not evaluated now stay valid for later reuse
     state["last_invocation"] = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                 "evaluated": [], "reused": [], "skipped": []}
@@ -480,14 +485,14 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
             continue
         if reused(stage):
             continue
-        if score_fn is None and "verifier" in found and "gsm8k" in tasks:
-            score_fn, why_no_verifier = verifier_scorer(found["verifier"], dev)
+        if score_fn is None and verifier_ckpt is not None and "gsm8k" in tasks:
+            score_fn, why_no_verifier = verifier_scorer(verifier_ckpt, dev)
         from mllm.data.tokenizer import tokenizer_from_config
         t0 = time.perf_counter()
         model, stage_cfg, meta = load_stage_model(found[stage], dev)
         tok = tokenizer_from_config(stage_cfg.data)
         meta = {**meta, "kind": "stage", "device": str(dev),
-                **({"verifier": why_no_verifier} if score_fn is None else {"verifier": str(found["verifier"])})}
+                **({"verifier": why_no_verifier} if score_fn is None else {"verifier": str(verifier_ckpt)})}
         written[stage] = evaluate_model(model, tok, stage, cfg, out, tasks, score_fn, meta, cache, batch_size,
                                         max_documents, command, progress, gen_batch_size)
         del model

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     from mllm.config.pipeline_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
     from mllm.evaluation.common import command_line
+    from mllm.evaluation.loading import STAGE_ORDER, find_stage_checkpoints
     from mllm.evaluation.runner import evaluate_run, task_list
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,6 +64,12 @@ def main(argv=None) -> int:
             cfg = validate(apply_overrides(config_from_dict(json.loads(cfg_path.read_text())), args.overrides))
         tasks = task_list(args.tasks)
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+        unknown = [s for s in stages or () if s not in STAGE_ORDER]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGE_ORDER)})")
+        if not find_stage_checkpoints(run, stages or STAGE_ORDER) and not (args.baseline or args.include_baselines):
+            raise ConfigError(f"--stage-checkpoints: no {', '.join(stages or STAGE_ORDER)} checkpoint under "
+                              f"{run}/checkpoints, and no baseline to evaluate")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
