@@ -13,10 +13,16 @@ The bench-module contract (every ``benchmarks/bench_<name>.py``)
   ``shape`` (tuple/list of ints, a str such as ``"8x1024x1024"``, or a dict of named sizes), ``size``
   (a number used as the plot's x value; default: the product of the shape's integers), ``dtype``,
   ``mode`` (``fwd``/``bwd``/``fwd+bwd``/...), ``gbps``, ``tflops``, ``peak_mem_mb``, ``ms_p20``,
-  ``ms_p80``. Other keys are kept verbatim in the JSON.
+  ``ms_p80``, ``extrapolated`` (True, or a str saying how: ``ms`` was not measured at this size but scaled
+  from a smaller run; marked ``*`` in the table and plot) and ``not_comparable`` (str: this row times
+  different work than the other providers at the same mode, so no speed-up is computed; the reason is
+  shown). ``tflops`` must count only the work that provider does in that mode: a row above the card's
+  peak is flagged ``implausible``. Other keys are kept verbatim in the JSON.
 * ``quick=True`` asks for a few small shapes (CI / smoke); the default is the full sweep.
 * A CLI ``python -m benchmarks.bench_<name> --out DIR`` (each module's own).
 
 The runner (``benchmarks/run.py``) records a module that raises, cannot be imported, or returns rows
-that break the contract as one ``error`` row, runs the other modules, and exits non-zero at the end.
+that break the contract as one ``error`` row, runs the other modules, and exits non-zero at the end. A
+module that measures several providers and shapes should turn one provider's failure into an ``error`` row
+for that provider and shape (``benchmarks.common.measure`` does) so that its other rows survive.
 """

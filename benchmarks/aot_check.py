@@ -14,8 +14,11 @@ tensors with the GPU configs, and turns every launch into a compile for ``--arch
 specialisation it records what ``ptxas -v`` reports and what the launch would need:
 
     registers / thread, spill stores (bytes), shared memory (bytes, Triton's dynamic allocation)
-    CTAs per SM = min(64 warps / warps per CTA,  65,536 regs / (warps · ⌈regs · 32 / 256⌉ · 256),
-                      SM shared memory / (shared + 1 KiB reserved per CTA),  32)
+    CTAs per SM = min(resident warps / warps per CTA,  65,536 regs / (warps · ⌈regs · 32 / 256⌉ · 256),
+                      SM shared memory / (shared + 1 KiB reserved per CTA),  resident CTAs)
+
+with the per-arch limits of ``ARCH_LIMITS`` (64 warps and 32 CTAs per SM on sm_80/sm_90; 48 warps and 16 (sm_86)
+or 24 (sm_89) CTAs on the others)
 
 and fails (exit 1) on a compile error or on shared memory above the per-CTA limit (which Triton would only raise
 as ``OutOfResources`` at the first launch). Spills are reported, not failed (``--max-spill`` makes them fail).
@@ -60,16 +63,16 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-# per-arch limits: shared memory per SM and per CTA (bytes), CUDA C programming guide, "compute capabilities"
+# per-arch limits, CUDA C++ Programming Guide, "Technical Specifications per Compute Capability": shared memory per
+# SM and per CTA (bytes), resident warps per SM (64 on the data-centre parts; 48 = 1,536 threads on sm_86 and
+# sm_89) and resident CTAs per SM (32; 16 on sm_86, 24 on sm_89)
 ARCH_LIMITS = {
-    80: dict(smem_sm=167936, smem_cta=166912, card="A100"),
-    86: dict(smem_sm=102400, smem_cta=101376, card="RTX 30xx / A10"),
-    89: dict(smem_sm=102400, smem_cta=101376, card="L4 / RTX 40xx"),
-    90: dict(smem_sm=233472, smem_cta=232448, card="H100 / H200"),
+    80: dict(smem_sm=167936, smem_cta=166912, warps_sm=64, ctas_sm=32, card="A100"),
+    86: dict(smem_sm=102400, smem_cta=101376, warps_sm=48, ctas_sm=16, card="RTX 30xx / A10"),
+    89: dict(smem_sm=102400, smem_cta=101376, warps_sm=48, ctas_sm=24, card="L4 / RTX 40xx"),
+    90: dict(smem_sm=233472, smem_cta=232448, warps_sm=64, ctas_sm=32, card="H100 / H200"),
 }
 REGS_PER_SM = 65536
-MAX_WARPS_PER_SM = 64
-MAX_CTAS_PER_SM = 32
 KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "attention", "lm_loss", "dpo_logprobs")
 
 
@@ -133,11 +136,12 @@ def parse_ptxas(log: str) -> Dict[str, int]:
 
 def ctas_per_sm(registers: int, num_warps: int, shared: int, arch: int):
     """(CTAs per SM, the bound that sets it) from the formula in the module docstring."""
-    warps = MAX_WARPS_PER_SM // num_warps
+    lim = ARCH_LIMITS[arch]
+    warps = lim["warps_sm"] // num_warps
     regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
     regs = REGS_PER_SM // (num_warps * regs_per_warp)
-    smem = ARCH_LIMITS[arch]["smem_sm"] // (shared + 1024)
-    bounds = {"warps": warps, "registers": regs, "shared": smem, "max": MAX_CTAS_PER_SM}
+    smem = lim["smem_sm"] // (shared + 1024)
+    bounds = {"warps": warps, "registers": regs, "shared": smem, "max": lim["ctas_sm"]}
     limit = min(bounds, key=lambda k: bounds[k])
     return bounds[limit], limit
 

@@ -20,7 +20,7 @@ fwd+bwd, for every provider: masked variants do less work, so their TFLOP/s is "
 
 CPU: ``pytest benchmarks/bench_attention.py --benchmark-enable`` times the eager reference at a tiny shape.
 
-    python benchmarks/bench_attention.py --out benchmarks/results/   # JSON + Markdown
+    python benchmarks/bench_attention.py --out benchmarks/results/   # bench_attention_<UTC date-time>_<card>.json/.md
     python benchmarks/bench_attention.py --tune                      # GPU tile sweep (prints a table)
 """
 from __future__ import annotations
@@ -28,13 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from mllm_kernels import reference as R
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cpu_median_ms  # noqa: E402
+from mllm_kernels import reference as R  # noqa: E402
 
 SEQ_LENS = [1024, 2048, 4096, 8192, 16384]
 QUICK_SEQ_LENS = [1024, 4096]
@@ -315,12 +318,7 @@ def _cpu_inputs():
 def _run_cpu():
     q, k, v, s = _cpu_inputs()
     B, T, H, D = CPU_SHAPE
-    R.attention(q, k, v, sinks=s)
-    reps = 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        R.attention(q, k, v, sinks=s)
-    ms = (time.perf_counter() - t0) / reps * 1e3
+    ms = cpu_median_ms(lambda: R.attention(q, k, v, sinks=s))  # one warm-up call, median of 5
     return [dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="float32", mode="fwd",
                  provider="eager-sinks", ms=ms, tflops=_causal_flops(B, H, T, D) / ms / 1e9, peak_mem_mb=None)]
 
@@ -508,9 +506,31 @@ def summary(rows):
     return "\n".join(out)
 
 
-def main():
+def write_results(out_dir, rows, env: dict, command: str = ""):
+    """``<out_dir>/bench_attention_<UTC date-time>_<card>.json`` (environment, command, rows) and ``.md``: a run never
+    overwrites an earlier one, and each names the card, driver, CUDA, versions, commit (dirty or not), date and host
+    (``benchmarks.run.environment``). Returns the JSON path."""
+    from benchmarks.run import device_tag, jsonable
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = env["date_utc"][:19].replace("-", "").replace(":", "").replace("T", "-")
+    stem = f"bench_attention_{stamp}_{device_tag(env)}"
+    commit = f"{env.get('git_commit')}" + (" (dirty)" if env.get("git_dirty") else "")
+    head = (f"# Attention benchmark: {env.get('card')} ({env.get('date_utc')})\n\n"
+            f"driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, torch {env.get('torch')}, triton "
+            f"{env.get('triton')}, commit {commit}, host `{env.get('host')}`."
+            + (f" Command: `{command}`." if command else "") + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(jsonable({"environment": env, "command": command, "rows": rows}),
+                                                 indent=2) + "\n")
+    (out / f"{stem}.md").write_text(f"{head}\n{to_markdown(rows)}\n\n{summary(rows)}\n")
+    return out / f"{stem}.json"
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder for bench_attention.json / .md")
+    ap.add_argument("--out", default=None,
+                    help="folder for bench_attention_<UTC date-time>_<card>.json / .md (or the --tune sweep's)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep GPU tiles instead of benchmarking (see tune())")
     ap.add_argument("--tune-shape", default="8,1024,16,64", help="--tune: B,T,H,D (default: a gpu-full layer)")
@@ -525,25 +545,25 @@ def main():
     ap.add_argument("--seq-lens", nargs="*", type=int, default=None)
     ap.add_argument("--head-dims", nargs="*", type=int, default=None)
     ap.add_argument("--log", default=None, help="append rows as JSON lines while running")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    command = " ".join(["python benchmarks/bench_attention.py", *(sys.argv[1:] if argv is None else argv)])
     if args.tune:
-        from benchmarks.run import environment, write_sweep
-
         if not torch.cuda.is_available():
             raise SystemExit("bench_attention.py --tune times GPU tiles and needs CUDA "
                              "(tests/test_bench_attention_tune.py checks its bookkeeping on CPU)")
+        from benchmarks.run import environment, write_sweep
 
         B, T, H, D = (int(x) for x in args.tune_shape.split(","))
         cands = candidates_from_aot(args.candidates, min_tile=args.min_tile) if args.candidates else None
         rows = tune(B, H, T, D, args.tune_provider, tuple(args.tune_kernels.split(",")), cands)
         env = environment("cuda")
-        text = tune_markdown(rows, env, " ".join(["python benchmarks/bench_attention.py", *sys.argv[1:]]))
+        text = tune_markdown(rows, env, command)
         print(text)
         if args.out:
             path = write_sweep(args.out, "bench_attention_tune", env, rows, text)
             print(f"wrote {path} and {path.with_suffix('.md').name}")
         if args.write_tiles:
-            table = tiles_table(rows, env, " ".join(["python benchmarks/bench_attention.py", *sys.argv[1:]]))
+            table = tiles_table(rows, env, command)
             Path(args.write_tiles).parent.mkdir(parents=True, exist_ok=True)
             Path(args.write_tiles).write_text(json.dumps(table, indent=2) + "\n")
             print(f"wrote {args.write_tiles}: {len(table['tiles'])} winning tile(s)")
@@ -555,19 +575,10 @@ def main():
     print(md)
     print(summ)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        env = {"torch": torch.__version__}
-        try:
-            import triton
+        from benchmarks.run import environment
 
-            env["triton"] = triton.__version__
-        except ImportError:
-            pass
-        if torch.cuda.is_available():
-            env["card"] = torch.cuda.get_device_name()
-        (out / "bench_attention.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-        (out / "bench_attention.md").write_text(f"environment: {env}\n\n{md}\n\n{summ}\n")
+        path = write_results(args.out, rows, environment(), command)
+        print(f"wrote {path} and {path.with_suffix('.md').name}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mllm_kernels import reference as R
+from benchmarks.common import cpu_median_ms  # noqa: E402
+from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(16, 1024, 1024, 50257), (8, 1024, 1024, 50257)]
 QUICK_GPU_SHAPES = [(16, 1024, 1024, 50257)]
@@ -80,11 +80,7 @@ def run(device=None, quick: bool = False):
     if device.type != "cuda":
         for N, T, D, V in CPU_SHAPES:
             h, w, y = _inputs(N, T, D, V, torch.float32, device)
-            t0 = time.perf_counter()
-            reps = 5
-            for _ in range(reps):
-                R.sequence_logprobs(h, w, y)
-            ms = (time.perf_counter() - t0) / reps * 1e3
+            ms = cpu_median_ms(lambda: R.sequence_logprobs(h, w, y))  # one warm-up call, median of 5
             rows.append(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="float32", mode="fwd",
                              provider="eager", ms=ms, tflops=2 * N * T * D * V / ms / 1e9, peak_mem_mb=None))
         return rows
@@ -97,6 +93,12 @@ def run(device=None, quick: bool = False):
                     ms, peak = _measure_cuda(fn, h, w, y, mode)
                 except torch.OutOfMemoryError:
                     ms, peak = float("nan"), float("nan")
+                except Exception as e:  # noqa: BLE001 - one provider's failure must not discard the other rows
+                    torch.cuda.empty_cache()
+                    msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+                    rows.append(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="bfloat16", mode=mode,
+                                     provider=name, error=f"{type(e).__name__}: {msg}"[:300]))
+                    continue
                 torch.cuda.empty_cache()
                 flops = flops_fwd * (3 if mode == "fwd_bwd" else 1)  # useful FLOPs: z, dh, dW
                 rows.append(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="bfloat16", mode=mode,
@@ -142,7 +144,8 @@ def goals(rows):
     """Issue 7's goal at N=16, T=1,024, d=1,024, V=50,257 (fwd+bwd): peak memory ≤ 20% of eager's, time ≤ eager's."""
     out = {}
     for mode in ("fwd", "fwd_bwd"):
-        sel = {r["provider"]: r for r in rows if r["shape"] == "N16xT1024xd1024xV50257" and r["mode"] == mode}
+        sel = {r["provider"]: r for r in rows
+               if r["shape"] == "N16xT1024xd1024xV50257" and r["mode"] == mode and "ms" in r}
         if "triton" in sel and "eager" in sel:
             t, e = sel["triton"], sel["eager"]
             out[mode] = dict(memory_ratio=t["peak_mem_mb"] / e["peak_mem_mb"], speedup=e["ms"] / t["ms"])
@@ -152,6 +155,9 @@ def goals(rows):
 def to_markdown(rows):
     lines = ["| shape | dtype | mode | provider | ms (median) | TFLOP/s | peak extra MiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['error']} | | |")
+            continue
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
                      f"{r['tflops']:.1f} | {peak} |")

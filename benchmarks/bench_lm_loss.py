@@ -7,8 +7,14 @@ GPU (bf16; median of ``triton.testing.do_bench``; columns from ``benchmarks/comm
     ``triton`` (``lm_loss.linear_cross_entropy``: the gradient is taken in the forward, so its ``fwd`` under
     autograd costs what ``fwd+bwd`` shows), ``eager`` (``reference.linear_cross_entropy``: bf16 logits, fp32
     cross-entropy) and ``compile`` (``torch.compile`` of the reference).
-FLOPs: 2·M·d·V_rows per GEMM; fwd = 1 GEMM, fwd+bwd = 3 (``tflops`` column, useful work). ``peak_mem_mb`` shows
-what the fusion saves: eager keeps [M, V] logits in bf16 plus their fp32 copy and softmax gradient.
+Work credited per provider and mode (``work``): FLOPs 2·M·d·V_rows per GEMM (``tflops`` column, useful work) and the
+minimal bytes (``gbps``). ``eager`` / ``compile``: fwd = 1 GEMM, bwd = 2 (dh, dW), fwd+bwd = 3. ``triton`` computes dh
+and dW inside its forward whenever a gradient is wanted (``lm_loss._backward`` only multiplies them by the upstream
+gradient), so its ``fwd+bwd`` row holds all 3 GEMMs, its ``fwd`` row (no_grad) 1, and its ``bwd`` row no GEMM at
+all: two element-wise scalings (bytes: read dh, dW, write them scaled), reported without TFLOP/s and marked
+``not_comparable`` (no speed-up against eager's 2-GEMM backward). Compare the providers on ``fwd+bwd``.
+``peak_mem_mb`` shows what the fusion saves: eager keeps [M, V] logits in bf16 plus their fp32 copy and softmax
+gradient.
 
 CPU: ``pytest benchmarks/bench_lm_loss.py --benchmark-enable`` times the eager reference at a small shape.
 
@@ -32,6 +38,24 @@ QUICK_GPU_SHAPES = [(8192, 1024, 50304, 50257)]
 CPU_SHAPES = [(256, 64, 1024, 1000)]
 
 
+TRITON_BWD_NOTE = ("gradients are computed in the forward under autograd (in the fwd+bwd row); this row times only "
+                   "scaling dh and dW by the upstream gradient")
+
+
+def work(shape, elem_bytes: int, mode: str, provider: str):
+    """(bytes, FLOPs or None) that ``provider`` does in ``mode`` at ``shape`` = (M, d, V_rows, V): see the module
+    docstring. None: no GEMM work, so no TFLOP/s."""
+    M, d, v_rows, _ = shape
+    gemm = 2 * M * d * v_rows
+    operands = (M * d + v_rows * d) * elem_bytes  # h and W (or dh and dW)
+    io = operands + 8 * M  # h, W, int64 labels read once
+    if provider == "triton" and mode == "bwd":
+        return 2 * operands, None  # dh, dW read and written scaled; no GEMM
+    n_gemm = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    nbytes = io if mode == "fwd" else io + operands  # + dh, dW written
+    return nbytes, n_gemm * gemm
+
+
 def _cases(shape, dtype, device):
     M, d, v_rows, V = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -39,11 +63,12 @@ def _cases(shape, dtype, device):
     w = (torch.randn(v_rows, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype)
     y = torch.randint(0, V, (M,), generator=g).to(device)
     b = h.element_size()
-    io = (M * d + v_rows * d) * b + 8 * M  # h, W, labels read once
-    nbytes = {"fwd": io, "bwd": io + (M * d + v_rows * d) * b, "fwd+bwd": io + (M * d + v_rows * d) * b}
-    flops = 2 * M * d * v_rows
-    return [Case("linear_cross_entropy", shape, dtype, (h, w, y, V), diff=(0, 1), bytes=nbytes,
-                 extra=dict(flops_fwd=flops))]
+    nbytes, flops = {}, {}
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        nbytes[mode], flops[mode] = work(shape, b, mode, "eager")
+    nbytes["bwd", "triton"], flops["bwd", "triton"] = work(shape, b, "bwd", "triton")
+    return [Case("linear_cross_entropy", shape, dtype, (h, w, y, V), diff=(0, 1), bytes=nbytes, flops=flops,
+                 notes={("bwd", "triton"): TRITON_BWD_NOTE})]
 
 
 def _providers(op: str):
@@ -54,14 +79,10 @@ def _providers(op: str):
 
 
 def run(device=None, quick: bool = False, progress: bool = True):
-    """Rows: op, shape, dtype, mode, provider, ms, tflops (useful GEMM work), peak_mem_mb (+ gbps of the I/O)."""
-    rows = run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
+    """Rows: op, shape, dtype, mode, provider, ms, tflops (useful GEMM work of that provider in that mode, see
+    ``work``), peak_mem_mb, gbps; the triton ``bwd`` row has no tflops and a ``not_comparable`` note."""
+    return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
                       quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
-    for r in rows:
-        f = r.pop("flops_fwd", None)
-        if f and r.get("ms"):
-            r["tflops"] = f * (1 if r["mode"] == "fwd" else 2 if r["mode"] == "bwd" else 3) / (r["ms"] * 1e-3) / 1e12
-    return rows
 
 
 def test_lm_loss_eager_fwd_bwd_cpu(benchmark):

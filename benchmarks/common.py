@@ -12,7 +12,13 @@ A benchmark *case* is a function plus its inputs: ``fn(*args)`` returns a tensor
     launch path (the custom op, the Triton launcher, autograd) can take longer than the kernels themselves; in
     a training step the CPU runs ahead and hides it, so both numbers are shown;
   * ``peak_mem_mb``: the peak of ``torch.cuda.max_memory_allocated`` during one call, above what was allocated
-    before it (inputs, and for ``bwd`` the retained forward graph, are not counted).
+    before it (inputs, and for ``bwd`` the retained forward graph, are not counted);
+  * ``tflops`` (cases that give ``flops``): the useful FLOPs that provider does in that mode over the time. Bytes
+    and FLOPs may differ per provider (``Case.work``); a row that times different work than the others at its mode
+    carries ``not_comparable`` and gets no speed-up.
+
+A provider that raises at one shape and mode (out of memory, a compile error, an unsupported shape) gives an
+``error`` row there (``measure``); the other providers and shapes are still measured.
 
 Modes: ``fwd`` (forward under ``no_grad``, the inference path), ``bwd`` (``autograd.grad`` through a retained
 forward graph), ``fwd+bwd`` (both, as a training step runs them). Providers: ``triton`` (the fused kernel's
@@ -38,16 +44,30 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 @dataclass
 class Case:
-    """One op at one shape: ``fn(*args)``; gradients flow to ``args[i]`` for i in ``diff``; ``bytes`` maps each mode
-    to the minimal number of bytes the op must move."""
+    """One op at one shape: ``fn(*args)``; gradients flow to ``args[i]`` for i in ``diff``.
+
+    ``bytes`` maps each mode to the minimal number of bytes the op must move, ``flops`` (optional) to the FLOPs of its
+    useful work (a ``tflops`` column). A key ``(mode, provider)`` overrides the per-mode entry for one provider whose
+    work in that mode differs (a fused kernel that takes the gradient in its forward does no GEMM in ``bwd``); a value
+    None there means "no FLOP count", so no TFLOP/s is reported. ``notes[(mode, provider)]`` marks a row whose time is
+    not comparable with the other providers' at that mode: the runner shows the note and computes no speed-up."""
 
     op: str
     shape: tuple
     dtype: torch.dtype
     args: Sequence
     diff: Sequence[int]
-    bytes: Dict[str, int]
+    bytes: Dict
     extra: Dict = field(default_factory=dict)
+    flops: Dict = field(default_factory=dict)
+    notes: Dict = field(default_factory=dict)
+
+    def work(self, mode: str, provider: str):
+        """(bytes, flops or None) credited to ``provider`` in ``mode``."""
+        def pick(table):
+            return table[(mode, provider)] if (mode, provider) in table else table.get(mode)
+
+        return pick(self.bytes), pick(self.flops)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,7 +160,15 @@ def _step(fn, case: Case, mode: str):
     return lambda: torch.autograd.grad(_as_tuple(fn(*args)), leaves, grads)
 
 
+def _describe(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def measure(fn, case: Case, mode: str, provider: str, device: torch.device, copy_gbps: Optional[float]) -> dict:
+    """One row. Any exception of this provider at this shape and mode (out of memory, a kernel that cannot
+    compile, a shape it rejects) becomes the row's ``error`` (type and message), so that the other providers and
+    shapes of the sweep are still measured."""
     row = dict(op=case.op, shape=tuple(case.shape), dtype=str(case.dtype).replace("torch.", ""), mode=mode,
                provider=provider, **case.extra)
     try:
@@ -155,9 +183,18 @@ def measure(fn, case: Case, mode: str, provider: str, device: torch.device, copy
     except torch.OutOfMemoryError as e:  # a provider that cannot run at this size is a result, not a crash
         torch.cuda.empty_cache()
         return {**row, "error": f"out of memory: {str(e).splitlines()[0]}"}
-    nbytes = case.bytes[mode]
+    except Exception as e:  # noqa: BLE001 - one provider's failure must not discard the sweep's other rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**row, "error": _describe(e)}
+    nbytes, flops = case.work(mode, provider)
     gbps = nbytes / (ms * 1e-3) / 1e9
     row.update(ms=ms, gbps=gbps, peak_mem_mb=peak, bytes=nbytes)
+    if flops:
+        row.update(flops=flops, tflops=flops / (ms * 1e-3) / 1e12)
+    note = case.notes.get((mode, provider))
+    if note:
+        row["not_comparable"] = note
     if gpu_ms:
         row.update(gpu_ms=gpu_ms, gpu_gbps=nbytes / (gpu_ms * 1e-3) / 1e9)
     if copy_gbps:
@@ -254,8 +291,10 @@ def _fmt(x, digits=3):
 
 
 def markdown_table(rows: Sequence[dict], env: Optional[dict] = None) -> str:
-    """Rows grouped by (op, shape, dtype, mode); speed-up is against ``eager`` at the same key."""
+    """Rows grouped by (op, shape, dtype, mode); speed-up is against ``eager`` at the same key. A TFLOP/s column is
+    shown when any row reports one; a row marked ``not_comparable`` gets no speed-up but a footnote with the reason."""
     eager = {(r["op"], tuple(r["shape"]), r["dtype"], r["mode"]): r.get("ms") for r in rows if r["provider"] == "eager"}
+    has_tf = any(r.get("tflops") is not None for r in rows)
     lines = []
     if env:
         lines.append(f"card: {env.get('card')}, torch {env.get('torch')}, triton {env.get('triton')}, "
@@ -264,20 +303,31 @@ def markdown_table(rows: Sequence[dict], env: Optional[dict] = None) -> str:
         if cbw:
             lines.append(f"measured copy bandwidth: {cbw:.0f} GB/s (1 GiB device-to-device copy, read + write)")
         lines.append("")
-    lines += ["| op | shape | dtype | mode | provider | ms (median) | GB/s | % copy BW | speed-up vs eager | "
-              "GPU-only ms | GPU-only % copy BW | peak MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["op", "shape", "dtype", "mode", "provider", "ms (median)", "GB/s", "% copy BW"]
+    header += (["TFLOP/s"] if has_tf else []) + ["speed-up vs eager", "GPU-only ms", "GPU-only % copy BW", "peak MiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
+        key = [r["op"], shape, r["dtype"], r["mode"], r["provider"]]
         if "ms" not in r:
-            note = r.get("skipped") or r.get("error")
-            lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['provider']} | {note} | | | | | | |")
+            cells = key + [str(r.get("skipped") or r.get("error"))] + [""] * (len(header) - len(key) - 1)
+            lines.append("| " + " | ".join(cells) + " |")
             continue
-        base = eager.get((r["op"], tuple(r["shape"]), r["dtype"], r["mode"]))
-        sp = base / r["ms"] if base else None
-        lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['mode']} | {r['provider']} | {_fmt(r['ms'], 4)} | "
-                     f"{_fmt(r['gbps'], 0)} | {_fmt(r.get('pct_copy_bw'), 1)} | {_fmt(sp, 2)} | "
-                     f"{_fmt(r.get('gpu_ms'), 4)} | {_fmt(r.get('gpu_pct_copy_bw'), 1)} | {_fmt(r.get('peak_mem_mb'), 1)} |")
+        if r.get("not_comparable"):
+            # a time of different work (e.g. gradients already taken in the forward): a ratio would mislead
+            notes.append(f"{'†' * (len(notes) + 1)} {r['op']} {shape} {r['mode']} {r['provider']}: "
+                         f"{r['not_comparable']}")
+            sp_cell = f"not comparable {'†' * len(notes)}"
+        else:
+            base = eager.get((r["op"], tuple(r["shape"]), r["dtype"], r["mode"]))
+            sp_cell = _fmt(base / r["ms"] if base else None, 2)
+        cells = key + [_fmt(r["ms"], 4), _fmt(r["gbps"], 0), _fmt(r.get("pct_copy_bw"), 1)]
+        cells += ([_fmt(r.get("tflops"), 1)] if has_tf else [])
+        cells += [sp_cell, _fmt(r.get("gpu_ms"), 4), _fmt(r.get("gpu_pct_copy_bw"), 1), _fmt(r.get("peak_mem_mb"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,13 @@
 # T_CG, T_ATTN_TUNE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
+# Everything is then packed into OUT_DIR/bundle.tgz (BUNDLE=0: left as it is), Nsight reports included unless they
+# total more than BUNDLE_REPORTS_MB (default 12: the device tool brings back files of up to 16 MiB), in which case
+# they stay on disk next to the bundle and summary.txt lists them. Exit status: 0 when every section succeeded, 1
+# when any failed, ran out of time or was unknown (or the bundle could not be written); summary and bundle are
+# written either way, and summary.txt has a line "failed sections: ..." ("none" when all passed).
+# The commit and whether tracked files had uncommitted changes are exported for the results files
+# (MLLM_GIT_COMMIT, MLLM_GIT_DIRTY=1/0; set them yourself on a copy of the tree without .git).
 set -u
 # bench_train sections: ACCUM micro-batches per optimizer step (default 4, the runs so far; gpu-full pretraining
 # uses 16 = 128 / 8, where AdamW is a 4x smaller share of the step), 4 warm-up steps, 6 timed. In the H100 run
@@ -20,16 +27,28 @@ set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT/results"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export MLLM_GIT_COMMIT=${MLLM_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+if [ -z "${MLLM_GIT_COMMIT:-}" ]; then
+  if MLLM_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+    # a commit hash alone does not describe a tree with uncommitted changes
+    git_status=$(git status --porcelain --untracked-files=no 2>/dev/null) \
+      && export MLLM_GIT_DIRTY=$([ -n "$git_status" ] && echo 1 || echo 0)
+  else
+    MLLM_GIT_COMMIT=unknown
+  fi
+fi
+export MLLM_GIT_COMMIT
 PY=${PY:-python}
 SECTIONS=${SECTIONS:-"env dpo_tests bench_dpo bench_train kernel_tests"}
+FAILED=""
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+failed() { FAILED="${FAILED:+$FAILED }$1"; }
 
 section() {  # name limit_s command...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  [ "$rc" = 0 ] || failed "$name"
   summary "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
 }
 
@@ -124,8 +143,9 @@ for s in $SECTIONS; do
           --set device=cuda --set model.kernel_backend=triton --set run_root="$OUT/runs" --run-name gpu-smoke \
           ${STAGE_SET:-}
       done ;;
-    profile) section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \
-        --out "$OUT/profile" -- --grad-accum 1 ;;
+    profile)  # where ncu is installed it profiles every kernel launch of one step (minutes); NCU_COUNT=N caps it
+      section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \
+        ${NCU_COUNT:+--ncu-count "$NCU_COUNT"} --out "$OUT/profile" -- --grad-accum 1 ;;
     profile_compiled)  # torch.profiler trace of the compiled triton step: GPU busy %, kernels inductor emits around ours
       section profile_compiled "${T_PROFILE:-120}" bash scripts/profile.sh --tool torch --backend triton+compile \
         --steps 3 --warmup 2 --out "$OUT/profile_compiled" -- --grad-accum 1 ;;
@@ -136,13 +156,34 @@ for s in $SECTIONS; do
         -p no:cacheprovider ;;
     attn_cache_tests) section attn_cache_tests "${T_ATTN:-90}" $PY -m pytest tests/kernels/test_attention.py -q \
         -p no:cacheprovider -k "cache or gpu_long or tracing" ;;
-    *) summary "unknown section $s" ;;
+    *) summary "unknown section $s"; failed "$s" ;;
   esac
 done
-# The device tool brings back at most 8 files: pack everything but checkpoints and Nsight reports into one archive
-# (BUNDLE=0 keeps the tree as it is).
+if [ -n "$FAILED" ]; then summary "failed sections: $FAILED"; else summary "failed sections: none"; fi
+# The device tool brings back at most 8 files: pack everything but checkpoints (and Nsight's .sqlite exports, which
+# the .nsys-rep regenerates) into one archive (BUNDLE=0 keeps the tree as it is). Nsight reports go in the archive
+# while they fit under BUNDLE_REPORTS_MB together; otherwise they stay on disk, outside it, and the summary says so.
 if [ "${BUNDLE:-1}" = 1 ]; then
-  tar czf "$OUT/../gpu_check_bundle.tgz" --exclude='*.ncu-rep' --exclude='*.nsys-rep' --exclude='*.pt' \
-    --exclude='*.sqlite' -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.txt -delete \
-    && mv "$OUT/../gpu_check_bundle.tgz" "$OUT/bundle.tgz" && summary "bundle: $OUT/bundle.tgz"
+  reports=$(find "$OUT" -type f \( -name '*.ncu-rep' -o -name '*.nsys-rep' \) -printf '%P ')
+  report_bytes=$(find "$OUT" -type f \( -name '*.ncu-rep' -o -name '*.nsys-rep' \) -printf '%s\n' \
+    | awk '{s += $1} END {print s + 0}')
+  excl=(--exclude='*.pt' --exclude='*.sqlite')
+  keep=(-name summary.txt)
+  if [ -n "$reports" ] && [ "$report_bytes" -gt $(( ${BUNDLE_REPORTS_MB:-12} * 1024 * 1024 )) ]; then
+    excl+=(--exclude='*.ncu-rep' --exclude='*.nsys-rep')
+    keep+=(-o -name '*.ncu-rep' -o -name '*.nsys-rep')
+    summary "Nsight reports not bundled ($((report_bytes / 1024)) KiB > BUNDLE_REPORTS_MB=${BUNDLE_REPORTS_MB:-12} MiB), kept on disk in $OUT: $reports"
+  elif [ -n "$reports" ]; then
+    summary "Nsight reports bundled ($((report_bytes / 1024)) KiB): $reports"
+  fi
+  # summary.txt goes into the archive as it stands now; its last line (the bundle's path) is added after
+  if tar czf "$OUT/../gpu_check_bundle.tgz" "${excl[@]}" -C "$OUT" . \
+      && find "$OUT" -mindepth 1 -type f ! \( "${keep[@]}" \) -delete \
+      && find "$OUT" -mindepth 1 -depth -type d -empty -delete \
+      && mv "$OUT/../gpu_check_bundle.tgz" "$OUT/bundle.tgz"; then
+    summary "bundle: $OUT/bundle.tgz"
+  else
+    summary "bundle: FAILED (the files are left in $OUT)"; failed bundle
+  fi
 fi
+[ -z "$FAILED" ] || exit 1

@@ -11,8 +11,9 @@ Per run this writes, under ``--out``:
 ``<stem>`` is ``<UTC date-time>_<device tag>``, so runs on different cards never overwrite each other.
 
 The bench-module contract is in ``benchmarks/__init__.py``. A module that fails to import, raises, or
-returns rows that break the contract becomes an ``error`` row; the others still run; the exit code is 1
-when any module or row failed, 0 otherwise.
+returns rows that break the contract becomes an ``error`` row; the others still run. A row whose TFLOP/s is
+above the card's dense bf16 peak is flagged ``implausible`` (its FLOP accounting is wrong). The exit code is 1
+when any module or row failed or was implausible, 0 otherwise.
 """
 from __future__ import annotations
 
@@ -115,15 +116,34 @@ def environment(device=None) -> Dict[str, Any]:
         )
     else:
         env.update(card="cpu", capability=None, driver=None)
+    env["git_commit"], env["git_dirty"] = git_state()
+    return env
+
+
+_DIRTY_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def git_state() -> Tuple[Optional[str], Optional[bool]]:
+    """(commit, dirty) of the code being measured; dirty: tracked files had uncommitted changes (None: unknown).
+
+    ``MLLM_GIT_COMMIT`` names the commit for a copied tree whose .git may be stale or absent (a GPU box), with
+    ``MLLM_GIT_DIRTY`` (1/0) its state as the caller saw it (``gpu_check.sh`` exports both). Without
+    ``MLLM_GIT_DIRTY``, the state is read from this tree's git when its HEAD is the named commit (a caller that
+    exported only the hash), else left unknown."""
     named = os.environ.get("MLLM_GIT_COMMIT")
-    commit = None if named else _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
-    if commit:
+    dirty_env = os.environ.get("MLLM_GIT_DIRTY")
+    dirty: Optional[bool] = None
+    if dirty_env not in (None, ""):
+        if dirty_env.strip().lower() not in _DIRTY_VALUES:
+            raise ValueError(f"MLLM_GIT_DIRTY={dirty_env!r}: expected 1 or 0 (true/false, yes/no)")
+        dirty = _DIRTY_VALUES[dirty_env.strip().lower()]
+    head = _run_cmd(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    commit = named or head
+    if dirty is None and commit and head and (head == commit or head.startswith(commit)):
         # uncommitted changes to tracked files make the commit hash an incomplete description of the code
         status = _run_cmd(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
-        env["git_commit"], env["git_dirty"] = commit, (None if status is None else bool(status))
-    else:  # named by the caller (a copied tree, e.g. on a GPU box, whose .git may be stale or absent)
-        env["git_commit"], env["git_dirty"] = named, None
-    return env
+        dirty = None if status is None else bool(status)
+    return commit, dirty
 
 
 def resolve_device(device=None):
@@ -248,6 +268,12 @@ def validate_rows(name: str, rows) -> List[Dict[str, Any]]:
         for key in ("gbps", "tflops", "peak_mem_mb", "size"):
             if row.get(key) is not None and not _is_number(row[key]):
                 raise ValueError(f"bench_{name}.run() row {i}: '{key}' must be a number, got {row[key]!r}")
+        if "extrapolated" in row and not isinstance(row["extrapolated"], (bool, str)):
+            raise ValueError(f"bench_{name}.run() row {i}: 'extrapolated' must be a bool or a str saying how, got "
+                             f"{row['extrapolated']!r}")
+        if "not_comparable" in row and not isinstance(row["not_comparable"], str):
+            raise ValueError(f"bench_{name}.run() row {i}: 'not_comparable' must be a str (the reason), got "
+                             f"{row['not_comparable']!r}")
     out = [dict(r) for r in rows]
     for r in out:
         # a NaN/inf time is how some modules report an out-of-memory or failed shape: keep the row as a
@@ -308,7 +334,38 @@ def run_module(name: str, path: Path, device, quick: bool) -> Tuple[List[Dict[st
     return rows, {"status": status, "seconds": round(seconds, 3), "n_rows": len(rows), "n_row_errors": n_err}
 
 
-def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, progress: bool = True):
+def peak_tflops(card: Optional[str]) -> Optional[float]:
+    """The card's dense bf16 tensor-core peak in TFLOP/s (``mllm.training.metrics.PEAK_BF16_FLOPS``), None when the
+    card is not in that table. No row of these benchmarks (bf16, fp16, fp32; no fp8) can honestly exceed it."""
+    from mllm.training.metrics import PEAK_BF16_FLOPS
+
+    for key, _label, peak in PEAK_BF16_FLOPS:
+        if card and key in card:
+            return peak / 1e12
+    return None
+
+
+def flag_implausible(rows: List[Dict[str, Any]], env: Dict[str, Any]) -> int:
+    """Mark every timed row whose TFLOP/s exceeds the card's peak with ``implausible`` (the FLOPs credited to it
+    are more than the work it did: a bug in the benchmark's accounting, not a fast kernel); return how many."""
+    peak = peak_tflops(env.get("card"))
+    n = 0
+    if not peak:
+        return n
+    for r in rows:
+        tf = r.get("tflops")
+        if "error" in r or "skipped" in r or not _is_number(tf) or not math.isfinite(tf) or tf <= peak:
+            continue
+        r["implausible"] = (f"{tf:.0f} TFLOP/s is above the {env.get('card')} dense bf16 peak of {peak:.0f}: the "
+                            f"FLOPs credited to this row exceed the work it does")
+        n += 1
+    return n
+
+
+def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, progress: bool = True,
+            env: Optional[Dict[str, Any]] = None):
+    """Every module through ``run_module``; with ``env`` (its ``card``), rows above the card's peak TFLOP/s are
+    flagged ``implausible`` and their module's status is no longer ``ok``."""
     from tqdm import tqdm
 
     rows: List[Dict[str, Any]] = []
@@ -317,6 +374,12 @@ def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, pr
     for name, path in bar:
         bar.set_postfix_str(name)
         mrows, msum = run_module(name, path, device, quick)
+        n_bad = flag_implausible(mrows, env) if env else 0
+        if n_bad:
+            msum["n_implausible"] = n_bad
+            if msum["status"] == "ok":
+                msum["status"] = "implausible_rows"
+            tqdm.write(f"[benchmarks] bench_{name}: {n_bad} row(s) above the card's peak TFLOP/s")
         rows.extend(mrows)
         summary[name] = msum
         if msum["status"] == "error":
@@ -351,6 +414,19 @@ def _row_key(r) -> Tuple[str, str, str, str]:
     return (r.get("op"), format_shape(r.get("shape")), str(jsonable(r.get("dtype"))), str(r.get("mode")))
 
 
+def row_note(r: Dict[str, Any]) -> str:
+    """What a reader must know before using the row's numbers: extrapolated, not comparable, implausible."""
+    parts = []
+    if r.get("implausible"):
+        parts.append(f"IMPLAUSIBLE: {r['implausible']}")
+    if r.get("extrapolated"):
+        how = r["extrapolated"]
+        parts.append("extrapolated" + (f" ({how})" if isinstance(how, str) else ""))
+    if r.get("not_comparable"):
+        parts.append(f"not comparable: {r['not_comparable']}")
+    return "; ".join(parts)
+
+
 def speedups(rows: Sequence[Dict[str, Any]]) -> List[Optional[float]]:
     """baseline_ms / ms per row, the baseline being the first BASELINE_PROVIDERS entry timed for the same
     (op, shape, dtype, mode); None where there is no baseline or the row is the baseline itself."""
@@ -365,7 +441,8 @@ def speedups(rows: Sequence[Dict[str, Any]]) -> List[Optional[float]]:
     out: List[Optional[float]] = []
     for r in rows:
         k = _row_key(r)
-        if "ms" not in r or "error" in r or "skipped" in r or k not in base or r.get("provider") in BASELINE_PROVIDERS:
+        if ("ms" not in r or "error" in r or "skipped" in r or k not in base or r.get("provider") in BASELINE_PROVIDERS
+                or r.get("not_comparable")):
             out.append(None)
         else:
             out.append(base[k][1] / r["ms"] if r["ms"] > 0 else None)
@@ -384,7 +461,8 @@ def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary
         f"triton {env.get('triton')}, python {env.get('python')}",
         f"- git {commit}, host `{env.get('host')}`, CPU {env.get('cpu')} ({env.get('cpu_count')} cores)",
         "- `ms` is the median time; GB/s and TFLOP/s are the minimal bytes / FLOPs of the op (see "
-        "benchmarks/NOTES.md) over that time; `× base` = baseline-provider time / this time.",
+        "benchmarks/NOTES.md) over that time; `× base` = baseline-provider time / this time; `*` marks a time "
+        "extrapolated from a smaller measured run (see the note column).",
         "",
     ]
     spd = speedups(rows)
@@ -401,14 +479,20 @@ def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary
             cols = [c for c in TABLE_COLUMNS if c in ("op", "provider", "ms")
                     or any(rows[i].get(c) not in (None, "") for i in timed)]
             has_spd = any(spd[i] is not None for i in timed)
-            header = [COLUMN_TITLES.get(c, c) for c in cols] + (["× base"] if has_spd else [])
+            has_note = any(row_note(rows[i]) for i in timed)
+            header = ([COLUMN_TITLES.get(c, c) for c in cols] + (["× base"] if has_spd else [])
+                      + (["note"] if has_note else []))
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "---|" * len(header))
             for i in timed:
                 r = rows[i]
                 cells = [format_shape(r.get(c)) if c == "shape" else _fmt(r.get(c)) for c in cols]
+                if r.get("extrapolated"):
+                    cells[cols.index("ms")] = f"{cells[cols.index('ms')]}*"
                 if has_spd:
                     cells.append(f"{spd[i]:.2f}" if spd[i] is not None else "")
+                if has_note:
+                    cells.append(row_note(r).replace("|", "/"))
                 lines.append("| " + " | ".join(str(c) for c in cells) + " |")
             lines.append("")
         for op in sorted({rows[i]["op"] for i in timed}):
@@ -421,6 +505,10 @@ def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary
                 where = " ".join(str(x) for x in (format_shape(r.get("shape")), r.get("dtype"), r.get("mode"))
                                  if x not in (None, ""))
                 lines.append(f"- **error** `{r['op']}` {where} {r.get('provider')}: {r['error']}")
+            elif r.get("implausible"):
+                where = " ".join(str(x) for x in (format_shape(r.get("shape")), r.get("dtype"), r.get("mode"))
+                                 if x not in (None, ""))
+                lines.append(f"- **implausible** `{r['op']}` {where} {r.get('provider')}: {r['implausible']}")
             elif "skipped" in r:
                 # one line per reason: a CPU run skips every GPU provider at every shape and mode
                 key = f"{r['op']}/{r.get('provider')}"
@@ -487,7 +575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     env = environment(device)
     print(f"[benchmarks] {len(modules)} module(s) on {env['device']} ({env['card']}), quick={args.quick}")
-    rows, summary = run_all(modules, device, quick=args.quick, progress=not args.no_progress)
+    rows, summary = run_all(modules, device, quick=args.quick, progress=not args.no_progress, env=env)
     paths = write_results(Path(args.out), env, rows, summary, vars(args), make_plots=not args.no_plots)
     print(f"[benchmarks] wrote {paths['json']}")
     print(f"[benchmarks] wrote {paths['markdown']}")

@@ -185,8 +185,9 @@ def resolve_args(args: argparse.Namespace):
         raise ValueError("--backends: empty list")
     args.steps = args.steps if args.steps is not None else (10 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
-    args.micro_batch = args.micro_batch or cfg.pretrain.micro_batch_size
-    args.seq_len = args.seq_len or cfg.pretrain.seq_len
+    # `is None`, not `or`: an explicit 0 must reach the range checks below instead of becoming the default
+    args.micro_batch = args.micro_batch if args.micro_batch is not None else cfg.pretrain.micro_batch_size
+    args.seq_len = args.seq_len if args.seq_len is not None else cfg.pretrain.seq_len
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.micro_batch >= 1 and args.grad_accum is None:
         args.grad_accum = max(1, cfg.pretrain.batch_size // args.micro_batch)

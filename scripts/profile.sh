@@ -2,19 +2,25 @@
 # Profile the training step of scripts/bench_train.py.
 #
 #   scripts/profile.sh [--tool auto|nsys|ncu|torch] [--out DIR] [--backend NAME] [--steps N] [--warmup N]
-#                      [--kernels REGEX] [--ncu-count N] [-- extra scripts/bench_train.py arguments]
+#                      [--kernels REGEX] [--ncu-count N] [--dry-run] [-- extra scripts/bench_train.py arguments]
 #
 #   nsys : Nsight Systems timeline of the timed steps only: the capture starts when the NVTX range
 #          "timed_steps" opens (after warm-up, compilation and autotuning) and stops when it closes
 #          (--capture-range=nvtx --nvtx-capture=timed_steps --capture-range-end=stop). Writes
 #          OUT/nsys_<backend>.nsys-rep and OUT/nsys_<backend>_stats.txt (kernel and NVTX-range summaries).
-#   ncu  : Nsight Compute "--set full" of the kernels whose names match --kernels (a regex; default: this
-#          package's Triton kernels), launched inside the "timed_steps" range. Writes OUT/ncu_<backend>.ncu-rep.
+#   ncu  : Nsight Compute "--set full" of the kernels whose names match --kernels, launched inside the
+#          "timed_steps" range of ONE training step of one micro-batch (--steps 1 --grad-accum 1; a --grad-accum
+#          after "--" overrides it): forward, backward and the LM-loss kernel alike. Default --kernels: every
+#          Triton kernel that mllm_kernels launches (read from its source: the @triton.jit functions called as
+#          kernel[grid](...), e.g. _rms_norm_fwd_kernel, _attn_bwd_dkdv_kernel, _ce_rows_kernel). Every matching
+#          launch of that step is profiled (159 in one gpu-full micro-batch, each replayed once per metric pass, so
+#          this takes minutes); --ncu-count N stops after the first N. Writes OUT/ncu_<backend>.ncu-rep.
 #   torch: torch.profiler Chrome trace of a few steps, with the same range names (step, data, forward,
 #          backward, optimizer from mllm/training/profiling.py). Writes OUT/torch/bench_train_<backend>_rank0.json
 #          and OUT/torch_summary.txt. Open the trace in https://ui.perfetto.dev or chrome://tracing.
 #   auto (default): nsys and ncu where installed and a GPU is present; where nsys is absent (or there is no
 #          GPU) it says so and falls back to the torch.profiler trace.
+#   --dry-run: print the commands the chosen tool would run, and exit (no GPU or Nsight tool needed).
 #
 # Defaults: backend triton on CUDA, eager on CPU (bench_train's CPU default config is local-smoke);
 # steps 5, warm-up 3. See benchmarks/NOTES.md ("Profiling") for what to look at.
@@ -28,13 +34,13 @@ OUT="$ROOT/benchmarks/results/profile"
 BACKEND=""
 STEPS=5
 WARMUP=3
-NCU_COUNT=40
+NCU_COUNT=""  # empty: every matching launch of the one profiled step
 RANGE=timed_steps
-# Liger-style kernel names (_<op>_fwd_kernel / _<op>_bwd_kernel, _attn_*): every Triton kernel of mllm_kernels
-KERNELS='(rms_norm|swiglu|rope|attn|attention|dpo|logprob)'
+KERNELS=""    # empty: derived from mllm_kernels' source below
+DRY_RUN=0
 EXTRA=()
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --warmup) WARMUP="$2"; shift 2 ;;
     --kernels) KERNELS="$2"; shift 2 ;;
     --ncu-count) NCU_COUNT="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "profile.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -54,6 +61,8 @@ done
 case "$TOOL" in auto|nsys|ncu|torch) ;; *) echo "profile.sh: --tool must be auto, nsys, ncu or torch, got '$TOOL'" >&2; exit 2 ;; esac
 [[ "$STEPS" =~ ^[0-9]+$ && "$STEPS" -ge 2 ]] || { echo "profile.sh: --steps must be an integer >= 2, got '$STEPS'" >&2; exit 2; }
 [[ "$WARMUP" =~ ^[0-9]+$ && "$WARMUP" -ge 1 ]] || { echo "profile.sh: --warmup must be an integer >= 1, got '$WARMUP'" >&2; exit 2; }
+[[ -z "$NCU_COUNT" || ( "$NCU_COUNT" =~ ^[0-9]+$ && "$NCU_COUNT" -ge 1 ) ]] \
+  || { echo "profile.sh: --ncu-count must be an integer >= 1, got '$NCU_COUNT'" >&2; exit 2; }
 
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
@@ -62,18 +71,31 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 have() { command -v "$1" >/dev/null 2>&1; }
 # a missing Nsight tool is reported before anything slow (importing torch) runs
-if [[ "$TOOL" == nsys || "$TOOL" == ncu ]] && ! have "$TOOL"; then
+if [[ "$DRY_RUN" == 0 && ( "$TOOL" == nsys || "$TOOL" == ncu ) ]] && ! have "$TOOL"; then
   echo "profile.sh: $TOOL not found on PATH (use --tool torch for a torch.profiler trace)" >&2; exit 1
 fi
 
 # One probe for what this machine has. The NVTX ranges come from mllm/training/profiling.py: the `nvtx`
 # package puts them in domain "mllm", torch.cuda.nvtx in the default domain; nsys names a range
 # "range@domain", ncu "domain@range/".
-read -r HAS_CUDA NVTX_BACKEND < <("$PY" -c '
-import torch
+# The kernel names come from the source, so a kernel added to mllm_kernels is profiled without editing this file:
+# the @triton.jit functions that are launched as name[grid](...) (the others are inlined helpers).
+read -r HAS_CUDA NVTX_BACKEND KERNEL_NAMES < <("$PY" -c '
+import ast, pathlib, torch
 from mllm.training.profiling import NVTX_BACKEND
-print(int(torch.cuda.is_available()), NVTX_BACKEND)')
+jit, launched = set(), set()
+for f in sorted(pathlib.Path("mllm_kernels").glob("*.py")):
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+            jit.add(node.name)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+            launched.add(node.func.value.id)
+print(int(torch.cuda.is_available()), NVTX_BACKEND, "|".join(sorted(jit & launched)) or "-")')
 [[ -n "${HAS_CUDA:-}" ]] || { echo "profile.sh: '$PY' cannot import torch and mllm (set PYTHON=...)" >&2; exit 1; }
+if [[ -z "$KERNELS" ]]; then
+  [[ "$KERNEL_NAMES" != - ]] || { echo "profile.sh: found no launched Triton kernel in $ROOT/mllm_kernels (pass --kernels)" >&2; exit 1; }
+  KERNELS="($KERNEL_NAMES)"
+fi
 if [[ -z "$BACKEND" ]]; then
   if [[ "$HAS_CUDA" == 1 ]]; then BACKEND=triton; else BACKEND=eager; fi
 fi
@@ -83,15 +105,20 @@ if [[ "$NVTX_BACKEND" == nvtx ]]; then NSYS_RANGE="$RANGE@mllm"; NCU_RANGE="mllm
 else NSYS_RANGE="$RANGE"; NCU_RANGE="$RANGE/"; fi
 
 BENCH=("$PY" scripts/bench_train.py --backends "$BACKEND" --warmup "$WARMUP" --out "$OUT")
+NCU_LIMIT=()
+[[ -z "$NCU_COUNT" ]] || NCU_LIMIT=(--launch-count "$NCU_COUNT")
+# --dry-run: print each command instead of running it
+maybe() { if [[ "$DRY_RUN" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
 run_nsys() {
   echo "profile.sh: nsys: capture range NVTX '$NSYS_RANGE' ($BACKEND, $STEPS timed steps)"
   # torch.cuda.nvtx pushes unregistered strings, which nsys only matches with this set to 0
-  NSYS_NVTX_PROFILER_REGISTER_ONLY=0 nsys profile \
+  maybe env NSYS_NVTX_PROFILER_REGISTER_ONLY=0 nsys profile \
     --trace=cuda,nvtx,osrt,cublas --cuda-memory-usage=true \
     --capture-range=nvtx --nvtx-capture="$NSYS_RANGE" --capture-range-end=stop \
     --force-overwrite=true -o "$OUT/nsys_$TAG" \
     "${BENCH[@]}" --steps "$STEPS" "${EXTRA[@]}"
+  [[ "$DRY_RUN" == 0 ]] || return 0
   local rep="$OUT/nsys_$TAG.nsys-rep"
   if [[ -f "$rep" ]]; then
     # report names changed in nsys 2023.x (gpukernsum -> cuda_gpu_kern_sum); try the new ones first
@@ -106,16 +133,20 @@ run_nsys() {
 }
 
 run_ncu() {
-  echo "profile.sh: ncu: kernels matching regex '$KERNELS' inside NVTX '$NCU_RANGE' (first $NCU_COUNT launches)"
-  ncu --nvtx --nvtx-include "$NCU_RANGE" --kernel-name "regex:$KERNELS" --launch-count "$NCU_COUNT" \
+  echo "profile.sh: ncu: kernels matching regex '$KERNELS' inside NVTX '$NCU_RANGE', one training step" \
+    "(${NCU_COUNT:+first $NCU_COUNT launches}${NCU_COUNT:-every launch})"
+  # one step of one micro-batch holds every kernel once per layer, forward and backward; more steps repeat them
+  maybe ncu --nvtx --nvtx-include "$NCU_RANGE" --kernel-name "regex:$KERNELS" "${NCU_LIMIT[@]}" \
     --set full --import-source yes --force-overwrite -o "$OUT/ncu_$TAG" \
-    "${BENCH[@]}" --steps 2 "${EXTRA[@]}"
+    "${BENCH[@]}" --steps 1 --grad-accum 1 "${EXTRA[@]}"
+  [[ "$DRY_RUN" == 0 ]] || return 0
   echo "profile.sh: wrote $OUT/ncu_$TAG.ncu-rep (ncu --import $OUT/ncu_$TAG.ncu-rep --page details | less)"
 }
 
 run_torch() {
   echo "profile.sh: torch.profiler: Chrome trace of the timed steps ($BACKEND) with the mllm range names"
-  "${BENCH[@]}" --steps "$STEPS" --torch-profile "$OUT/torch" "${EXTRA[@]}"
+  maybe "${BENCH[@]}" --steps "$STEPS" --torch-profile "$OUT/torch" "${EXTRA[@]}"
+  [[ "$DRY_RUN" == 0 ]] || return 0
   local trace="$OUT/torch/bench_train_${TAG}_rank0.json"
   [[ -f "$trace" ]] || { echo "profile.sh: torch.profiler wrote no trace at $trace" >&2; return 1; }
   # per-range totals (the breakdown the Nsight timeline shows under the NVTX rows), GPU busy/idle, top kernels
@@ -126,10 +157,10 @@ run_torch() {
 
 case "$TOOL" in
   nsys)
-    [[ "$HAS_CUDA" == 1 ]] || { echo "profile.sh: nsys needs a CUDA device (none visible)" >&2; exit 1; }
+    [[ "$HAS_CUDA" == 1 || "$DRY_RUN" == 1 ]] || { echo "profile.sh: nsys needs a CUDA device (none visible)" >&2; exit 1; }
     run_nsys ;;
   ncu)
-    [[ "$HAS_CUDA" == 1 ]] || { echo "profile.sh: ncu needs a CUDA device (none visible)" >&2; exit 1; }
+    [[ "$HAS_CUDA" == 1 || "$DRY_RUN" == 1 ]] || { echo "profile.sh: ncu needs a CUDA device (none visible)" >&2; exit 1; }
     run_ncu ;;
   torch) run_torch ;;
   auto)

@@ -56,6 +56,16 @@ def test_parse_ptxas_and_occupancy():
     assert ctas_per_sm(16, 1, 0, 90) == (32, "max")
 
 
+@pytest.mark.parametrize("arch, warps4, ctas1", [(80, 16, 32), (86, 12, 16), (89, 12, 24), (90, 16, 32)])
+def test_occupancy_limits_are_per_arch(arch, warps4, ctas1):
+    """Resident warps per SM: 64 on sm_80/sm_90, 48 on sm_86/sm_89; resident CTAs per SM: 32, 16 (sm_86), 24 (sm_89)
+    (CUDA C++ Programming Guide, technical specifications per compute capability)."""
+    from benchmarks.aot_check import ctas_per_sm
+
+    assert ctas_per_sm(32, 4, 0, arch) == (warps4, "warps")  # 4-warp CTAs, few registers, no shared memory
+    assert ctas_per_sm(16, 1, 0, arch) == (ctas1, "max")      # 1-warp CTAs: the CTA limit binds first
+
+
 def test_quick_is_the_training_step_and_the_full_run_has_every_kernel_family():
     from benchmarks.aot_check import cases
 

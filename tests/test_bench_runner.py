@@ -159,3 +159,43 @@ def test_describe_exception_reaches_the_root_cause():
     except RuntimeError as e:
         msg = R.describe_exception(e)
     assert msg == "RuntimeError: at 20:13: (caused by TypeError: Inconsistent return types: fp32 and bf16)"
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_state_keeps_the_dirty_flag_of_a_named_commit(monkeypatch):
+    """gpu_check.sh names the commit (MLLM_GIT_COMMIT) and its state (MLLM_GIT_DIRTY); the runner records both, and
+    reads the state from git itself when only the hash of this tree's HEAD is named."""
+    head, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
+    monkeypatch.delenv("MLLM_GIT_DIRTY", raising=False)
+    monkeypatch.setenv("MLLM_GIT_COMMIT", head)
+    assert R.git_state() == (head, dirty)
+    monkeypatch.setenv("MLLM_GIT_COMMIT", "0123abc")  # a copied tree: another commit, state not given
+    assert R.git_state() == ("0123abc", None)
+    monkeypatch.setenv("MLLM_GIT_DIRTY", "1")
+    assert R.git_state() == ("0123abc", True)
+    monkeypatch.setenv("MLLM_GIT_DIRTY", "0")
+    assert R.environment("cpu")["git_dirty"] is False
+    monkeypatch.setenv("MLLM_GIT_DIRTY", "maybe")
+    with pytest.raises(ValueError, match="MLLM_GIT_DIRTY='maybe'"):
+        R.git_state()
+
+
+def test_extrapolated_rows_are_marked_and_checked(tmp_path):
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "bench_ext.py").write_text(
+        "def run(device, quick=False):\n"
+        "    return [dict(op='pack', shape='n=10', provider='cpp', ms=1.0),\n"
+        "            dict(op='pack', shape='n=10', provider='python', ms=250.0, extrapolated='from n=1')]\n")
+    (d / "bench_badext.py").write_text(
+        "def run(device, quick=False):\n"
+        "    return [dict(op='pack', provider='python', ms=2.0, extrapolated=10)]\n")
+    rows, summary = R.run_all(R.discover(d), R.resolve_device("cpu"), progress=False)
+    assert summary["ext"]["status"] == "ok"
+    assert "'extrapolated' must be a bool or a str" in summary["badext"]["error"]
+    md = R.markdown_report({"card": "cpu"}, rows, summary, {})
+    assert "| pack | n=10 | python | 250.0* | extrapolated (from n=1) |" in md
+    assert "| pack | n=10 | cpp | 1 |  |" in md

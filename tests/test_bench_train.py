@@ -163,6 +163,9 @@ def test_packed_run_uses_cu_seqlens(bt, tmp_path):
     (["--set", "model.n_heads=3"], "model.d_model"),
     (["--loop", "trainer", "--dtype", "bf16"], "trainer's autocast"),
     (["--backends", "eager", "--compiled-autograd"], "needs a +compile backend"),
+    # an explicit 0 is an error, not "use the config's default"
+    (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
+    (["--seq-len", "0"], "--seq-len 0 must be in [2,"),
 ])
 def test_bad_arguments_name_the_problem(bt, tmp_path, capsys, extra, msg):
     assert bt.main(TINY + extra + ["--out", str(tmp_path)]) == 2

@@ -2,6 +2,8 @@
 the training-step range names of mllm/training/profiling.py."""
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,3 +55,52 @@ def test_bad_arguments(tmp_path):
         res = subprocess.run(["bash", str(SCRIPT), *args, "--out", str(tmp_path)], cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
+
+
+def _ncu_command(tmp_path, *args):
+    res = subprocess.run(["bash", str(SCRIPT), "--tool", "ncu", "--dry-run", "--out", str(tmp_path), *args], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("ncu ")]
+    return shlex.split(line)
+
+
+def _launched_kernels():
+    """Every Triton kernel object of mllm_kernels (the launched ones are named *_kernel; helpers are not)."""
+    import importlib
+    import pkgutil
+
+    import mllm_kernels
+
+    names = set()
+    for m in pkgutil.iter_modules(mllm_kernels.__path__):
+        mod = importlib.import_module(f"mllm_kernels.{m.name}")
+        names |= {k for k, v in vars(mod).items() if k.endswith("_kernel") and hasattr(v, "fn")}
+    return names
+
+
+def test_ncu_defaults_cover_one_whole_step_backward_and_lm_loss_included(tmp_path):
+    """The default kernel regex matches every kernel the package launches (the backward kernels and the LM loss's
+    _ce_rows_kernel too), and no launch count cuts the step short: the profiled range is one step of one
+    micro-batch."""
+    cmd = _ncu_command(tmp_path)
+    regex = re.compile(cmd[cmd.index("--kernel-name") + 1].removeprefix("regex:"))
+    kernels = _launched_kernels()
+    assert {"_ce_rows_kernel", "_rms_norm_bwd_kernel", "_swiglu_bwd_kernel", "_attn_bwd_dkdv_kernel",
+            "_attn_bwd_dq_kernel", "_attn_bwd_preprocess_kernel"} <= kernels
+    assert [k for k in sorted(kernels) if not regex.search(k)] == []
+    # inductor's and ATen's kernels are not this package's
+    assert not regex.search("triton_poi_fused_add_0") and not regex.search("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_NNT")
+    assert "--launch-count" not in cmd
+    bench = cmd[cmd.index("scripts/bench_train.py"):]
+    assert bench[bench.index("--steps") + 1] == "1" and bench[bench.index("--grad-accum") + 1] == "1"
+
+
+def test_ncu_count_and_extra_arguments(tmp_path):
+    cmd = _ncu_command(tmp_path, "--ncu-count", "7", "--kernels", "_ce_rows", "--", "--grad-accum", "2")
+    assert cmd[cmd.index("--launch-count") + 1] == "7"
+    assert cmd[cmd.index("--kernel-name") + 1] == "regex:_ce_rows"
+    assert cmd[-2:] == ["--grad-accum", "2"]  # after the default: bench_train's argparse takes the last one
+    res = subprocess.run(["bash", str(SCRIPT), "--ncu-count", "0", "--out", str(tmp_path)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--ncu-count must be an integer >= 1" in res.stderr

@@ -66,6 +66,25 @@ def test_cli_names_a_missing_file(tmp_path):
      "GEMM (cuBLAS/CUTLASS)"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>, true>(Flash_fwd_params)",
      "attention (PyTorch SDPA)"),
+    # the full names of PyTorch's SDPA kernels as a CUDA trace lists them: CUTLASS templates, not GEMMs
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, cutlass::bfloat16_t, "
+     "Flash_kernel_traits<64, 128, 64, 4, cutlass::bfloat16_t> >, false, true, false, false, true, true, false, "
+     "false>(Flash_fwd_params)", "attention (PyTorch SDPA)"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8, 2, 4, "
+     "2, false, false, cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 8, cutlass::bfloat16_t> >, true, false, "
+     "false, false, false, false, false>(Flash_bwd_params)", "attention (PyTorch SDPA)"),
+    ("void pytorch_flash::flash_bwd_dot_do_o_kernel<true, Flash_bwd_kernel_traits<64, 128, 128, 8, 2, 4, 2, false, "
+     "false, cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 8, cutlass::bfloat16_t> > >(Flash_bwd_params)",
+     "attention (PyTorch SDPA)"),
+    ("void pytorch_flash::flash_bwd_convert_dq_kernel<Flash_bwd_kernel_traits<64, 128, 128, 8, 2, 4, 2, false, false, "
+     "cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 8, cutlass::bfloat16_t> > >(Flash_bwd_params, int)",
+     "attention (PyTorch SDPA)"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, "
+     "cutlass::arch::Sm80, true, 64, 64, 64, true, true>::Params)", "attention (PyTorch SDPA)"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80, "
+     "cutlass::bfloat16_t, true, false, true, 64, 64, 64, false>::Params)", "attention (PyTorch SDPA)"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0",
+     "attention (PyTorch SDPA)"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
      "optimizer / foreach (ATen)"),
     ("triton_poi_fused__to_copy_add_3", "inductor-generated"),

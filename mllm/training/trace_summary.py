@@ -28,16 +28,20 @@ RANGES = ("step", "data", "forward", "backward", "optimizer")
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 GAP_BINS_US = (5, 20, 100, 1000)  # gap histogram edges: <5 µs, 5–20, 20–100, 100–1000, >= 1000
 # kernel name -> kind, first match wins: the step-time budget of benchmarks/NOTES.md by part (this package's Triton
-# kernels by op; cuBLAS/CUTLASS GEMMs, whose names vary by card and library version: sm90_xmma_gemm_*, nvjet_*,
-# cutlass_*; inductor's generated Triton kernels; the rest of ATen)
+# kernels by op; PyTorch SDPA's attention kernels; cuBLAS/CUTLASS GEMMs, whose names vary by card and library
+# version: sm90_xmma_gemm_*, nvjet_*, cutlass_*; inductor's generated Triton kernels; the rest of ATen). SDPA comes
+# before the GEMMs because its kernels are CUTLASS templates whose full names say so
+# ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<..., cutlass::bfloat16_t, ...>>",
+# "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, ...>)").
 KINDS = (
     ("attention (mllm)", re.compile(r"_attn_")),
     ("rms_norm (mllm)", re.compile(r"_rms_norm_")),
     ("swiglu (mllm)", re.compile(r"_swiglu_")),
     ("rope (mllm)", re.compile(r"_rope_")),
     ("lm loss / dpo (mllm)", re.compile(r"_ce_rows|_dpo_logprobs")),
+    ("attention (PyTorch SDPA)", re.compile(r"flash_(?:fwd|bwd)|fmha|efficient_attention|MemEffAttention|_sdpa_|"
+                                            r"flash_attn|flash::", re.I)),
     ("GEMM (cuBLAS/CUTLASS)", re.compile(r"gemm|cutlass|xmma|nvjet|cublas", re.I)),
-    ("attention (PyTorch SDPA)", re.compile(r"flash|fmha|efficient_attention", re.I)),
     ("optimizer / foreach (ATen)", re.compile(r"multi_tensor_apply|adam", re.I)),
     ("inductor-generated", re.compile(r"^triton_(?:poi|red|per|tem|for)_")),
     ("copies and casts (ATen)", re.compile(r"copy|cast", re.I)),

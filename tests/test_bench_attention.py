@@ -1,0 +1,81 @@
+"""benchmarks/bench_attention.py and bench_dpo.py outside the runner: the CPU time is a median after a warm-up call
+(it was a mean of 5 calls, labelled median), the attention CLI runs as a plain script (``python
+benchmarks/bench_attention.py``, no PYTHONPATH) and its results name the whole environment in a file that a later run
+does not overwrite."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_attention as A
+from benchmarks import bench_dpo as D
+from benchmarks import common as C
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_clock(monkeypatch, module, name):
+    """Replace ``module.name`` by a call whose durations are 100 ms (first call), then 1, 1, 50, 1, 2 ms."""
+    clock = [0.0]
+    durations = iter([0.100, 0.001, 0.001, 0.050, 0.001, 0.002])
+
+    def fake(*args, **kwargs):
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(C.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(module, name, fake)
+
+
+def test_dpo_cpu_time_is_a_median_after_warm_up(monkeypatch):
+    _fake_clock(monkeypatch, D.R, "sequence_logprobs")
+    (row,) = D.run("cpu")
+    assert row["ms"] == pytest.approx(1.0)  # the mean of the first 5 calls would be 30.6
+
+
+def test_attention_cpu_time_is_a_median_after_warm_up(monkeypatch):
+    _fake_clock(monkeypatch, A.R, "attention")
+    (row,) = A.run("cpu")
+    assert row["ms"] == pytest.approx(1.0)
+
+
+def _script_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+
+
+def test_tune_as_a_script_without_pythonpath_says_it_needs_cuda(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--tune"], cwd=tmp_path,
+                         env=_script_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "needs CUDA" in res.stderr and "ModuleNotFoundError" not in res.stderr
+
+
+def test_out_writes_a_timestamped_file_with_the_runner_environment(tmp_path):
+    out = tmp_path / "res"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--out", str(out)],
+                         cwd=tmp_path, env=_script_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (path,) = out.glob("*.json")
+    assert re.fullmatch(r"bench_attention_\d{8}-\d{6}_cpu\.json", path.name), path.name
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    for key in ("card", "driver", "cuda_runtime", "torch", "triton", "git_commit", "git_dirty", "date_utc", "host"):
+        assert key in env, key
+    assert data["rows"][0]["provider"] == "eager-sinks" and data["rows"][0]["ms"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert env["date_utc"] in md and "commit" in md and "| eager-sinks |" in md
+
+
+def test_dpo_error_rows_are_reported_not_fatal():
+    """A provider that raises on the GPU becomes an error row; the table and the goals read the other rows."""
+    shape = "N16xT1024xd1024xV50257"
+    rows = [dict(op="dpo_logprobs", shape=shape, dtype="bfloat16", mode="fwd", provider="triton",
+                 error="RuntimeError: Triton Error [CUDA]: an illegal memory access"),
+            dict(op="dpo_logprobs", shape=shape, dtype="bfloat16", mode="fwd", provider="eager", ms=38.5, tflops=44.0,
+                 peak_mem_mb=6284.0)]
+    md = D.to_markdown(rows)
+    assert "| triton | RuntimeError: Triton Error [CUDA]: an illegal memory access |" in md and "| 38.500 |" in md
+    assert D.goals(rows) == {}
