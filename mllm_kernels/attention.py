@@ -10,7 +10,8 @@ For query i with document start st(i) (and end en(i), exclusive) key j is allowe
 and with s_ij = scale · <rope(q_i), rope(k_j)>, sink logit σ_h (−∞ when no sinks):
     lse_i = log(exp(σ_h) + Σ_j exp(s_ij)),   P_ij = exp(s_ij − lse_i),   out_i = Σ_j P_ij v_j.
 
-Kernels (all statistics in fp32; exponentials in base 2 with log2(e) folded into the scale):
+Kernels (all statistics in fp32; exponentials in base 2 with log2(e) folded into the scale; every 16-bit output is
+rounded to nearest even by ``_cast.to_out``, also under the interpreter, whose plain ``.to(bf16)`` truncates):
   * ``_attn_fwd_kernel``   grid (q-blocks, B·Hq): online softmax over the KV blocks that can hold an allowed
     key. The running max/sum start at (σ_h, 1) when there are sinks, which adds the value-less column.
   * ``_attn_bwd_preprocess_kernel`` grid (q-blocks, B·Hq): Δ_i = Σ_d dO_id O_id − dlse_i, and per-block
@@ -52,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._cast import to_out
 from ._common import (call_op, check_same_device, check_tensor, dot_dtype_for, eager_function, interpreting,
                       kernel_path, patch_inductor_operator_str, record_path, warm_rope_table)
 
@@ -121,8 +123,8 @@ def _store_grad_rows(base, offs, stride, ok, g1, g2, pos_ptr, freq_ptr, UNROT: t
         g2 = r2
     offs_h = tl.arange(0, HALF)
     ptrs = base + offs[:, None] * stride + offs_h[None, :]
-    tl.store(ptrs, g1.to(base.dtype.element_ty), mask=ok[:, None])
-    tl.store(ptrs + HALF, g2.to(base.dtype.element_ty), mask=ok[:, None])
+    tl.store(ptrs, to_out(g1, base.dtype.element_ty), mask=ok[:, None])
+    tl.store(ptrs + HALF, to_out(g2, base.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -285,7 +287,7 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, to_out(out, O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + (b * HQ + h) * T + offs_m, lse, mask=row_ok)
 
 
@@ -467,7 +469,7 @@ def _attn_bwd_dkdv_kernel(
     _store_grad_rows(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, col_ok, dk1 * sm_scale, dk2 * sm_scale,
                      pos_ptr, FREQ, ROPE, HALF)
     tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+             to_out(dv, DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -592,8 +594,8 @@ def _rope_rows_kernel(X, Y, POS, FREQ, stride_xb, stride_xt, stride_xh, stride_y
     x1, x2 = _load_rows(X + b * stride_xb + h * stride_xh, offs_t, stride_xt, ok, POS + b * T, FREQ, True, HALF)
     offs_h = tl.arange(0, HALF)
     yp = Y + b * stride_yb + h * stride_yh + offs_t[:, None] * stride_yt + offs_h[None, :]
-    tl.store(yp, x1.to(Y.dtype.element_ty), mask=ok[:, None])
-    tl.store(yp + HALF, x2.to(Y.dtype.element_ty), mask=ok[:, None])
+    tl.store(yp, to_out(x1, Y.dtype.element_ty), mask=ok[:, None])
+    tl.store(yp + HALF, to_out(x2, Y.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ straight into an online logsumexp (FlashAttention-style running max / sum) and a
 vocabulary is split over a second grid axis (``n_split`` partial (max, sum, target) triples, combined on the host),
 so the only memory beyond the inputs is O(N·T·n_split) floats.
 
-Backward: with upstream g[n], ∂logp/∂z_tv = g_n (1[v = y_t] − softmax(z_t)_v). Rows are processed in chunks of C
-tokens: ``_dpo_logprobs_bwd_kernel`` recomputes z for the chunk (fp32 accumulation) and writes dz [C, V] in the input
-dtype; then dh = dz·W and dW += dzᵀ·h run on cuBLAS (or the CPU BLAS). Peak extra memory is C·V elements instead of
+Backward: the log-prob's own derivative is ∂logp_n/∂z_ntv = [y_nt ≠ ignore] (1[v = y_nt] − softmax(z_nt)_v) (zero
+for every v at an ignored label), so with upstream gradients g [N] the logit gradient is dz_ntv = g_n · ∂logp_n/∂z_ntv.
+Rows are processed in chunks of C tokens: ``_dpo_logprobs_bwd_kernel`` recomputes z for the chunk (fp32 accumulation)
+and writes dz [C, V] in the input dtype (rounded to nearest even); then dh = dz·W and dW += dzᵀ·h run on cuBLAS
+(or the CPU BLAS). Peak extra memory is C·V elements instead of
 the N·T·V fp32 logits (+ their log-softmax and gradient) of the eager path.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._cast import to_out
 from ._common import (
     call_op,
     check_same_device,
@@ -115,7 +118,7 @@ def _dpo_logprobs_bwd_kernel(
     p = tl.exp(acc - lse[:, None])
     dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
     dz = tl.where(mask_v[None, :], dz, 0.0)  # the padding columns V..V_PAD hold zeros
-    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_v[None, :], to_out(dz, dz_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (offs_v < V_PAD)[None, :])
 
 
@@ -156,6 +159,9 @@ def _fwd_launch(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor, tune: Optio
     """h2 [M, d], w [V, d], y1 [M] int64 -> (token_logp [M] fp32, lse [M] fp32)."""
     M, D = h2.shape
     V = w.shape[0]
+    if M == 0:  # no tokens: nothing to launch (a grid with a zero axis)
+        empty = torch.empty(0, device=h2.device, dtype=torch.float32)
+        return empty, empty.clone()
     cfg = _config("fwd", h2.dtype, tune)
     BM, BV = cfg["BLOCK_M"], cfg["BLOCK_V"]
     n_m = triton.cdiv(M, BM)
@@ -190,6 +196,8 @@ def _bwd_launch(h2, w, y1, lse, g_tok, tune: Optional[dict] = None):
     stride of dz would be odd, which rules out cuBLAS's aligned tensor-core kernels for both matmuls."""
     M, D = h2.shape
     V = w.shape[0]
+    if M == 0:  # no tokens, no gradient (and the chunk loop below would step by C = M = 0)
+        return torch.empty_like(h2), torch.zeros_like(w)
     cfg = _config("bwd", h2.dtype, tune)
     BM, BV = cfg["BLOCK_M"], cfg["BLOCK_V"]
     VP = triton.cdiv(V, 64) * 64

@@ -24,6 +24,7 @@ Layers: ``_ce_rows_kernel`` (``@triton.jit``) -> ``lce_forward`` (launcher, chun
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -210,7 +211,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         record_path("linear_cross_entropy", "eager")
         return reference.linear_cross_entropy(hidden, weight, labels, V, ignore_index)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # not reshape(-1, d): d may be 0
     return call_op(_lce_op, _LinearCrossEntropyFunction, h2, weight, labels.reshape(-1).to(torch.int64), V,
                    ignore_index, need_grad)[0]
 

@@ -3,8 +3,11 @@
 This module is *the* specification: the Triton kernels are tested against these functions, and the
 model's ``kernel_backend="eager"`` path calls them directly (there is no second copy anywhere).
 
-All statistics are computed in fp32 whatever the input dtype, and results are cast back to the input
-dtype at the end, which is what the kernels do too. Shapes use
+All statistics are computed in fp32 for fp32/fp16/bf16 inputs, and results are cast back to the input
+dtype at the end, which is what the kernels do too. fp64 inputs are computed in fp64 throughout (the compute dtype
+is ``torch.promote_types(dtype, torch.float32)``, see ``compute_dtype``): the tests evaluate these same functions on
+fp64 copies of their inputs as the accuracy oracle, which an fp32 upcast would silently turn into an fp32 oracle.
+For fp32/fp16/bf16 inputs that is exactly ``.float()``, so the model's eager path is unchanged. Shapes use
 ``B`` batch, ``T`` sequence length, ``H``/``Hq``/``Hkv`` heads, ``D`` head dim, ``N`` rows, ``V`` vocab.
 """
 from __future__ import annotations
@@ -18,6 +21,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: fp32 for 16-bit and fp32 inputs, fp64 when any input is fp64."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------
@@ -26,11 +37,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     """y = x · rsqrt(mean(x², -1) + eps) · w.
 
     x: [..., C], weight: [C] -> y: [..., C] in out_dtype (default x.dtype). Statistics and the product are
-    computed in fp32 and rounded once to the output dtype.
+    computed in ``compute_dtype(x.dtype)`` (fp32; fp64 for fp64 x) and rounded once to the output dtype.
     """
-    xf = x.float()
+    ct = compute_dtype(x.dtype)
+    xf = x.to(ct)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(out_dtype or x.dtype)
+    return (xf * rstd * weight.to(ct)).to(out_dtype or x.dtype)
 
 
 def fused_add_rms_norm(
@@ -44,7 +56,8 @@ def fused_add_rms_norm(
     normalised, so the normed output is exactly rms_norm(new_residual) — the same thing a model that stores the
     residual stream in residual.dtype computes. y: out_dtype (default residual.dtype).
     """
-    h = (x.float() + residual.float()).to(residual.dtype)
+    ct = compute_dtype(x.dtype, residual.dtype)
+    h = (x.to(ct) + residual.to(ct)).to(residual.dtype)
     return rms_norm(h, weight, eps, out_dtype), h
 
 
@@ -52,31 +65,35 @@ def fused_add_rms_norm(
 # SwiGLU
 # ----------------------------------------------------------------------------------------------------
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """out = silu(gate) · up = gate · sigmoid(gate) · up, in fp32, cast to gate.dtype. Shapes [..., F]."""
-    g = gate.float()
-    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+    """out = silu(gate) · up = gate · sigmoid(gate) · up, in fp32 (fp64 for fp64 inputs), cast to gate.dtype.
+    Shapes [..., F]."""
+    ct = compute_dtype(gate.dtype, up.dtype)
+    g = gate.to(ct)
+    return (g * torch.sigmoid(g) * up.to(ct)).to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # RoPE (half-split / GPT-NeoX / Llama-HF layout)
 # ----------------------------------------------------------------------------------------------------
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float = 10000.0):
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 dtype: torch.dtype = torch.float32):
     """cos, sin of angle[b, t, i] = position_ids[b, t] · theta^(-2i / D), i in [0, D/2).
 
-    position_ids: [B, T] integer -> cos, sin: [B, T, D/2] fp32.
+    position_ids: [B, T] integer -> cos, sin: [B, T, D/2] in ``dtype`` (fp32; fp64 for an fp64 evaluation).
+    The angle is formed in fp64: its absolute error |angle| · 2^-53 stays below 2^-29 rad for positions < 2^24.
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim)
     ang = position_ids.to(torch.float64)[..., None] * inv_freq  # float64 so large positions stay exact
-    return torch.cos(ang).float(), torch.sin(ang).float()
+    return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x: [B, T, H, D] by cos/sin: [B, T, D/2]; halves x1 = x[..., :D/2], x2 = x[..., D/2:]:
-    out = [x1·cos − x2·sin, x2·cos + x1·sin] (fp32 maths, cast to x.dtype)."""
+    out = [x1·cos − x2·sin, x2·cos + x1·sin] (fp32 maths, fp64 for fp64 x; cast to x.dtype)."""
     d2 = x.shape[-1] // 2
-    xf = x.float()
+    xf = x.to(compute_dtype(x.dtype))
     x1, x2 = xf[..., :d2], xf[..., d2:]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
@@ -89,7 +106,7 @@ def apply_rope(
 
     Positions are explicit so packed documents restart at 0. Returns (q_rot, k_rot) in the inputs' dtypes.
     """
-    cos, sin = rope_cos_sin(position_ids, q.shape[-1], theta)
+    cos, sin = rope_cos_sin(position_ids, q.shape[-1], theta, compute_dtype(q.dtype, k.dtype))
     return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
 
 
@@ -200,7 +217,8 @@ def attention(
     Returns out [B, T, Hq, D] (q.dtype); with return_lse also lse [B, Hq, T] fp32
     (lse_i = log(exp(sink_h) + Σ_j exp(s_ij)), the sink included); with return_probs also
     probs [B, Hq, T, T] fp32 (the sink's column dropped, so rows sum to 1 − P_sink).
-    Maths in fp32; a query with no allowed key and no sink (impossible with causal masks) gives 0.
+    Maths in fp32 (fp64, and fp64 lse/probs, for fp64 inputs); a query with no allowed key and no sink
+    (impossible with causal masks) gives 0.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -211,7 +229,8 @@ def attention(
         position_ids = torch.arange(T, device=q.device)[None].expand(B, T)
     if rope_theta is not None:
         q, k = apply_rope(q, k, position_ids, rope_theta)
-    qf, kf, vf = q.float(), k.float(), v.float()
+    ct = compute_dtype(q.dtype, k.dtype, v.dtype)
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     group = Hq // Hkv
     kf = kf.repeat_interleave(group, dim=2)
     vf = vf.repeat_interleave(group, dim=2)
@@ -220,7 +239,7 @@ def attention(
     allowed = attention_mask(doc_start, causal, window, n_sink_tokens)[:, None]  # [B, 1, T, T]
     s = s.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
-        sink_col = sinks.float().view(1, Hq, 1, 1).expand(B, Hq, T, 1)
+        sink_col = sinks.to(ct).view(1, Hq, 1, 1).expand(B, Hq, T, 1)
         s_all = torch.cat([s, sink_col], dim=-1)
     else:
         s_all = s
@@ -246,10 +265,12 @@ def sequence_logprobs(
 
     hidden: [N, T, d] (final-norm outputs), weight: [V, d] (LM head), labels: [N, T] int64 aligned with
     hidden (labels[n, t] is the token predicted *at* position t; ``ignore_index`` positions are skipped).
-    logp[n] = Σ_t [labels ≠ ignore] (h_nt · w_y − logsumexp_v(h_nt · w_v)), maths in fp32 -> [N] fp32.
-    Materialises the [N, T, V] logits: this is what the chunked kernel avoids.
+    logp[n] = Σ_t [labels ≠ ignore] (h_nt · w_y − logsumexp_v(h_nt · w_v)), maths in fp32 -> [N] fp32
+    (fp64 maths and result for fp64 inputs). Materialises the [N, T, V] logits: this is what the chunked kernel
+    avoids.
     """
-    logits = hidden.float() @ weight.float().t()
+    ct = compute_dtype(hidden.dtype, weight.dtype)
+    logits = hidden.to(ct) @ weight.to(ct).t()
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     tok = logits.gather(-1, safe[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -266,11 +287,12 @@ def linear_cross_entropy(
 
     hidden: [..., d], weight: [V_rows, d] (a padded table may have more rows than the vocabulary), labels: [...]
     int, vocab_size V ≤ V_rows (default V_rows: rows ≥ V never enter the softmax). Logits are h·Wᵀ in the
-    inputs' dtype (as an autocast linear computes them), the softmax in fp32 -> scalar fp32 (the sum, not the
-    mean: the caller divides by its own count).
+    inputs' dtype (as an autocast linear computes them), the softmax in fp32 (fp64 for fp64 inputs) -> scalar
+    fp32 (the sum, not the mean: the caller divides by its own count).
     """
     V = weight.shape[0] if vocab_size is None else vocab_size
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight[:V].t()).float()
+    rows = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # not reshape(-1, d): d may be 0
+    logits = (rows @ weight[:V].t()).to(compute_dtype(hidden.dtype))
     return torch.nn.functional.cross_entropy(logits, labels.reshape(-1).long(), ignore_index=ignore_index,
                                              reduction="sum")
 
@@ -285,9 +307,11 @@ def dpo_loss(
     """Sigmoid DPO (Rafailov et al. 2023) from four [N] log-prob vectors.
 
     r_c = β (π_c − ref_c), r_r = β (π_r − ref_r); loss = mean(−logsigmoid(r_c − r_r)).
-    Returns (loss scalar, rewards_chosen [N], rewards_rejected [N]) — rewards detached.
+    Returns (loss scalar, rewards_chosen [N], rewards_rejected [N]) — rewards detached; fp32 (fp64 when an input
+    is fp64).
     """
-    rc = beta * (policy_chosen.float() - ref_chosen.float())
-    rr = beta * (policy_rejected.float() - ref_rejected.float())
+    ct = compute_dtype(policy_chosen.dtype, policy_rejected.dtype, ref_chosen.dtype, ref_rejected.dtype)
+    rc = beta * (policy_chosen.to(ct) - ref_chosen.to(ct))
+    rr = beta * (policy_rejected.to(ct) - ref_rejected.to(ct))
     loss = -F.logsigmoid(rc - rr).mean()
     return loss, rc.detach(), rr.detach()

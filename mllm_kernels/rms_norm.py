@@ -32,6 +32,7 @@ Layers: ``_rms_norm_fwd_kernel`` / ``_rms_norm_bwd_kernel`` (``@triton.jit``) â†
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -244,7 +245,8 @@ def _bwd_programs(n_rows: int, block_rows: int, device: torch.device, per_sm: Op
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [N, C] with unit column stride (a view when the layout allows, e.g. a column slice)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    # N spelled out: reshape(-1, 0) cannot infer N when C = 0
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     if t2.shape[1] > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2

@@ -9,11 +9,17 @@ in one launch, one program per BLOCK_T tokens. Positions are explicit, so packed
 
 cos/sin are computed in the kernel (no [B, T, D/2] table is read from memory). A naive fp32 angle pos·inv_freq has
 an absolute error ~|angle|·2⁻²⁴, 1e-4 rad at position 2,048, which is well above fp32 rounding. Instead the
-angle is formed in *turns* (angle / 2π) with exact products: on the host, in fp64, f_i = θ^(−2i/D) / 2π is split
-into f = t0 + t1 + t2 (t0, t1: 12 significant bits each, t2: the fp32-rounded rest); in the kernel
-pos = p_hi·4096 + p_lo (each < 4096 for pos < 2²⁴), every product p_x·t_y (x ∈ {hi, lo}, y ∈ {0, 1}) has ≤ 24
-significant bits and is therefore exact in fp32, and so is its fractional part. The sum of the five fractional
-parts, reduced to [−½, ½) turns and scaled by 2π, is accurate to ~1e-6 rad for every position below 2²⁴.
+angle is formed in *turns* (angle / 2π) in 64-bit fixed point: on the host, F_i = round(2⁶⁴ · θ^(−2i/D) / 2π) (an
+int64, computed exactly from the fp64 inverse frequency the reference uses); in the kernel the int64 product
+pos · F_i wraps modulo 2⁶⁴, which drops exactly the whole turns, and read as a signed number it is the angle's
+fraction of a turn in [−½, ½) scaled by 2⁶⁴. Its top 32 bits go to fp32 and are scaled by 2π. Error: |pos| · 2⁻⁶⁵
+turns from the rounding of F (≤ 2e-7 rad for |pos| < 2⁴⁰), 2⁻³² turns from the dropped bits, and the fp32
+roundings of the angle (≤ 3 · 2⁻²⁴ relative, i.e. ≤ 6e-7 rad near ±π): below 1e-6 rad for every |pos| <
+2⁴⁰ = ``MAX_POSITION`` (about 1.1e12; every int32 position is far inside), positive or negative. One integer
+multiply per (token, frequency), shared by all heads. Beyond ``MAX_POSITION`` the first term grows linearly, so
+those positions are refused: ``apply_rope`` raises ValueError when it can see them without a
+device-to-host sync (int64 positions on the CPU; int32 positions cannot exceed it), and the kernel writes NaN
+for such tokens (CUDA int64 positions, or the launchers called directly) rather than a wrong rotation.
 Maths in fp32; outputs have the inputs' dtypes. Inputs may be strided views (unit stride along D), e.g. q and k
 sliced from a fused qkv projection: they are read in place.
 
@@ -23,7 +29,7 @@ Layers: ``_rope_kernel`` (``@triton.jit``, forward and backward through a conste
 """
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,37 +41,34 @@ from ._cast import to_out
 from ._common import (call_op, check_same_device, check_same_dtype, check_tensor, eager_function, interpreting,
                       kernel_path, patch_inductor_operator_str, record_path, warm_rope_table)
 
-TWO_PI = 2.0 * math.pi
+# |position| must stay below this for the kernel's angle error bound (module docstring); 2^40 = 1,099,511,627,776
+MAX_POSITION = 1 << 40
+# π to 50 digits, so that the host's turn rates are exact to far below their 2^-64 quantum
+_PI = Fraction("3.14159265358979323846264338327950288419716939937510")
 
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _rope_cos_sin(POS, FREQ, tok, tok_mask, stride_pb, stride_pt, T, HALF, BLOCK_HALF: tl.constexpr):
-    """cos, sin [BLOCK_T, BLOCK_HALF] fp32 for the tokens ``tok`` (flat b·T + t), from the split turn rates."""
+def _rope_cos_sin(POS, FREQ, tok, tok_mask, stride_pb, stride_pt, T, HALF, BLOCK_HALF: tl.constexpr,
+                  MAX_POS: tl.constexpr):
+    """cos, sin [BLOCK_T, BLOCK_HALF] fp32 for the tokens ``tok`` (flat b·T + t), from the fixed-point turn rates;
+    NaN for positions with |pos| >= MAX_POS (see the module docstring)."""
     b = tok // T
     t = tok % T
     pos = tl.load(POS + b * stride_pb + t * stride_pt, mask=tok_mask, other=0).to(tl.int64)
-    p_hi = ((pos >> 12) * 4096).to(tl.float32)[:, None]
-    p_lo = (pos & 4095).to(tl.float32)[:, None]
     i = tl.arange(0, BLOCK_HALF)
-    imask = i < HALF
-    t0 = tl.load(FREQ + i, mask=imask, other=0.0)[None, :]
-    t1 = tl.load(FREQ + HALF + i, mask=imask, other=0.0)[None, :]
-    t2 = tl.load(FREQ + 2 * HALF + i, mask=imask, other=0.0)[None, :]
-    a = p_hi * t0
-    turns = a - tl.floor(a)
-    a = p_lo * t0
-    turns += a - tl.floor(a)
-    a = p_hi * t1
-    turns += a - tl.floor(a)
-    a = p_lo * t1
-    turns += a - tl.floor(a)
-    a = (p_hi + p_lo) * t2
-    turns += a - tl.floor(a)
-    turns = turns - tl.floor(turns + 0.5)  # [-1/2, 1/2): cos/sin are most accurate near 0
+    rate = tl.load(FREQ + i, mask=i < HALF, other=0)
+    # two's-complement int64 multiplication wraps modulo 2^64 (Triton sanitizes overflow only below 64 bits): the
+    # whole turns fall off the top, and the signed result is the fraction of a turn in [-1/2, 1/2) times 2^64
+    frac = pos[:, None] * rate[None, :]
+    # the top 32 bits as fp32 (rounded to 24 significant bits, so finer near 0, where sin is most sensitive)
+    turns = (frac >> 32).to(tl.int32).to(tl.float32) * 2.3283064365386963e-10
     angle = turns * 6.283185307179586
+    # the error bound fails beyond MAX_POS: NaN makes such a token visible downstream instead of silently wrong
+    outside = (pos >= MAX_POS) | (pos <= -MAX_POS)
+    angle = tl.where(outside[:, None], float("nan"), angle)
     return tl.cos(angle), tl.sin(angle)
 
 
@@ -99,12 +102,12 @@ def _rope_kernel(
     n_tokens, T, HQ, HKV, HALF,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_pb, stride_pt,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BACKWARD: tl.constexpr,
+    BACKWARD: tl.constexpr, MAX_POS: tl.constexpr = MAX_POSITION,
 ):
     """Rotates q and k of BLOCK_T tokens by the same angles (inverse rotation when BACKWARD)."""
     tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tok_mask = tok < n_tokens
-    cos, sin = _rope_cos_sin(POS, FREQ, tok, tok_mask, stride_pb, stride_pt, T, HALF, BLOCK_HALF)
+    cos, sin = _rope_cos_sin(POS, FREQ, tok, tok_mask, stride_pb, stride_pt, T, HALF, BLOCK_HALF, MAX_POS)
     b = tok // T
     t = tok % T
     _rope_rotate_heads(Q, QO, b, t, tok_mask, cos, sin, HQ, stride_qb, stride_qt, stride_qh, T, HALF,
@@ -119,29 +122,18 @@ def _rope_kernel(
 _FREQ_CACHE: Dict[Tuple[int, float, str], torch.Tensor] = {}
 
 
-def _split_bits(v: float, bits: int) -> float:
-    """v truncated to its leading ``bits`` significant bits (exact in fp32, and so is v − result in fp64)."""
-    if v == 0.0:
-        return 0.0
-    m, e = math.frexp(v)  # v = m · 2^e, 0.5 <= |m| < 1
-    return math.ldexp(math.floor(m * 2.0**bits), e - bits)
-
-
 def rope_turn_table(head_dim: int, theta: float, device) -> torch.Tensor:
-    """[3, D/2] fp32: t0 + t1 + t2 = θ^(−2i/D) / 2π (turns per position), t0 and t1 holding 12 significant bits
-    each so that products with 12-bit position pieces are exact. Cached per (D, θ, device)."""
+    """[D/2] int64: F_i = round(2^64 · inv_freq_i / 2π), turns per position in 64-bit fixed point, with inv_freq the
+    fp64 θ^(−2i/D) of ``reference.rope_cos_sin`` (the same expression, so both rotate by the same angles); exact
+    rational arithmetic, so |F_i − 2^64 · inv_freq_i / 2π| <= 1/2. For θ >= 1 every F_i < 2^62 (inv_freq <= 1);
+    a larger one (θ < 1) is stored modulo 2^64 as a signed int64, which changes no product modulo 2^64. Cached per
+    (D, θ, device)."""
     key = (head_dim, float(theta), str(device))
     table = _FREQ_CACHE.get(key)
     if table is None:
-        rows = ([], [], [])
-        for i in range(0, head_dim, 2):
-            f = float(theta) ** (-i / head_dim) / TWO_PI
-            t0 = _split_bits(f, 12)
-            t1 = _split_bits(f - t0, 12)
-            rows[0].append(t0)
-            rows[1].append(t1)
-            rows[2].append(f - t0 - t1)
-        table = torch.tensor(rows, dtype=torch.float64).to(dtype=torch.float32, device=device)
+        inv = float(theta) ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        rates = [(round(Fraction(f) / (2 * _PI) * 2**64) + 2**63) % 2**64 - 2**63 for f in inv.tolist()]
+        table = torch.tensor(rates, dtype=torch.int64).to(device)
         _FREQ_CACHE[key] = table
     return table
 
@@ -151,8 +143,10 @@ def _config(n_tokens: int, hq: int, hkv: int, half: int, tune: Optional[dict] = 
     tokens are stacked to reach ~4K q elements per program on the GPU (~64K under the interpreter)."""
     block_half = triton.next_power_of_2(max(half, 1))
     cap = 64 if not interpreting() else 256
-    block_hq = min(triton.next_power_of_2(hq), max(1, cap * 32 // block_half))
-    block_hkv = min(triton.next_power_of_2(hkv), block_hq)
+    # max(.., 1): one tensor may have no heads (its head loop then runs zero times), and a zero block would
+    # divide by zero below and make that loop's step 0
+    block_hq = min(triton.next_power_of_2(max(hq, 1)), max(1, cap * 32 // block_half))
+    block_hkv = min(triton.next_power_of_2(max(hkv, 1)), block_hq)
     target = 65536 if interpreting() else 4096
     per_token = 2 * block_hq * block_half
     block_t = max(1, min(triton.next_power_of_2(max(n_tokens, 1)), target // per_token))
@@ -174,7 +168,7 @@ def _launch(q, k, position_ids, theta, backward: bool, tune: Optional[dict] = No
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     n_tokens = B * T
-    if n_tokens == 0 or D == 0:
+    if n_tokens == 0 or D == 0 or HQ + HKV == 0:
         return qo, ko
     half = D // 2
     table = rope_turn_table(D, theta, q.device)
@@ -280,12 +274,33 @@ def _validate(q, k, position_ids, theta) -> None:
                          f"[B, T] = [{B}, {T}]: they must match")
     if not isinstance(theta, (int, float)) or not theta > 0:
         raise ValueError(f"theta must be a positive float, got {theta!r}")
+    _check_position_range(position_ids)
+
+
+def _check_position_range(position_ids: torch.Tensor) -> None:
+    """ValueError for |position| >= MAX_POSITION, where that costs no device-to-host sync.
+
+    int32 positions cannot reach 2^40, so they are never read. int64 positions on the CPU are read (one pass
+    over [B, T], next to a kernel that reads [B, T, H, D]). CUDA positions are not: reading them here would stall
+    the host on the GPU on every call, so the kernel itself writes NaN for such tokens. Skipped while
+    torch.compile traces (the values are not known then; the kernel's NaN still applies)."""
+    if (position_ids.dtype != torch.int64 or position_ids.device.type != "cpu" or not position_ids.numel()
+            or torch.compiler.is_compiling()):
+        return
+    outside = (position_ids >= MAX_POSITION) | (position_ids <= -MAX_POSITION)
+    if bool(outside.any()):
+        bad = int(position_ids[outside][0])
+        raise ValueError(f"position_ids hold {bad}, outside the supported range |position| < 2**40 = {MAX_POSITION} "
+                         "(beyond it the kernel's angle error bound no longer holds)")
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
                theta: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q: [B, T, Hq, D] and k: [B, T, Hkv, D] (same dtype) at position_ids: [B, T] (int32/int64)
     -> (q_rot, k_rot) in the inputs' dtype. Differentiable in q and k.
+
+    Positions must satisfy |p| < ``MAX_POSITION`` = 2^40: int64 CPU positions beyond it raise ValueError; CUDA
+    positions are not read back (no sync), and the kernel gives NaN for those tokens instead.
 
     Dispatch: CUDA -> compiled kernel, CPU with TRITON_INTERPRET=1 -> the kernel under the interpreter, CPU
     otherwise -> ``reference.apply_rope`` (``last_path("apply_rope")`` tells which ran)."""

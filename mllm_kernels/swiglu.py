@@ -25,6 +25,7 @@ Layers: ``_swiglu_fwd_kernel`` / ``_swiglu_bwd_kernel`` → ``swiglu_fwd`` / ``s
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -94,7 +95,9 @@ def _config(n_rows: int, n_cols: int, tune: Optional[dict] = None):
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    """[..., F] -> [N, F] with unit column stride (a view when the layout allows)."""
+    # N spelled out: reshape(-1, 0) cannot infer N when F = 0
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     if t2.shape[1] > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2

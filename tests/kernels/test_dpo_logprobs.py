@@ -5,18 +5,36 @@ so the grid covers V smaller than one tile (7), exactly one tile (64), several t
 d not a multiple of the K step (40, 33), single tokens (T=1) and rows where every label is ignored. On CUDA
 the same grid runs compiled (128-wide V tiles, split-V forward), plus the GPT-2 vocabulary 50,257.
 
-Tolerances follow FlashAttention's rule: |kernel − fp64| ≤ 2·|eager(dtype) − fp64| + atol[dtype].
+Accuracy rule (FlashAttention's, ``fa_rule.assert_fa``), for logp, dh and dW:
+    max|kernel − oracle64| ≤ 2 · max|eager − oracle64| + ATOL[dtype][name] · max(1, max|oracle64|)
+The inputs are rounded to the test dtype once; ``oracle64`` is ``reference.sequence_logprobs`` on fp64 copies of
+those rounded inputs (the reference computes in fp64 for fp64 inputs), ``eager`` the reference at the test dtype,
+and all three get the same upstream gradient. The slack differs per output: logp is an fp32 result for every input
+dtype (fp32 accumulation of products that are exact for bf16 operands, fp32 softmax), so its slack is fp32-sized
+even for bf16, while the kernel's gradients pass through dz rounded to the input dtype and a matmul in it (dh = dz·W,
+dW = dzᵀ·h), which needs bf16-sized slack. ``test_rule_rejects_bf16_rounded_logits`` checks that this catches a
+plausible bug (logits rounded to bf16 before the softmax) that the former slack of 2e-2·|logp| let through.
+Every test draws a fresh seed and names it on failure.
 """
+import math
+import os
+
 import pytest
 import torch
+from fa_rule import assert_fa
 
 from mllm_kernels import dpo_logprobs as K
 from mllm_kernels import reference as R
 from mllm_kernels._common import interpreting, last_path
 
-ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # absolute slack on top of the 2x rule (per dtype)
+ATOL = {  # absolute slack on top of the 2x rule, in units of max(1, max|oracle64|)
+    torch.float32: {"logp": 1e-5, "dh": 1e-5, "dw": 1e-5},
+    torch.bfloat16: {"logp": 1e-5, "dh": 1e-2, "dw": 1e-2},
+}
 # CPU tensors reach the kernel only under TRITON_INTERPRET=1 (on a CUDA machine they take the eager path)
 DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_PATH = {"cpu": "interpreter", "cuda": "triton"}
+needs_kernel = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
 
 SHAPES = [  # (N, T, d, V)
     (1, 1, 16, 7),
@@ -26,75 +44,149 @@ SHAPES = [  # (N, T, d, V)
 ]
 
 
-def _inputs(N, T, D, V, dtype, device, seed):
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def _inputs(N, T, D, V, dtype, device, seed, ignore_index=-100):
+    """h [N, T, d], w [V, d] rounded to ``dtype``, labels [N, T] (a quarter ``ignore_index``), upstream grad [N] fp32."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, T, D, generator=g)
     w = torch.randn(V, D, generator=g) * D ** -0.5 * 2
     y = torch.randint(0, V, (N, T), generator=g)
-    drop = torch.rand(N, T, generator=g) < 0.25
-    y[drop] = -100
-    return h.to(device), w.to(device), y.to(device)
+    y[torch.rand(N, T, generator=g) < 0.25] = ignore_index
+    gout = torch.randn(N, generator=g)
+    return h.to(device, dtype), w.to(device, dtype), y.to(device), gout.to(device)
 
 
-def _grads(fn, h, w, y, dtype, gout):
-    hh = h.to(dtype).requires_grad_()
-    ww = w.to(dtype).requires_grad_()
-    out = fn(hh, ww, y)
+def _grads(fn, h, w, y, gout, **kw):
+    hh = h.detach().clone().requires_grad_()
+    ww = w.detach().clone().requires_grad_()
+    out = fn(hh, ww, y, **kw)
     dh, dw = torch.autograd.grad(out, (hh, ww), gout)
-    return out.double(), dh.double(), dw.double()
+    return [out.detach(), dh, dw]
+
+
+def _check(shape, dtype, device, seed, ignore_index=-100):
+    h, w, y, gout = _inputs(*shape, dtype, device, seed, ignore_index)
+    ctx = f"shape={shape} dtype={dtype} device={device} ignore_index={ignore_index} seed={seed}"
+    kern = _grads(K.sequence_logprobs, h, w, y, gout, ignore_index=ignore_index)
+    assert last_path("sequence_logprobs") == KERNEL_PATH[device], ctx  # the kernel ran, not the eager fallback
+    eager = _grads(R.sequence_logprobs, h, w, y, gout, ignore_index=ignore_index)
+    oracle = _grads(R.sequence_logprobs, h.double(), w.double(), y, gout.double(), ignore_index=ignore_index)
+    assert oracle[0].dtype == torch.float64  # a true fp64 oracle, not an fp32 one
+    for name, k, e, o in zip(("logp", "dh", "dw"), kern, eager, oracle):
+        assert_fa(name, k, e, o, ATOL[dtype][name], ctx)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference_fwd_bwd(shape, dtype, device):
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # fresh seed each run, printed on failure
-    h, w, y = _inputs(*shape, dtype, device, seed)
-    gout = torch.randn(shape[0], device=device)
-    ref64 = _grads(R.sequence_logprobs, h.double(), w.double(), y, torch.float64, gout.double())
-    eager = _grads(R.sequence_logprobs, h, w, y, dtype, gout.to(dtype) if dtype != torch.float32 else gout)
-    kern = _grads(K.sequence_logprobs, h, w, y, dtype, gout)
-    assert last_path("sequence_logprobs") in ("interpreter", "triton")
-    for name, k, e, r in zip(("logp", "dh", "dw"), kern, eager, ref64):
-        k_err = (k - r).abs().max().item()
-        e_err = (e - r).abs().max().item()
-        assert k_err <= 2 * e_err + ATOL[dtype] * max(1.0, r.abs().max().item()), (
-            f"{name}: kernel err {k_err:.3e} > 2 x eager err {e_err:.3e} + atol (seed {seed}, {shape}, {dtype})")
+    _check(shape, dtype, device, _seed())
 
 
-def test_all_labels_ignored_gives_zero_and_zero_grad():
-    h, w, y = _inputs(2, 3, 16, 30, torch.float32, "cpu", 0)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ignore_index", [-1, 3])
+def test_custom_ignore_index_fwd_bwd(ignore_index, device):
+    """A non-default ignore_index, in the forward and the backward: -1, and 3, which is also a valid vocabulary id
+    (positions labelled 3 are ignored, not scored); no label is -100, so treating -100 as the ignored label anywhere
+    would score (forward) or differentiate (backward) the ignored positions."""
+    _check((2, 6, 16, 30), torch.float32, device, _seed(), ignore_index=ignore_index)
+
+
+@needs_kernel
+def test_rule_rejects_bf16_rounded_logits():
+    """The accuracy rule is tight enough to catch a realistic kernel bug: logits rounded to bf16 before the softmax
+    (the mistake of storing z in the input dtype). Its logp error is ~|z|·2^-9 per token, summed over T; a correct
+    kernel's is fp32-sized."""
+    seed = _seed()
+    h, w, y, _ = _inputs(4, 8, 40, 157, torch.bfloat16, DEVICES[-1], seed)
+
+    def buggy(hidden, weight, labels, ignore_index=-100):
+        logits = (hidden.float() @ weight.float().t()).bfloat16().float()
+        mask = labels != ignore_index
+        safe = torch.where(mask, labels, torch.zeros_like(labels))
+        tok = logits.gather(-1, safe[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        return (tok * mask).sum(-1)
+
+    eager = R.sequence_logprobs(h, w, y)
+    oracle = R.sequence_logprobs(h.double(), w.double(), y)
+    assert_fa("logp", K.sequence_logprobs(h, w, y), eager, oracle, ATOL[torch.bfloat16]["logp"], f"seed {seed}")
+    with pytest.raises(AssertionError, match="kernel err"):
+        assert_fa("logp", buggy(h, w, y), eager, oracle, ATOL[torch.bfloat16]["logp"], f"seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,T", [(0, 4), (2, 0)])
+def test_no_tokens_fwd_bwd(N, T, device):
+    """N·T = 0 (no sequences, or empty sequences): logp [N] zeros, dh empty, dW zeros, as the reference gives (the
+    backward's chunk loop used to step by C = N·T = 0)."""
+    h, w, y, gout = _inputs(N, T, 16, 30, torch.float32, device, _seed())
+    kern = _grads(K.sequence_logprobs, h, w, y, gout)
+    assert last_path("sequence_logprobs") == KERNEL_PATH[device]
+    eager = _grads(R.sequence_logprobs, h, w, y, gout)
+    for name, k, e in zip(("logp", "dh", "dw"), kern, eager):
+        assert k.shape == e.shape and k.dtype == e.dtype, f"{name}: {k.shape}/{k.dtype} vs {e.shape}/{e.dtype}"
+        assert torch.equal(k, e), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_labels_ignored_gives_zero_and_zero_grad(device):
+    h, w, y, _ = _inputs(2, 3, 16, 30, torch.float32, device, _seed())
     y[:] = -100
     hh = h.clone().requires_grad_()
     out = K.sequence_logprobs(hh, w, y)
+    assert last_path("sequence_logprobs") == KERNEL_PATH[device]
     out.sum().backward()
-    assert torch.equal(out, torch.zeros(2))
+    assert torch.equal(out, torch.zeros(2, device=device))
     assert torch.equal(hh.grad, torch.zeros_like(hh))
 
 
-def test_custom_ignore_index():
-    h, w, y = _inputs(2, 4, 16, 30, torch.float32, "cpu", 1)
-    y2 = torch.where(y == -100, torch.full_like(y, -1), y)
-    a = K.sequence_logprobs(h, w, y2, ignore_index=-1)
-    b = R.sequence_logprobs(h, w, y2, ignore_index=-1)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+def _softplus(x: float) -> float:
+    """log(1 + e^x) without overflow."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
-def test_dpo_loss_from_kernel_logprobs_matches_reference():
-    h, w, y = _inputs(4, 3, 16, 40, torch.float32, "cpu", 2)
-    logp = K.sequence_logprobs(h, w, y)
-    ref = torch.tensor([-3.0, -2.0, -4.0, -1.0])
-    loss, rc, rr = K.dpo_loss(logp[:2], logp[2:], ref[:2], ref[2:], beta=0.1)
-    rc_hand = 0.1 * (logp[:2] - ref[:2])
-    rr_hand = 0.1 * (logp[2:] - ref[2:])
-    expected = -torch.nn.functional.logsigmoid(rc_hand - rr_hand).mean()
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(rc, rc_hand)
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-@pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("N", [1, 5])
+def test_dpo_loss_matches_the_paper(N):
+    """Sigmoid DPO (Rafailov et al. 2023, eq. 7) written out independently in fp64 Python scalars: with the implicit
+    rewards r_c = β(π_c − ref_c), r_r = β(π_r − ref_r) and the margin m = (π_c − ref_c) − (π_r − ref_r),
+        loss = (1/N) Σ_n −log σ(β m_n) = (1/N) Σ_n softplus(−β m_n),
+        ∂loss/∂π_c,n = −∂loss/∂ref_c,n = −∂loss/∂π_r,n = ∂loss/∂ref_r,n = −β σ(−β m_n) / N.
+    Margins span ±60/β so that both tails (loss ≈ 0 and loss ≈ −β m) are exercised; plus torch's gradcheck."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    beta = float(torch.empty(()).uniform_(0.05, 0.5, generator=g))
+    pc, pr, rc, rr = (torch.randn(N, generator=g, dtype=torch.float64) * 20 for _ in range(4))
+    pc[0] = rc[0] + 60 / beta + pr[0] - rr[0]  # β·m = 60: σ(β m) rounds to 1 in fp64
+    if N > 1:
+        pc[1] = rc[1] - 60 / beta + pr[1] - rr[1]  # β·m = −60
+    leaves = [t.clone().requires_grad_() for t in (pc, pr, rc, rr)]
+    loss, rew_c, rew_r = K.dpo_loss(*leaves, beta=beta)
+    loss.backward()
+    m = [(a - b) - (c - d) for a, b, c, d in zip(pc.tolist(), rc.tolist(), pr.tolist(), rr.tolist())]
+    want = sum(_softplus(-beta * x) for x in m) / N
+    ctx = f"N={N} beta={beta} seed={seed}"
+    assert loss.dtype == torch.float64, ctx
+    assert abs(loss.item() - want) <= 1e-12 * max(1.0, abs(want)), f"loss {loss.item()} vs {want} ({ctx})"
+    torch.testing.assert_close(rew_c, beta * (pc - rc), rtol=1e-14, atol=0, msg=ctx)
+    torch.testing.assert_close(rew_r, beta * (pr - rr), rtol=1e-14, atol=0, msg=ctx)
+    assert not rew_c.requires_grad and not rew_r.requires_grad
+    dm = torch.tensor([-beta * _sigmoid(-beta * x) / N for x in m], dtype=torch.float64)
+    for leaf, sign in zip(leaves, (1, -1, -1, 1)):  # ∂m/∂(π_c, π_r, ref_c, ref_r)
+        torch.testing.assert_close(leaf.grad, sign * dm, rtol=1e-12, atol=1e-300, msg=ctx)
+    assert torch.autograd.gradcheck(lambda *t: K.dpo_loss(*t, beta=beta)[0],
+                                    [t.clone().requires_grad_() for t in (pc, pr, rc, rr)])
+
+
+@needs_kernel
 def test_opcheck():
-    h, w, y = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], 3)
+    h, w, y, _ = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], _seed())
     torch.library.opcheck(torch.ops.mllm.sequence_logprobs.default,
                           (h.requires_grad_(), w.requires_grad_(), y, -100))
 
@@ -117,7 +209,7 @@ def test_validation_errors(args, match):
 
 @pytest.mark.skipif(interpreting(), reason="under the interpreter CPU tensors do reach the kernel")
 def test_raw_op_on_cpu_without_interpreter_says_why():
-    h, w, y = _inputs(1, 2, 16, 20, torch.float32, "cpu", 4)
+    h, w, y, _ = _inputs(1, 2, 16, 20, torch.float32, "cpu", _seed())
     with pytest.raises(RuntimeError, match="needs CUDA"):
         torch.ops.mllm.sequence_logprobs(h, w, y, -100)
     assert K.sequence_logprobs(h, w, y).shape == (1,)  # the functional API falls back to eager

@@ -31,19 +31,19 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
-def _inputs(lead, d, v_rows, V, dtype, seed, n_ignored=3):
+def _inputs(lead, d, v_rows, V, dtype, seed, n_ignored=3, ignore_index=-100):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(*lead, d, generator=g) * 2
-    w = torch.randn(v_rows, d, generator=g) * d ** -0.5
+    w = torch.randn(v_rows, d, generator=g) * max(d, 1) ** -0.5
     y = torch.randint(0, V, lead, generator=g)
-    y.view(-1)[: min(n_ignored, y.numel() - 1)] = -100
+    y.view(-1)[: min(n_ignored, y.numel() - 1)] = ignore_index
     gscale = float(torch.rand((), generator=g)) + 0.5
     return h.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE), gscale
 
 
-def _oracle(h, w, y, V):
+def _oracle(h, w, y, V, ignore_index=-100):
     z = h.reshape(-1, h.shape[-1]) @ w[:V].t()
-    return torch.nn.functional.cross_entropy(z, y.reshape(-1), ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(z, y.reshape(-1), ignore_index=ignore_index, reduction="sum")
 
 
 def _run(fn, h, w, gscale):
@@ -57,17 +57,18 @@ def _assert_fa(name, kern, eager, oracle, dtype, ctx):
     assert_fa(name, kern, eager, oracle, ATOL[dtype], ctx)
 
 
-def _check(lead, d, v_rows, V, dtype, seed, chunk_rows=None):
-    h, w, y, gscale = _inputs(lead, d, v_rows, V, dtype, seed)
-    ctx = f"lead={lead} d={d} rows={v_rows} V={V} dtype={dtype} seed={seed} chunk_rows={chunk_rows}"
+def _check(lead, d, v_rows, V, dtype, seed, chunk_rows=None, ignore_index=-100):
+    h, w, y, gscale = _inputs(lead, d, v_rows, V, dtype, seed, ignore_index=ignore_index)
+    ctx = (f"lead={lead} d={d} rows={v_rows} V={V} dtype={dtype} seed={seed} chunk_rows={chunk_rows} "
+           f"ignore_index={ignore_index}")
     if chunk_rows is None:
-        kern = _run(lambda a, b: K.linear_cross_entropy(a, b, y, V), h, w, gscale)
+        kern = _run(lambda a, b: K.linear_cross_entropy(a, b, y, V, ignore_index=ignore_index), h, w, gscale)
         assert last_path("linear_cross_entropy") == KERNEL_PATH
     else:  # launcher level, to force several chunks
-        loss, dh, dw = K.lce_forward(h.reshape(-1, d), w, y.reshape(-1), V, -100, True, chunk_rows=chunk_rows)
+        loss, dh, dw = K.lce_forward(h.reshape(-1, d), w, y.reshape(-1), V, ignore_index, True, chunk_rows=chunk_rows)
         kern = [loss.reshape(1), (dh * gscale).view(h.shape), dw * gscale]
-    eager = _run(lambda a, b: R.linear_cross_entropy(a, b, y, V), h, w, gscale)
-    oracle = _run(lambda a, b: _oracle(a, b, y, V), h.double(), w.double(), gscale)
+    eager = _run(lambda a, b: R.linear_cross_entropy(a, b, y, V, ignore_index), h, w, gscale)
+    oracle = _run(lambda a, b: _oracle(a, b, y, V, ignore_index), h.double(), w.double(), gscale)
     for name, k, e, o in zip(("loss", "dh", "dW"), kern, eager, oracle):
         _assert_fa(name, k, e, o, dtype, ctx)
     if v_rows > V:  # padding rows of the table: never a target, never in the softmax
@@ -83,6 +84,30 @@ def test_matches_reference(lead, d, v_rows, V, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_several_chunks(dtype):
     _check((40,), 32, 128, 120, dtype, _seed(), chunk_rows=16)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 600])
+def test_custom_ignore_index_fwd_bwd(ignore_index):
+    """A non-default ignore_index (negative, or an id past the vocabulary and past the padded table's rows), in the
+    loss and both gradients, through the functional API and through several chunks. No label is -100: a path that
+    knew only -100 would reject these labels (the label check) or score the ignored rows. (The kernel itself gives
+    every label outside [0, V) no loss and no gradient, and validation keeps ignore_index outside [0, V).)"""
+    _check((2, 19), 48, 512, 509, torch.float32, _seed(), ignore_index=ignore_index)
+    _check((40,), 32, 128, 120, torch.float32, _seed(), chunk_rows=16, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("lead,d", [((0,), 16), ((3,), 0), ((2, 0), 0)], ids=str)
+def test_zero_size_inputs_forward_and_backward(lead, d):
+    """No rows, or rows of width d = 0 (all logits 0, so each scored row costs log V): the reference's loss and
+    gradients (hidden.reshape(-1, 0) used to fail before any kernel)."""
+    seed = _seed()
+    h, w, y, gscale = _inputs(lead, d, 64, 64, torch.float32, seed, n_ignored=1)
+    kern = _run(lambda a, b: K.linear_cross_entropy(a, b, y), h, w, gscale)
+    assert last_path("linear_cross_entropy") == KERNEL_PATH
+    eager = _run(lambda a, b: R.linear_cross_entropy(a, b, y), h, w, gscale)
+    for name, k, e in zip(("loss", "dh", "dW"), kern, eager):
+        assert k.shape == e.shape and k.dtype == e.dtype, f"{name}: {k.shape} vs {e.shape}"
+        torch.testing.assert_close(k, e, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m} (seed {seed})")
 
 
 def test_all_ignored_and_no_grad():

@@ -155,6 +155,25 @@ def test_empty_rows():
     assert K.rms_norm(x, w).shape == (0, 8)
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (2, 0, 0), (0, 5), (2, 0, 5)], ids=str)
+def test_zero_size_inputs_forward_and_backward(shape):
+    """Empty inputs, including an empty last dim C = 0 (which used to fail in reshape(-1, 0) before any kernel): the
+    outputs and gradients of the reference, i.e. empty tensors of the inputs' shapes and a zero weight gradient."""
+    seed = _seed()
+    x, res, w, dy, dh = _inputs(shape, torch.float32, seed)
+    for name, fn, ref, tensors, grads in (
+        ("rms_norm", lambda a, b: K.rms_norm(a, b, EPS), lambda a, b: R.rms_norm(a, b, EPS), (x, w), (dy,)),
+        ("fused_add_rms_norm", lambda a, r, b: K.fused_add_rms_norm(a, r, b, EPS),
+         lambda a, r, b: R.fused_add_rms_norm(a, r, b, EPS), (x, res, w), (dy, dh)),
+    ):
+        kern = _run(fn, tensors, grads)
+        assert last_path(name) == KERNEL_PATH
+        eager = _run(ref, tensors, grads)
+        for k, e in zip(kern, eager):
+            assert k.shape == e.shape and k.dtype == e.dtype, f"{name} {shape}: {k.shape} vs {e.shape}"
+            assert torch.equal(k, e), f"{name} {shape} (seed {seed})"
+
+
 # ----------------------------------------------------------------------------------------------------
 # autocast layout: bf16 branch output into an fp32 residual stream, output straight to bf16
 # ----------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 Accuracy rule (FlashAttention's): for q_rot, k_rot and both gradients,
     max|kernel − oracle64| ≤ 2 · max|eager − oracle64| + ATOL[dtype] · max(1, max|oracle64|)
 where ``eager`` is ``reference.apply_rope`` at the same dtype and ``oracle64`` evaluates angles, cos/sin and the
-rotation in float64. The kernel computes cos/sin itself in fp32 from exactly split angle products (see the
-module docstring), so its angle error stays ~1e-6 rad at any position below 2²⁴; a naive fp32 angle would miss
-the fp32 bound at the "large" positions used below.
+rotation in float64. The kernel computes cos/sin itself in fp32 from a 64-bit fixed-point angle (see the module
+docstring), so its angle error stays ~2e-7 rad at any |position| < 2⁴⁰; a naive fp32 angle would miss the fp32
+bound at the "large" positions used below. Positions from 2²⁴ up to that limit (where the reference's own fp64
+angle is no longer exact) are checked against angles reduced in 40-digit arithmetic (mpmath), and positions
+beyond it must be refused (ValueError) or, where refusing would need a device sync, come out NaN.
 
 Shape grid (B, T, Hq, Hkv, D): D ∈ {2, 6, 64, 80, 128} covers the smallest head, half-dims that are not powers
 of two (3, 40: masked lanes) and the usual 64/128; Hq ≠ Hkv (GQA, including Hkv = 1) and Hq = Hkv; T up to 129
@@ -119,18 +121,19 @@ def test_backward_is_inverse_rotation():
     torch.testing.assert_close(kb, k, atol=2e-6, rtol=1e-5)
 
 
-def test_turn_table_sums_to_inv_freq():
+def test_turn_table_is_inv_freq_in_fixed_point_turns():
     D, theta = 96, 500000.0
-    t = K.rope_turn_table(D, theta, "cpu").double()
+    t = K.rope_turn_table(D, theta, "cpu")
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
-    # t0, t1 are exact; t2 (~f·2^-24) is rounded to fp32, so the sum is f to ~2^-48 relative
-    torch.testing.assert_close(t.sum(0) * 2 * math.pi, inv, atol=0, rtol=2**-46)
-    assert (t[0] != 0).all() and (t[1].abs() <= t[0].abs() * 2**-11).all()
+    assert t.dtype == torch.int64 and t.shape == (D // 2,)
+    assert (t > 0).all() and (t < 2**62).all()  # a positive int64 with room: pos · F wraps only on purpose
+    # F = round(2^64 · inv / 2π): off by at most 1/2 in units of 2π / 2^64, on top of fp64's own rounding here
+    torch.testing.assert_close(t.double() * (2 * math.pi / 2**64), inv, atol=2 * math.pi / 2**64, rtol=2**-50)
 
 
 def test_theta_is_used():
     q, k, _, _, pos = _inputs((1, 9, 2, 1, 32), torch.float32, _seed(), "packed")
-    for theta in (100.0, 1e6):
+    for theta in (0.01, 100.0, 1e6):  # θ = 0.01: turn rates above 2^63 / 2^64 (inv_freq > π), stored modulo 2^64
         qo, ko = K.apply_rope(q, k, pos, theta)
         qr, kr = _oracle(q, k, pos, theta)
         torch.testing.assert_close(qo.double(), qr, atol=1e-5, rtol=1e-5)
@@ -142,6 +145,88 @@ def test_empty():
     pos = torch.zeros(2, 0, dtype=torch.int64, device=DEVICE)
     qo, ko = K.apply_rope(q, q, pos)
     assert qo.shape == q.shape and ko.shape == q.shape
+
+
+@pytest.mark.parametrize("hq,hkv", [(0, 2), (3, 0), (0, 0)])
+def test_zero_heads(hq, hkv):
+    """q or k (or both) without heads: empty rotated tensors and gradients of the right shape, the other tensor
+    rotated and differentiated as usual (the launcher used to divide by zero, or run a head loop of step 0)."""
+    seed = _seed()
+    q, k, dq, dk, pos = _inputs((2, 5, hq, hkv, 8), torch.float32, seed, "large")
+    kern = _run(K.apply_rope, q, k, pos, dq, dk)
+    assert last_path("apply_rope") == KERNEL_PATH
+    eager = _run(R.apply_rope, q, k, pos, dq, dk)
+    for name, a, e in zip(("q_rot", "k_rot", "dq", "dk"), kern, eager):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{name}: {a.shape} vs {e.shape} (seed {seed})"
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=f"{name} (seed {seed})")
+
+
+def _exact_cos_sin(pos: torch.Tensor, D: int, theta: float):
+    """cos, sin [B, T, D/2] fp64 of pos · inv_freq (the reference's fp64 inv_freq), evaluated in 40-digit arithmetic:
+    correct to ~1e-16 at any position, unlike the reference's fp64 angle (error |angle| · 2^-53)."""
+    mpmath = pytest.importorskip("mpmath")
+    inv = (theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)).tolist()
+    with mpmath.workdps(40):
+        rows = [[(float(mpmath.cos(a)), float(mpmath.sin(a))) for a in (mpmath.mpf(p) * mpmath.mpf(f) for f in inv)]
+                for p in pos.reshape(-1).tolist()]
+    cs = torch.tensor(rows, dtype=torch.float64).reshape(*pos.shape, D // 2, 2)
+    return cs[..., 0], cs[..., 1]
+
+
+def _large_positions(B, T, limit, g):
+    """|position| log-uniform in [2^24, limit), random signs, with the extremes ±(limit − 1) and ±2^24 included."""
+    e = 24 + torch.rand(B, T, generator=g, dtype=torch.float64) * (math.log2(limit) - 24)
+    pos = torch.exp2(e).floor().clamp(max=limit - 1).long()
+    pos = torch.where(torch.rand(B, T, generator=g) < 0.5, -pos, pos)
+    pos.view(-1)[:4] = torch.tensor([limit - 1, -(limit - 1), 2**24, -(2**24)])
+    return pos
+
+
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_positions_beyond_2_24(dtype, pos_dtype):
+    """|position| from 2^24 up to the largest the kernel supports (all of int32; 2^40 − 1 for int64): the rotation
+    and its gradients by the FlashAttention rule, with angles reduced in 40-digit arithmetic for the oracle (fp64) and
+    for the eager path (the reference's fp32 rotation given those angles rounded to fp32). The former 12-bit position
+    split was exact only below 2^24 and was off by O(1) here."""
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    B, T, Hq, Hkv, D = 2, 17, 2, 1, 64
+    limit = 2**31 if pos_dtype == torch.int32 else K.MAX_POSITION
+    pos = _large_positions(B, T, limit, g).to(pos_dtype)
+    q, k, dq, dk, _ = _inputs((B, T, Hq, Hkv, D), dtype, seed)
+    pos = pos.to(DEVICE)
+    ctx = f"dtype={dtype} positions={pos_dtype} seed={seed}"
+    cos, sin = _exact_cos_sin(pos.cpu(), D, THETA)
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+
+    def exact_angles(ct):
+        return lambda a, b, p, theta: (R.rope_rotate(a, cos.to(ct), sin.to(ct)), R.rope_rotate(b, cos.to(ct), sin.to(ct)))
+
+    kern = _run(K.apply_rope, q, k, pos, dq, dk)
+    assert last_path("apply_rope") == KERNEL_PATH
+    eager = _run(exact_angles(torch.float32), q, k, pos, dq, dk)
+    oracle = _run(exact_angles(torch.float64), q.double(), k.double(), pos, dq.double(), dk.double())
+    for name, a, e, o in zip(("q_rot", "k_rot", "dq", "dk"), kern, eager, oracle):
+        _assert_fa(name, a, e, o, dtype, ctx)
+
+
+def test_positions_outside_the_supported_range():
+    """|position| >= 2^40: a ValueError naming the limit where the positions can be read without a device sync (int64
+    on the CPU); the launchers (what CUDA positions reach unchecked) give NaN exactly for those tokens."""
+    seed = _seed()
+    q, k, dq, dk, _ = _inputs((1, 6, 2, 1, 16), torch.float32, seed)
+    lim = K.MAX_POSITION
+    pos = torch.tensor([[0, lim - 1, lim, -lim, 2**62, 5]])
+    bad = torch.tensor([False, False, True, True, True, False])
+    with pytest.raises(ValueError, match=r"position_ids hold 1099511627776, outside .*\|position\| < 2\*\*40"):
+        K.apply_rope(q.cpu(), k.cpu(), pos)
+    K.apply_rope(q.cpu(), k.cpu(), pos.clamp(-(lim - 1), lim - 1))  # the largest allowed magnitudes pass
+    p = pos.to(DEVICE)
+    for out in K.rope_fwd(q, k, p, THETA) + K.rope_bwd(dq, dk, p, THETA):
+        assert out[0, bad].isnan().all() and out[0, ~bad].isfinite().all(), f"seed {seed}"
+    if DEVICE == "cuda":  # not read back on the GPU: NaN, no error
+        assert K.apply_rope(q, k, p)[0][0, bad].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

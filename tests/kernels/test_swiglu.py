@@ -94,6 +94,18 @@ def test_empty():
     assert K.swiglu(gate, gate).shape == (0, 16)
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (2, 0, 0), (0, 5)], ids=str)
+def test_zero_size_inputs_forward_and_backward(shape):
+    """Empty inputs, including an empty last dim F = 0 (which used to fail in reshape(-1, 0) before any kernel):
+    empty outputs and gradients of the inputs' shapes, as the reference gives."""
+    gate, up, dout = _inputs(shape, torch.float32, _seed())
+    kern = _run(K.swiglu, (gate, up), dout)
+    assert last_path("swiglu") == KERNEL_PATH
+    eager = _run(R.swiglu, (gate, up), dout)
+    for k, e in zip(kern, eager):
+        assert k.shape == e.shape == shape and k.dtype == e.dtype
+
+
 def test_saves_only_gate_and_up():
     """The docstring's memory claim: the op saves gate and up (4 bytes per element in bf16) for the backward,
     the eager reference 16 bytes per element (fp32 copies of g, u, σ(g), g·σ(g))."""
