@@ -18,7 +18,8 @@ fwd+bwd, for every provider: masked variants do less work, so their TFLOP/s is "
 ``peak_mem_mb`` is the extra memory of one fwd+bwd step above the inputs. Each provider is checked against
 ``mllm-norope``/``mllm`` semantics at the first shape (``max_abs_diff`` vs the matching reference).
 
-CPU: ``pytest benchmarks/bench_attention.py --benchmark-enable`` times the eager reference at a tiny shape.
+CPU: ``cpu_cases`` (the eager reference with sinks, forward, at ``CPU_SHAPE``, fp32) are timed by pytest-benchmark
+(``benchmarks/pytest_cpu.py``; ``python -m benchmarks.run --only attention``); ``run(cpu)`` returns those rows.
 
     python benchmarks/bench_attention.py --out benchmarks/results/   # bench_attention_<UTC date-time>_<card>.json/.md
     python benchmarks/bench_attention.py --tune                      # GPU tile sweep (prints a table)
@@ -36,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_median_ms  # noqa: E402
+from benchmarks.common import TIMER_DO_BENCH, CpuCase  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 SEQ_LENS = [1024, 2048, 4096, 8192, 16384]
@@ -253,7 +254,9 @@ def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_di
     ``log_path``: also append every row as a JSON line as soon as it is measured (survives a killed run)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
-        return _run_cpu()
+        from benchmarks.pytest_cpu import module_rows
+
+        return module_rows(__file__, quick)
     from tqdm import tqdm
 
     seq_lens = seq_lens or (QUICK_SEQ_LENS if quick else SEQ_LENS)
@@ -288,7 +291,7 @@ def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_di
             try:
                 ms, peak = _measure(fn, inputs, mode)
                 flops = _causal_flops(B, H, T, D) * MODE_FLOPS[mode]
-                rows.append(dict(base, provider=name, mode=mode, ms=ms, tflops=flops / ms / 1e9,
+                rows.append(dict(base, provider=name, mode=mode, ms=ms, timer=TIMER_DO_BENCH, tflops=flops / ms / 1e9,
                                  peak_mem_mb=peak, **extra))
             except torch.OutOfMemoryError:
                 rows.append(dict(base, provider=name, mode=mode, skipped="out of memory"))
@@ -315,18 +318,17 @@ def _cpu_inputs():
     return q, k, v, torch.randn(H, generator=g)
 
 
-def _run_cpu():
+def _eager_sinks_fwd():
     q, k, v, s = _cpu_inputs()
+    return lambda: R.attention(q, k, v, sinks=s)
+
+
+def cpu_cases(quick: bool = False):
+    """The CPU row: the eager reference with sinks, forward, at ``CPU_SHAPE`` (fp32); FLOPs the causal count."""
     B, T, H, D = CPU_SHAPE
-    ms = cpu_median_ms(lambda: R.attention(q, k, v, sinks=s))  # one warm-up call, median of 5
-    return [dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="float32", mode="fwd",
-                 provider="eager-sinks", ms=ms, tflops=_causal_flops(B, H, T, D) / ms / 1e9, peak_mem_mb=None)]
-
-
-def test_eager_reference_cpu(benchmark):
-    q, k, v, s = _cpu_inputs()
-    out = benchmark(R.attention, q, k, v, sinks=s)
-    assert out.shape == q.shape
+    return [CpuCase(dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="float32", mode="fwd",
+                         provider="eager-sinks", peak_mem_mb=None),
+                    prepare=_eager_sinks_fwd, flops=_causal_flops(B, H, T, D))]
 
 
 # ----------------------------------------------------------------------------------------------------

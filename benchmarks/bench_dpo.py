@@ -6,9 +6,10 @@ forward+backward time and peak memory (``torch.cuda.max_memory_allocated`` above
   * ``eager``:  ``mllm_kernels.reference.sequence_logprobs`` (fp32 logits, logsumexp, gather).
 Goal on H100 (reported, not asserted): ≤ 20% of eager's peak memory and no slower.
 
-CPU: ``pytest benchmarks/bench_dpo.py --benchmark-enable`` times the eager reference at a small shape.
+CPU: ``cpu_cases`` (``CPU_SHAPES``, fp32, eager forward) are timed by pytest-benchmark (``benchmarks/pytest_cpu.py``;
+``python -m benchmarks.run --only dpo``); ``run(cpu)`` returns those rows.
 
-    python benchmarks/bench_dpo.py --out benchmarks/results/            # JSON + Markdown (card, versions, date)
+    python benchmarks/bench_dpo.py --out benchmarks/results/            # bench_dpo_<UTC date-time>_<card>.json/.md
     python benchmarks/bench_dpo.py --sweep --out benchmarks/results/    # + launch-config sweep of both kernels
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_median_ms  # noqa: E402
+from benchmarks.common import TIMER_DO_BENCH, CpuCase  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(16, 1024, 1024, 50257), (8, 1024, 1024, 50257)]
@@ -73,17 +74,28 @@ def _measure_cuda(fn, h, w, y, mode):
     return ms, peak
 
 
+def _eager_fwd(N, T, D, V):
+    h, w, y = _inputs(N, T, D, V, torch.float32, "cpu")
+    return lambda: R.sequence_logprobs(h, w, y)
+
+
+def cpu_cases(quick: bool = False):
+    """The CPU rows: the eager forward at each of ``CPU_SHAPES`` (fp32), FLOPs 2·N·T·d·V (the logits GEMM)."""
+    return [CpuCase(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="float32", mode="fwd",
+                         provider="eager", peak_mem_mb=None),
+                    prepare=lambda s=(N, T, D, V): _eager_fwd(*s), flops=2 * N * T * D * V)
+            for N, T, D, V in CPU_SHAPES]
+
+
 def run(device=None, quick: bool = False):
-    """Rows: op, shape, dtype, mode, provider, ms, tflops, peak_mem_mb (extra memory above the inputs)."""
+    """Rows: op, shape, dtype, mode, provider, ms, tflops, peak_mem_mb (extra memory above the inputs). On CPU: the
+    ``cpu_cases`` rows, timed by pytest-benchmark."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = []
     if device.type != "cuda":
-        for N, T, D, V in CPU_SHAPES:
-            h, w, y = _inputs(N, T, D, V, torch.float32, device)
-            ms = cpu_median_ms(lambda: R.sequence_logprobs(h, w, y))  # one warm-up call, median of 5
-            rows.append(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="float32", mode="fwd",
-                             provider="eager", ms=ms, tflops=2 * N * T * D * V / ms / 1e9, peak_mem_mb=None))
-        return rows
+        from benchmarks.pytest_cpu import module_rows
+
+        return module_rows(__file__, quick)
+    rows = []
     for N, T, D, V in (QUICK_GPU_SHAPES if quick else GPU_SHAPES):
         h, w, y = _inputs(N, T, D, V, torch.bfloat16, device)
         flops_fwd = 2 * N * T * D * V
@@ -102,7 +114,7 @@ def run(device=None, quick: bool = False):
                 torch.cuda.empty_cache()
                 flops = flops_fwd * (3 if mode == "fwd_bwd" else 1)  # useful FLOPs: z, dh, dW
                 rows.append(dict(op="dpo_logprobs", shape=f"N{N}xT{T}xd{D}xV{V}", dtype="bfloat16", mode=mode,
-                                 provider=name, ms=ms, tflops=flops / ms / 1e9, peak_mem_mb=peak))
+                                 provider=name, ms=ms, timer=TIMER_DO_BENCH, tflops=flops / ms / 1e9, peak_mem_mb=peak))
     return rows
 
 
@@ -164,18 +176,13 @@ def to_markdown(rows):
     return "\n".join(lines)
 
 
-def test_eager_reference_cpu(benchmark):
-    h, w, y = _inputs(*CPU_SHAPES[0], torch.float32, "cpu")
-    benchmark(R.sequence_logprobs, h, w, y)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time the kernels' launch configs (CUDA)")
     args = ap.parse_args()
-    from benchmarks.run import device_tag, environment
+    from benchmarks.run import environment, jsonable, result_stem
 
     env = environment()
     rows = run(quick=args.quick)
@@ -198,8 +205,9 @@ def main():
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_dpo_{env['date_utc'][:10].replace('-', '')}_{device_tag(env)}"
-        (out / f"{stem}.json").write_text(json.dumps(dict(env=env, rows=rows, goals=summary, sweep=swept), indent=2))
+        stem = result_stem(out, env, prefix="bench_dpo")  # date and time: a same-day re-run used to overwrite
+        (out / f"{stem}.json").write_text(json.dumps(jsonable(dict(env=env, rows=rows, goals=summary, sweep=swept)),
+                                                     indent=2))
         (out / f"{stem}.md").write_text(text + "\n")
 
 

@@ -16,6 +16,13 @@ two heads of D=64, T=16, V=256, triton backend) and single ops at tiny shapes, w
     the launches, the part the two providers differ in. Without the interpreter the rows are skipped.
 ``ms`` is the median over repeats of the mean per pass; the runner's ``x base`` = dispatcher ms / function ms.
 
+Timer: this module's own loop (``_time_per_call``; rows say ``timer = "bench_host_overhead._time_per_call"``), on CPU
+too, where the runner times the kernel modules with pytest-benchmark. The quantity is a difference of a few µs per
+call between two providers: the loop alternates them within every repeat so that drift in the machine's load hits
+both alike, whereas pytest-benchmark times one test (one provider) to the end before the next starts. The launch stub
+and the provider switch must also stay in force around exactly the timed calls, and one sync per repeat (not per call)
+keeps the CUDA form host-bound, as in a training step.
+
     python -m benchmarks.run --only host_overhead [--out benchmarks/results/]   (or this file, same arguments)
 """
 from __future__ import annotations
@@ -34,6 +41,7 @@ if __package__ in (None, ""):
 PROVIDERS = ("dispatcher", "function")
 MODEL = dict(vocab_size=256, d_model=128, n_layers=12, n_heads=2, n_kv_heads=2, ffn_dim=256, max_seq_len=16)
 SEQ = 16
+TIMER = "bench_host_overhead._time_per_call"
 
 
 @contextlib.contextmanager
@@ -136,7 +144,7 @@ def run(device=None, quick: bool = False, progress: bool = True):
             ms = _time_per_call(fn, device, calls, repeats)
             for provider in PROVIDERS:
                 rows.append(dict(op=op, shape=shape, size=size, dtype=str(_dtype(device)).replace("torch.", ""),
-                                 mode="fwd+bwd", provider=provider, ms=ms[provider],
+                                 mode="fwd+bwd", provider=provider, ms=ms[provider], timer=TIMER,
                                  launches="real" if device.type == "cuda" else "skipped"))
     return rows
 

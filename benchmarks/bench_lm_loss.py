@@ -16,7 +16,9 @@ all: two element-wise scalings (bytes: read dh, dW, write them scaled), reported
 ``peak_mem_mb`` shows what the fusion saves: eager keeps [M, V] logits in bf16 plus their fp32 copy and softmax
 gradient.
 
-CPU: ``pytest benchmarks/bench_lm_loss.py --benchmark-enable`` times the eager reference at a small shape.
+CPU: ``cpu_cases`` (``CPU_SHAPES``, fp32, the same ``_cases``) are timed by pytest-benchmark: the eager reference per
+mode, triton and compile skipped (``benchmarks/pytest_cpu.py``; ``python -m benchmarks.run --only lm_loss`` or
+``pytest benchmarks/pytest_cpu.py --benchmark-enable -k linear_cross_entropy``). ``run(cpu)`` returns those same rows.
 
     python benchmarks/bench_lm_loss.py --out benchmarks/results/
 """
@@ -30,7 +32,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes, shape_cpu_cases  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(8192, 1024, 50304, 50257), (16384, 1024, 50304, 50257)]
@@ -82,13 +84,13 @@ def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, tflops (useful GEMM work of that provider in that mode, see
     ``work``), peak_mem_mb, gbps; the triton ``bwd`` row has no tflops and a ``not_comparable`` note."""
     return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
-                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, module_file=__file__)
 
 
-def test_lm_loss_eager_fwd_bwd_cpu(benchmark):
-    h, w, y, V = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
-    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    benchmark(lambda: torch.autograd.grad(R.linear_cross_entropy(h, w, y, V), (h, w)))
+def cpu_cases(quick: bool = False):
+    """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
+    timed per mode, triton and compile skipped."""
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Minimal bytes with N·C elements of b bytes and a C-wide weight of b_w bytes:
 Goals on H100 (reported, never asserted): fwd and bwd ≥ 85% of the measured copy bandwidth at the large shapes,
 ≥ 1.5x eager at the model's shape.
 
-CPU: the same ``run`` times the eager reference at small shapes; ``pytest benchmarks/bench_rms_norm.py
---benchmark-enable`` runs the pytest-benchmark tests below.
+CPU: ``cpu_cases`` (``CPU_SHAPES``, fp32, the same ``_cases``) are timed by pytest-benchmark: the eager reference per
+mode, triton and compile skipped (``benchmarks/pytest_cpu.py``; ``python -m benchmarks.run --only rms_norm`` or
+``pytest benchmarks/pytest_cpu.py --benchmark-enable -k rms_norm``). ``run(cpu)`` returns those same rows.
 
     python benchmarks/bench_rms_norm.py --out benchmarks/results/      # JSON + Markdown
     python benchmarks/bench_rms_norm.py --sweep --out benchmarks/results/   # GPU: backward launch-config sweep
@@ -36,7 +37,8 @@ import triton
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mllm_kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, cpu_median_ms, cuda_median_ms, reference_providers, run_shapes  # noqa: E402
+from benchmarks.common import (Case, cli, cpu_median_ms, cuda_median_ms, reference_providers, run_shapes,  # noqa: E402
+                               shape_cpu_cases)
 from mllm_kernels import reference as R  # noqa: E402
 
 EPS = 1e-6
@@ -72,7 +74,13 @@ def _providers(op: str):
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
     return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
-                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, module_file=__file__)
+
+
+def cpu_cases(quick: bool = False):
+    """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
+    timed per mode, triton and compile skipped."""
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,25 +166,6 @@ def main_sweep(argv) -> list:
     if args.out:
         write_sweep(args.out, "bench_rms_norm_sweep", env, rows, text)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------------
-# CPU: pytest-benchmark of the eager paths (kept runnable without a GPU)
-# ----------------------------------------------------------------------------------------------------
-def test_rms_norm_eager_fwd_cpu(benchmark):
-    x, w = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
-    benchmark(R.rms_norm, x, w, EPS)
-
-
-def test_rms_norm_eager_fwd_bwd_cpu(benchmark):
-    x, w = (t.clone().requires_grad_() for t in _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args)
-    gy = torch.randn_like(x)
-    benchmark(lambda: torch.autograd.grad(R.rms_norm(x, w, EPS), (x, w), gy))
-
-
-def test_fused_add_rms_norm_eager_fwd_cpu(benchmark):
-    x, r, w = _cases(CPU_SHAPES[0], torch.float32, "cpu")[1].args
-    benchmark(R.fused_add_rms_norm, x, r, w, EPS)
 
 
 if __name__ == "__main__":

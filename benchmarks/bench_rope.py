@@ -9,7 +9,9 @@ Minimal bytes with b-byte elements: read q, k and the [B, T] int64 positions, wr
 2·B·T·(Hq + Hkv)·D·b + 8·B·T, the same for bwd (dq_rot, dk_rot -> dq, dk); fwd+bwd is the sum.
 Goal on H100 (reported, never asserted): ≥ 1.5x eager.
 
-CPU: ``pytest benchmarks/bench_rope.py --benchmark-enable`` times the eager reference at a small shape.
+CPU: ``cpu_cases`` (``CPU_SHAPES``, fp32, the same ``_cases``) are timed by pytest-benchmark: the eager reference per
+mode, triton and compile skipped (``benchmarks/pytest_cpu.py``; ``python -m benchmarks.run --only rope`` or
+``pytest benchmarks/pytest_cpu.py --benchmark-enable -k apply_rope``). ``run(cpu)`` returns those same rows.
 
     python benchmarks/bench_rope.py --out benchmarks/results/
 """
@@ -23,7 +25,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes, shape_cpu_cases  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 THETA = 10000.0
@@ -53,19 +55,13 @@ def _providers(op: str):
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
     return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
-                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, module_file=__file__)
 
 
-def test_apply_rope_eager_fwd_cpu(benchmark):
-    q, k, pos = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
-    benchmark(R.apply_rope, q, k, pos, THETA)
-
-
-def test_apply_rope_eager_fwd_bwd_cpu(benchmark):
-    q, k, pos = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
-    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
-    benchmark(lambda: torch.autograd.grad(R.apply_rope(q, k, pos, THETA), (q, k), (dq, dk)))
+def cpu_cases(quick: bool = False):
+    """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
+    timed per mode, triton and compile skipped."""
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Goals on H100 (reported, never asserted): fwd and bwd ≥ 85% of the measured co
 ≥ 1.5x eager at the model's shape. ``peak_mem_mb`` of fwd+bwd shows the activation memory the kernel saves by
 recomputing silu (see ``mllm_kernels/swiglu.py``).
 
-CPU: ``pytest benchmarks/bench_swiglu.py --benchmark-enable`` times the eager reference at a small shape.
+CPU: ``cpu_cases`` (``CPU_SHAPES``, fp32, the same ``_cases``) are timed by pytest-benchmark: the eager reference per
+mode, triton and compile skipped (``benchmarks/pytest_cpu.py``; ``python -m benchmarks.run --only swiglu`` or
+``pytest benchmarks/pytest_cpu.py --benchmark-enable -k swiglu``). ``run(cpu)`` returns those same rows.
 
     python benchmarks/bench_swiglu.py --out benchmarks/results/
 """
@@ -24,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Case, cli, reference_providers, run_shapes  # noqa: E402
+from benchmarks.common import Case, cli, reference_providers, run_shapes, shape_cpu_cases  # noqa: E402
 from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096), (32768, 4096), (32768, 11008)]
@@ -51,18 +53,13 @@ def _providers(op: str):
 def run(device=None, quick: bool = False, progress: bool = True):
     """Rows: op, shape, dtype, mode, provider, ms, gbps, pct_copy_bw, peak_mem_mb (+ bytes, copy_bw_gbps)."""
     return run_shapes(_cases, _providers, device, quick, progress, gpu_shapes=GPU_SHAPES,
-                      quick_gpu_shapes=QUICK_GPU_SHAPES, cpu_shapes=CPU_SHAPES)
+                      quick_gpu_shapes=QUICK_GPU_SHAPES, module_file=__file__)
 
 
-def test_swiglu_eager_fwd_cpu(benchmark):
-    gate, up = _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args
-    benchmark(R.swiglu, gate, up)
-
-
-def test_swiglu_eager_fwd_bwd_cpu(benchmark):
-    gate, up = (t.clone().requires_grad_() for t in _cases(CPU_SHAPES[0], torch.float32, "cpu")[0].args)
-    dout = torch.randn_like(gate)
-    benchmark(lambda: torch.autograd.grad(R.swiglu(gate, up), (gate, up), dout))
+def cpu_cases(quick: bool = False):
+    """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
+    timed per mode, triton and compile skipped."""
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
 
 
 if __name__ == "__main__":

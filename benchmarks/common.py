@@ -24,22 +24,34 @@ Modes: ``fwd`` (forward under ``no_grad``, the inference path), ``bwd`` (``autog
 forward graph), ``fwd+bwd`` (both, as a training step runs them). Providers: ``triton`` (the fused kernel's
 functional API), ``eager`` (``mllm_kernels.reference``, the model's eager path) and ``compile``
 (``torch.compile`` of the reference, inductor, static shapes).
+
+CPU: a module's ``cpu_cases()`` (``CpuCase`` list; ``shape_cpu_cases`` builds it from the same ``Case`` definitions at
+the module's ``CPU_SHAPES``, fp32) is timed by pytest-benchmark in a subprocess (``benchmarks/pytest_cpu.py``): only the
+``eager`` provider runs, the others are ``skipped`` rows ("needs CUDA"). ``run_shapes`` on CPU returns those rows, so
+``run(cpu)``, the runner and ``cli`` agree. Every timed row names its timer (``timer``: ``TIMER_DO_BENCH``,
+``TIMER_PYTEST_BENCHMARK``, or ``TIMER_CPU_MEDIAN`` for ``run_cases`` called directly on CPU).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# What produced a row's ``ms`` (its ``timer`` field).
+TIMER_DO_BENCH = "triton.testing.do_bench"
+TIMER_PYTEST_BENCHMARK = "pytest-benchmark"
+TIMER_CPU_MEDIAN = "common.cpu_median_ms"
 
 
 @dataclass
@@ -68,6 +80,36 @@ class Case:
             return table[(mode, provider)] if (mode, provider) in table else table.get(mode)
 
         return pick(self.bytes), pick(self.flops)
+
+
+@dataclass
+class CpuCase:
+    """One row that the runner times on CPU with pytest-benchmark (``benchmarks/pytest_cpu.py``).
+
+    ``row``: the row's identity and fixed fields as in the bench-module contract (``op`` and ``provider`` required;
+    ``shape``, ``dtype``, ``mode``, ``size``, ``not_comparable``, ...), JSON-serialisable once passed through
+    ``benchmarks.run.jsonable``. ``prepare()`` builds the inputs (untimed) and returns the zero-argument callable whose
+    calls are timed; it runs in the pytest process, so it must not rely on state set up by whoever listed the cases.
+    ``bytes`` / ``flops``: the minimal bytes and the useful FLOPs of one call, from which the runner derives
+    ``gbps = bytes / t / 1e9`` and ``tflops = flops / t / 1e12`` (t: the median in seconds); None: not reported.
+    ``skipped``: why this row cannot run on CPU (a ``skipped`` row; ``prepare`` is then not needed)."""
+
+    row: Dict[str, Any]
+    prepare: Optional[Callable[[], Callable[[], object]]] = None
+    bytes: Optional[float] = None
+    flops: Optional[float] = None
+    skipped: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        """The pytest parameter id: ``op-shape-dtype-mode-provider`` (missing fields left out), characters other than
+        letters, digits and ``_.+=-`` replaced by ``_`` (ids travel through the JUnit XML and pytest's node ids)."""
+        from benchmarks.run import format_shape
+
+        parts = [self.row.get("op"), format_shape(self.row.get("shape")), self.row.get("dtype"), self.row.get("mode"),
+                 self.row.get("provider")]
+        text = "-".join(str(p).replace("torch.", "") for p in parts if p not in (None, ""))
+        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,7 +231,8 @@ def measure(fn, case: Case, mode: str, provider: str, device: torch.device, copy
         return {**row, "error": _describe(e)}
     nbytes, flops = case.work(mode, provider)
     gbps = nbytes / (ms * 1e-3) / 1e9
-    row.update(ms=ms, gbps=gbps, peak_mem_mb=peak, bytes=nbytes)
+    row.update(ms=ms, timer=TIMER_DO_BENCH if device.type == "cuda" else TIMER_CPU_MEDIAN, gbps=gbps,
+               peak_mem_mb=peak, bytes=nbytes)
     if flops:
         row.update(flops=flops, tflops=flops / (ms * 1e-3) / 1e12)
     note = case.notes.get((mode, provider))
@@ -217,7 +260,9 @@ def reference_providers(kernel: Callable, reference: Callable) -> Dict[str, Call
 
 def run_cases(cases: Sequence[Case], providers: Dict[str, Callable], device: torch.device,
               modes: Sequence[str] = MODES, progress: bool = True) -> List[dict]:
-    """All (case, mode, provider) rows. On CPU only the ``eager`` provider runs; the others get ``skipped`` rows."""
+    """All (case, mode, provider) rows, timed in this process. On CPU only the ``eager`` provider runs (timer
+    ``cpu_median_ms``); the others get ``skipped`` rows. Bench modules time CPU rows with pytest-benchmark instead
+    (``run_shapes``); this CPU branch serves direct callers."""
     copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     rows: List[dict] = []
     try:
@@ -247,22 +292,55 @@ def run_cases(cases: Sequence[Case], providers: Dict[str, Callable], device: tor
     return rows
 
 
+def shape_cpu_cases(make_cases: Callable[[tuple, torch.dtype, torch.device], Sequence[Case]],
+                    providers: Callable[[str], Dict[str, Callable]], cpu_shapes: Sequence[tuple],
+                    modes: Sequence[str] = MODES) -> List[CpuCase]:
+    """A row-kernel module's ``cpu_cases``: every (case, mode, provider) of ``make_cases(shape, float32, cpu)`` for
+    each shape in ``cpu_shapes``, in ``run_cases``' order. The ``eager`` provider is timed (``_step`` of its mode, the
+    closure the GPU path times); ``triton`` and ``compile`` are ``skipped`` ("needs CUDA": on CPU they would time the
+    Triton interpreter and inductor's C++ backend, not the GPU code being benchmarked). Bytes and FLOPs are
+    ``Case.work(mode, provider)``; a ``notes`` entry becomes the row's ``not_comparable``."""
+    cpu = torch.device("cpu")
+    out: List[CpuCase] = []
+    for shape in cpu_shapes:
+        for case in make_cases(shape, torch.float32, cpu):
+            provs = providers(case.op)
+            for mode in modes:
+                for name, fn in provs.items():
+                    row = dict(op=case.op, shape=tuple(case.shape), dtype=str(case.dtype).replace("torch.", ""),
+                               mode=mode, provider=name, **case.extra)
+                    if name != "eager":
+                        out.append(CpuCase(row, skipped="needs CUDA"))
+                        continue
+                    nbytes, flops = case.work(mode, name)
+                    note = case.notes.get((mode, name))
+                    if note:
+                        row["not_comparable"] = note
+                    out.append(CpuCase(row, prepare=functools.partial(_step, fn, case, mode), bytes=nbytes,
+                                       flops=flops or None))
+    return out
+
+
 def run_shapes(make_cases: Callable[[tuple, torch.dtype, torch.device], Sequence[Case]],
                providers: Callable[[str], Dict[str, Callable]], device=None, quick: bool = False,
                progress: bool = True, *, gpu_shapes: Sequence[tuple], quick_gpu_shapes: Sequence[tuple],
-               cpu_shapes: Sequence[tuple]) -> List[dict]:
-    """A bench module's ``run``: every case of every shape through ``run_cases``, with ``providers(case.op)``
-    built afresh per case (a new ``torch.compile`` per shape). On CUDA (the default when there is one) the shapes
-    are ``quick_gpu_shapes`` (``quick``) or ``gpu_shapes`` in bf16; on CPU ``cpu_shapes`` in fp32.
-    ``make_cases(shape, dtype, device)`` lists the cases of one shape."""
+               module_file=None) -> List[dict]:
+    """A bench module's ``run``. On CUDA (the default when there is one): every case of every shape through
+    ``run_cases`` (``do_bench``), with ``providers(case.op)`` built afresh per case (a new ``torch.compile`` per shape);
+    the shapes are ``quick_gpu_shapes`` (``quick``) or ``gpu_shapes``, bf16. ``make_cases(shape, dtype, device)``
+    lists the cases of one shape. On CPU: the module's ``cpu_cases()`` timed by pytest-benchmark in a subprocess that
+    imports ``module_file`` (pass ``__file__``), the rows the runner records."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        shapes, dtype = (quick_gpu_shapes if quick else gpu_shapes), torch.bfloat16
-    else:
-        shapes, dtype = cpu_shapes, torch.float32
+    if device.type != "cuda":
+        if module_file is None:
+            raise ValueError("run_shapes on CPU needs module_file=__file__ of the bench module: its cpu_cases() are "
+                             "timed by pytest-benchmark in a process that imports that file")
+        from benchmarks.pytest_cpu import module_rows
+
+        return module_rows(module_file, quick)
     rows: List[dict] = []
-    for shape in shapes:
-        for case in make_cases(shape, dtype, device):
+    for shape in (quick_gpu_shapes if quick else gpu_shapes):
+        for case in make_cases(shape, torch.bfloat16, device):
             rows += run_cases([case], providers(case.op), device, progress=progress)
     return rows
 
@@ -333,13 +411,20 @@ def markdown_table(rows: Sequence[dict], env: Optional[dict] = None) -> str:
 
 def cli(name: str, run: Callable[..., List[dict]], argv=None) -> List[dict]:
     """``python benchmarks/bench_<name>.py [--out DIR] [--quick] [--device cuda|cpu]``: prints the Markdown table and
-    writes ``<DIR>/bench_<name>_<card>.json`` (environment + rows) and ``.md``."""
+    writes ``<DIR>/bench_<name>_<UTC YYYYMMDD-HHMMSS>_<card>.json`` (environment + rows) and ``.md``, the runner's
+    naming (``benchmarks.run.result_stem``): a re-run never overwrites an earlier file, even within the same second.
+    On CPU ``run`` times the module's ``cpu_cases()`` with pytest-benchmark, as the runner does."""
     ap = argparse.ArgumentParser(description=f"benchmark of the {name} kernel vs eager and torch.compile")
     ap.add_argument("--out", default=None, help="folder for the JSON + Markdown results")
     ap.add_argument("--quick", action="store_true", help="model shapes only")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    from benchmarks.run import jsonable, resolve_device, result_stem
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     rows = run(device, quick=args.quick)
     env = environment(device)
     md = f"# bench_{name}\n\n" + markdown_table(rows, env)
@@ -347,8 +432,8 @@ def cli(name: str, run: Callable[..., List[dict]], argv=None) -> List[dict]:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        tag = "".join(c if c.isalnum() else "-" for c in str(env.get("card", device.type))).strip("-").lower()
-        (out / f"bench_{name}_{tag}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2,
-                                                                 default=str))
-        (out / f"bench_{name}_{tag}.md").write_text(md)
+        stem = result_stem(out, env, prefix=f"bench_{name}")
+        (out / f"{stem}.json").write_text(json.dumps(jsonable({"environment": env, "rows": rows}), indent=2) + "\n")
+        (out / f"{stem}.md").write_text(md)
+        print(f"wrote {out / stem}.json and .md")
     return rows

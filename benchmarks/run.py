@@ -8,7 +8,17 @@ Per run this writes, under ``--out``:
   * ``<stem>.md``: one Markdown table per bench module (plus failures and skips);
   * ``<stem>_plots/<op>.png``: per kernel, median time (and GB/s or TFLOP/s when reported) vs size, one
     line per provider, one column per (mode, dtype).
-``<stem>`` is ``<UTC date-time>_<device tag>``, so runs on different cards never overwrite each other.
+``<stem>`` is ``<UTC date-time>_<device tag>`` (``result_stem``; ``-2``, ``-3``, ... appended if that name is taken),
+so no run overwrites another.
+
+Timers (every timed row says which in ``timer``): on CUDA each module's ``run`` (``triton.testing.do_bench`` for the
+kernels). On CPU a module that lists ``cpu_cases()`` is timed by pytest-benchmark: ``benchmarks/pytest_cpu.py`` runs
+them in a pytest subprocess (``--benchmark-enable --benchmark-only --benchmark-json``) and maps each entry's ``stats``
+back to its row (``ms`` = median x 1e3, plus min/max/mean/stddev/quartiles, ``rounds``, ``iterations``; GB/s and
+TFLOP/s derived from the case's bytes and FLOPs as on the GPU); pytest-benchmark's JSON is kept in
+``<stem>_pytest_benchmark/bench_<name>.json``. ``--quick`` also shortens those timings (``pytest_cpu.TIMING``).
+Modules without ``cpu_cases`` keep their own CPU timer (``bench_packing``: wall + process CPU time of the same calls;
+``bench_host_overhead``: providers interleaved per repeat), stated in their rows.
 
 The bench-module contract is in ``benchmarks/__init__.py``. A module that fails to import, raises, or
 returns rows that break the contract becomes an ``error`` row; the others still run. A row whose TFLOP/s is
@@ -171,6 +181,26 @@ def device_tag(env: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Discovery and execution
 # ----------------------------------------------------------------------------------------------------
+def result_stem(out_dir, env: Dict[str, Any], prefix: Optional[str] = None,
+                suffixes: Sequence[str] = (".json", ".md")) -> str:
+    """``[<prefix>_]<UTC YYYYMMDD-HHMMSS>_<card>`` from ``env["date_utc"]`` (now when absent) and ``device_tag(env)``,
+    made free in ``out_dir``: when a file with that stem and one of ``suffixes`` (or a ``<stem>_*`` folder) exists,
+    ``-2``, ``-3``, ... is appended, so two runs in the same second keep both results."""
+    date = env.get("date_utc") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = str(date)[:19].replace("-", "").replace(":", "").replace("T", "-")
+    base = f"{prefix}_{stamp}_{device_tag(env)}" if prefix else f"{stamp}_{device_tag(env)}"
+    out = Path(out_dir)
+
+    def taken(stem: str) -> bool:
+        return any((out / f"{stem}{sfx}").exists() for sfx in suffixes) or any(out.glob(f"{stem}_*"))
+
+    stem, n = base, 1
+    while taken(stem):
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
 def write_sweep(out_dir, name: str, env: Dict[str, Any], rows: List[Dict[str, Any]], markdown: str) -> Path:
     """A launch-config sweep's results: ``<name>_<UTC stamp>_<card>.json`` (env + rows) and ``.md`` (``markdown``)
     in ``out_dir``; returns the JSON path."""
@@ -307,15 +337,28 @@ def _free_device_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_module(name: str, path: Path, device, quick: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Run one module; never raises. Returns (rows, summary) where a failure is one error row."""
+def run_module(name: str, path: Path, device, quick: bool,
+               cpu_json_dir: Optional[Path] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Run one module; never raises. Returns (rows, summary) where a failure is one error row.
+
+    On CPU a module with ``cpu_cases`` is timed by pytest-benchmark (``benchmarks.pytest_cpu.time_module``; its JSON
+    kept as ``cpu_json_dir/bench_<name>.json`` when given), any other through its ``run``. A timed row that does not
+    name its timer gets ``timer = "not stated by bench_<name>.run"``."""
     t0 = time.perf_counter()
+    info: Dict[str, Any] = {}
     try:
         module = load_module(name, path)
-        fn = getattr(module, "run", None)
-        if not callable(fn):
-            raise ValueError(f"{path}: no run(device, quick=False) function")
-        rows = validate_rows(name, fn(device, quick=quick))
+        if device.type != "cuda" and callable(getattr(module, "cpu_cases", None)):
+            from benchmarks.pytest_cpu import time_module
+
+            json_out = Path(cpu_json_dir) / f"bench_{name}.json" if cpu_json_dir is not None else None
+            raw, info = time_module(name, path, quick, json_out=json_out)
+        else:
+            fn = getattr(module, "run", None)
+            if not callable(fn):
+                raise ValueError(f"{path}: no run(device, quick=False) function")
+            raw = fn(device, quick=quick)
+        rows = validate_rows(name, raw)
     except Exception as e:  # noqa: BLE001 - one broken benchmark must not stop the others
         seconds = time.perf_counter() - t0
         msg = describe_exception(e)
@@ -329,9 +372,17 @@ def run_module(name: str, path: Path, device, quick: bool) -> Tuple[List[Dict[st
     seconds = time.perf_counter() - t0
     for r in rows:
         r.setdefault("bench", name)
+        if "ms" in r and "error" not in r and "skipped" not in r:
+            r.setdefault("timer", f"not stated by bench_{name}.run")
     n_err = sum("error" in r for r in rows)
     status = "ok" if n_err == 0 else "row_errors"
-    return rows, {"status": status, "seconds": round(seconds, 3), "n_rows": len(rows), "n_row_errors": n_err}
+    summary = {"status": status, "seconds": round(seconds, 3), "n_rows": len(rows), "n_row_errors": n_err}
+    timers = sorted({str(r["timer"]) for r in rows if "timer" in r and "ms" in r})
+    if timers:
+        summary["timers"] = timers
+    if info:
+        summary["cpu_timing"] = info
+    return rows, summary
 
 
 def peak_tflops(card: Optional[str]) -> Optional[float]:
@@ -363,9 +414,10 @@ def flag_implausible(rows: List[Dict[str, Any]], env: Dict[str, Any]) -> int:
 
 
 def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, progress: bool = True,
-            env: Optional[Dict[str, Any]] = None):
-    """Every module through ``run_module``; with ``env`` (its ``card``), rows above the card's peak TFLOP/s are
-    flagged ``implausible`` and their module's status is no longer ``ok``."""
+            env: Optional[Dict[str, Any]] = None, cpu_json_dir: Optional[Path] = None):
+    """Every module through ``run_module`` (``cpu_json_dir``: where pytest-benchmark's JSON of each CPU-timed module
+    is kept); with ``env`` (its ``card``), rows above the card's peak TFLOP/s are flagged ``implausible`` and their
+    module's status is no longer ``ok``."""
     from tqdm import tqdm
 
     rows: List[Dict[str, Any]] = []
@@ -373,7 +425,7 @@ def run_all(modules: Sequence[Tuple[str, Path]], device, quick: bool = False, pr
     bar = tqdm(modules, desc="benchmarks", unit="module", disable=not progress)
     for name, path in bar:
         bar.set_postfix_str(name)
-        mrows, msum = run_module(name, path, device, quick)
+        mrows, msum = run_module(name, path, device, quick, cpu_json_dir=cpu_json_dir)
         n_bad = flag_implausible(mrows, env) if env else 0
         if n_bad:
             msum["n_implausible"] = n_bad
@@ -474,6 +526,18 @@ def markdown_report(env: Dict[str, Any], rows: Sequence[Dict[str, Any]], summary
         st = summary.get(bench, {})
         lines.append(f"## bench_{bench} ({st.get('status', '?')}, {st.get('seconds', '?')} s)")
         lines.append("")
+        if st.get("timers"):
+            timing = st.get("cpu_timing", {})
+            opts = timing.get("options") or {}
+            how = ""
+            if opts:
+                warm = opts.get("warmup")
+                warm = (f"warm-up on, --benchmark-warmup-iterations {warm}" if warm
+                        else "no warm-up but the unrecorded calibration call")
+                how = (f" (pytest-benchmark {timing.get('pytest_benchmark')}: median of >= {opts.get('min_rounds')} "
+                       f"rounds over ~{opts.get('max_time')} s per case, {warm}, clock {opts.get('timer')}"
+                       + (f"; JSON `{timing['json']}`" if timing.get("json") else "") + ")")
+            lines += [f"timer: {', '.join(st['timers'])}{how}", ""]
         if timed:
             # a column nobody in this module reports (e.g. TFLOP/s for a bandwidth-bound op) is left out
             cols = [c for c in TABLE_COLUMNS if c in ("op", "provider", "ms")
@@ -528,8 +592,11 @@ def write_results(out_dir: Path, env: Dict[str, Any], rows: List[Dict[str, Any]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if stem is None:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        stem = f"{stamp}_{device_tag(env)}"
+        stem = result_stem(out_dir, env)
+    for msum in summary.values():  # pytest-benchmark's kept JSON, named relative to the results like the plots
+        kept = msum.get("cpu_timing", {}).get("json") if isinstance(msum, dict) else None
+        if kept:
+            msum["cpu_timing"]["json"] = os.path.relpath(kept, out_dir)
     plot_paths: Dict[str, Path] = {}
     if make_plots:
         from benchmarks.plotting import plot_rows
@@ -574,9 +641,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"no bench_*.py modules in {args.bench_dir}")
 
     env = environment(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(out, env)  # chosen first: pytest-benchmark's JSON is kept under it while the modules run
     print(f"[benchmarks] {len(modules)} module(s) on {env['device']} ({env['card']}), quick={args.quick}")
-    rows, summary = run_all(modules, device, quick=args.quick, progress=not args.no_progress, env=env)
-    paths = write_results(Path(args.out), env, rows, summary, vars(args), make_plots=not args.no_plots)
+    rows, summary = run_all(modules, device, quick=args.quick, progress=not args.no_progress, env=env,
+                            cpu_json_dir=out / f"{stem}_pytest_benchmark")
+    paths = write_results(out, env, rows, summary, vars(args), make_plots=not args.no_plots, stem=stem)
     print(f"[benchmarks] wrote {paths['json']}")
     print(f"[benchmarks] wrote {paths['markdown']}")
     for op, path in paths["plots"].items():

@@ -1,7 +1,6 @@
-"""benchmarks/bench_attention.py and bench_dpo.py outside the runner: the CPU time is a median after a warm-up call
-(it was a mean of 5 calls, labelled median), the attention CLI runs as a plain script (``python
-benchmarks/bench_attention.py``, no PYTHONPATH) and its results name the whole environment in a file that a later run
-does not overwrite."""
+"""benchmarks/bench_attention.py and bench_dpo.py outside the runner: their CPU rows are pytest-benchmark medians (the
+runner's timer), the attention CLI runs as a plain script (``python benchmarks/bench_attention.py``, no PYTHONPATH)
+and its results name the whole environment in a file that a later run does not overwrite."""
 import json
 import os
 import re
@@ -11,35 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_attention as A
 from benchmarks import bench_dpo as D
-from benchmarks import common as C
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fake_clock(monkeypatch, module, name):
-    """Replace ``module.name`` by a call whose durations are 100 ms (first call), then 1, 1, 50, 1, 2 ms."""
-    clock = [0.0]
-    durations = iter([0.100, 0.001, 0.001, 0.050, 0.001, 0.002])
-
-    def fake(*args, **kwargs):
-        clock[0] += next(durations)
-
-    monkeypatch.setattr(C.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(module, name, fake)
-
-
-def test_dpo_cpu_time_is_a_median_after_warm_up(monkeypatch):
-    _fake_clock(monkeypatch, D.R, "sequence_logprobs")
-    (row,) = D.run("cpu")
-    assert row["ms"] == pytest.approx(1.0)  # the mean of the first 5 calls would be 30.6
-
-
-def test_attention_cpu_time_is_a_median_after_warm_up(monkeypatch):
-    _fake_clock(monkeypatch, A.R, "attention")
-    (row,) = A.run("cpu")
-    assert row["ms"] == pytest.approx(1.0)
+def test_dpo_cpu_rows_come_from_pytest_benchmark():
+    """On CPU ``run`` returns the rows of its ``cpu_cases`` as pytest-benchmark timed them (the runner's rows):
+    the median of several rounds, TFLOP/s = 2·N·T·d·V over it."""
+    (row,) = D.run("cpu", quick=True)
+    N, T, d, V = D.CPU_SHAPES[0]
+    assert row["timer"] == "pytest-benchmark" and row["rounds"] >= 3 and row["provider"] == "eager"
+    assert row["ms_min"] <= row["ms"] <= row["ms_max"] and row["shape"] == f"N{N}xT{T}xd{d}xV{V}"
+    assert row["tflops"] == pytest.approx(2 * N * T * d * V / (row["ms"] * 1e-3) / 1e12)
 
 
 def _script_env():
@@ -64,7 +47,8 @@ def test_out_writes_a_timestamped_file_with_the_runner_environment(tmp_path):
     env = data["environment"]
     for key in ("card", "driver", "cuda_runtime", "torch", "triton", "git_commit", "git_dirty", "date_utc", "host"):
         assert key in env, key
-    assert data["rows"][0]["provider"] == "eager-sinks" and data["rows"][0]["ms"] > 0
+    (row,) = data["rows"]
+    assert row["provider"] == "eager-sinks" and row["ms"] > 0 and row["timer"] == "pytest-benchmark"
     md = path.with_suffix(".md").read_text()
     assert env["date_utc"] in md and "commit" in md and "| eager-sinks |" in md
 

@@ -1,5 +1,7 @@
 """benchmarks/run.py against fake bench modules written to tmp_path: discovery, JSON/Markdown/plots,
-a failing module recorded as an error row while the others still run, and the exit code."""
+a failing module recorded as an error row while the others still run, and the exit code; on CPU a real module's rows
+come from pytest-benchmark (checked against the JSON it wrote), every timed row names its timer, and no two runs
+share a file name."""
 import json
 import subprocess
 import sys
@@ -199,3 +201,66 @@ def test_extrapolated_rows_are_marked_and_checked(tmp_path):
     md = R.markdown_report({"card": "cpu"}, rows, summary, {})
     assert "| pack | n=10 | python | 250.0* | extrapolated (from n=1) |" in md
     assert "| pack | n=10 | cpp | 1 |  |" in md
+
+
+def test_cpu_rows_of_a_real_module_come_from_pytest_benchmark(tmp_path):
+    """``--only swiglu --quick`` on CPU: the eager rows are pytest-benchmark's numbers (checked against the JSON it
+    wrote, which the run keeps), GB/s is the module's minimal bytes over that median, the GPU providers are skipped,
+    and the Markdown and the plot still come out."""
+    out = tmp_path / "res"
+    rc = R.main(["--only", "swiglu", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    (json_path,) = out.glob("*_cpu.json")
+    data = json.loads(json_path.read_text())
+    info = data["modules"]["swiglu"]["cpu_timing"]
+    raw = json.loads((out / info["json"]).read_text())
+    assert info["json"] == f"{json_path.stem}_pytest_benchmark/bench_swiglu.json"
+    stats = {json.dumps(e["extra_info"]["row"], sort_keys=True): e["stats"] for e in raw["benchmarks"]}
+    timed = [r for r in data["rows"] if "ms" in r]
+    assert sorted(r["mode"] for r in timed) == ["bwd", "fwd", "fwd+bwd"] and {r["provider"] for r in timed} == {"eager"}
+    N, F = 256, 1024
+    for r in timed:
+        key = {k: r[k] for k in ("op", "shape", "dtype", "mode", "provider")}
+        st = stats[json.dumps(key, sort_keys=True)]
+        assert r["timer"] == "pytest-benchmark"
+        assert (r["ms"], r["ms_min"], r["ms_max"]) == (st["median"] * 1e3, st["min"] * 1e3, st["max"] * 1e3)
+        assert r["rounds"] == st["rounds"] >= 3 and r["iterations"] == st["iterations"]
+        nbytes = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[r["mode"]] * N * F * 4  # fp32 on CPU
+        assert r["bytes"] == nbytes and r["gbps"] == pytest.approx(nbytes / (r["ms"] * 1e-3) / 1e9)
+    assert sorted((r["provider"], r["skipped"]) for r in data["rows"] if "skipped" in r) == (
+        [("compile", "needs CUDA")] * 3 + [("triton", "needs CUDA")] * 3)
+    assert data["modules"]["swiglu"]["timers"] == ["pytest-benchmark"]
+    md = json_path.with_suffix(".md").read_text()
+    assert "timer: pytest-benchmark (pytest-benchmark " in md and "| swiglu | 256x1024 | float32 | fwd | eager |" in md
+    plot = out / data["plots"]["swiglu"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_without_a_timer_are_labelled_and_cpu_case_problems_are_module_errors(tmp_path):
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "bench_own.py").write_text("def run(device, quick=False):\n"
+                                    "    return [dict(op='o', provider='a', ms=1.0), dict(op='o', provider='b', ms=2.0,"
+                                    " timer='perf_counter loop')]\n")
+    (d / "bench_badcases.py").write_text("def cpu_cases(quick=False):\n    raise KeyError('no such shape')\n")
+    (d / "bench_dupcases.py").write_text(textwrap.dedent('''
+        from benchmarks.common import CpuCase
+
+        def cpu_cases(quick=False):
+            return [CpuCase(dict(op="o", provider="p"), skipped="x"), CpuCase(dict(op="o", provider="p"), skipped="y")]
+    '''))
+    rows, summary = R.run_all(R.discover(d), R.resolve_device("cpu"), progress=False)
+    own = [r for r in rows if r["bench"] == "own"]
+    assert [r["timer"] for r in own] == ["not stated by bench_own.run", "perf_counter loop"]
+    assert summary["badcases"]["status"] == "error" and "KeyError: 'no such shape'" in summary["badcases"]["error"]
+    assert summary["dupcases"]["status"] == "error" and "have the same id 'o-p'" in summary["dupcases"]["error"]
+
+
+def test_result_stem_never_reuses_a_name(tmp_path):
+    env = {"date_utc": "2026-11-26T14:42:49+00:00", "card": "NVIDIA H100 80GB HBM3"}
+    assert R.result_stem(tmp_path, env) == "20261126-144249_nvidia-h100-80gb-hbm3"
+    assert R.result_stem(tmp_path, env, prefix="bench_x") == "bench_x_20261126-144249_nvidia-h100-80gb-hbm3"
+    (tmp_path / "bench_x_20261126-144249_nvidia-h100-80gb-hbm3.md").write_text("")
+    assert R.result_stem(tmp_path, env, prefix="bench_x") == "bench_x_20261126-144249_nvidia-h100-80gb-hbm3-2"
+    (tmp_path / "20261126-144249_nvidia-h100-80gb-hbm3_plots").mkdir()
+    assert R.result_stem(tmp_path, env) == "20261126-144249_nvidia-h100-80gb-hbm3-2"
