@@ -65,7 +65,7 @@ def test_gsm8k_eval_never_scores_a_question_sft_trains_on(tmp_path):
     assert "held out of the SFT/verifier training" in ev["source"]
 
 
-def test_local_baseline_key_follows_its_files(tmp_path):
+def test_local_baseline_key_follows_its_files(tmp_path, monkeypatch):
     """A local baseline folder re-exported with other weights must not reuse the old results."""
     cfg = load_config("local-smoke")
     folder = tmp_path / "hf"
@@ -78,6 +78,8 @@ def test_local_baseline_key_follows_its_files(tmp_path):
     (folder / "model.safetensors").write_bytes(b"v2 weights")
     assert key() != first
     assert runner._folder_sig("gpt2") is None  # a hub name: no files to sign
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert runner._folder_sig("~/hf") == runner._folder_sig(str(folder))  # "~" as load_baseline expands it
 
 
 def test_evaluate_run_reuses_only_up_to_date_results(tiny_run):

@@ -197,3 +197,8 @@ def test_started_stage_must_follow_its_inputs_current_final(tmp_path):
                                                    "init_checkpoint": str(old)}) + "\n")
     with pytest.raises(ConfigError, match="'verifier'"):
         check_input_current(run, "verifier")
+    # dpo retrained from the new sft after the refusal, then interrupted: its summary still names the old input,
+    # its newest data record the new one, which is what its checkpoints follow
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"stage": "dpo", "step": 0, "kind": "data", "init_checkpoint": str(new)}) + "\n")
+    check_input_current(run, "dpo")

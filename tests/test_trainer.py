@@ -212,10 +212,15 @@ def test_cli_takes_an_existing_runs_own_config(tmp_path, capsys, monkeypatch):
     from mllm.config import load_config
     from mllm.training.runner import main
 
+    import mllm.training.runner as runner_mod
+
+    devices = []  # the process group must be set up for the run's device, not the preset's
+    real_init = runner_mod.init_distributed
+    monkeypatch.setattr(runner_mod, "init_distributed", lambda device: devices.append(device) or real_init("cpu"))
     monkeypatch.delenv("MLLM_DATA_DIR", raising=False)
     run = tmp_path / "R"
     run.mkdir()
-    mine = load_config("local-smoke", ["pretrain.steps=7", "model.n_layers=3", "name=mine"]).to_dict()
+    mine = load_config("local-smoke", ["pretrain.steps=7", "model.n_layers=3", "name=mine", "device=auto"]).to_dict()
     (run / "config.json").write_text(json.dumps(mine))
     missing = tmp_path / "no-data"
     rc = main(["--stage", "pretrain", "--run-name", "R", "--no-progress", "--set", f"run_root={tmp_path}",
@@ -226,6 +231,7 @@ def test_cli_takes_an_existing_runs_own_config(tmp_path, capsys, monkeypatch):
     saved = json.loads((run / "config.json").read_text())
     assert (saved["name"], saved["pretrain"]["steps"], saved["model"]["n_layers"]) == ("mine", 7, 3)
     assert saved["data"]["data_dir"] == str(missing)  # --set still applies on top
+    assert devices == ["auto"]
 
 
 def test_metrics_mfu_and_writer(tmp_path):
@@ -240,6 +246,16 @@ def test_metrics_mfu_and_writer(tmp_path):
     recs = read_metrics(tmp_path / "m.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3] and recs[0]["t"] == 1.5
     assert plot_loss_curve(recs, tmp_path / "f" / "loss.png").stat().st_size > 1000
+
+
+def test_count_tokens_may_be_any_callable():
+    """The start record names the token counter: a callable object without a docstring or __name__ works too."""
+    class Counter:
+        def __call__(self, batch):
+            return int(batch["input_ids"].numel())
+
+    t = make_trainer(count_tokens=Counter())
+    assert t.count_tokens_doc == "Counter" and t.train_step()["tokens"] == 8 * 16
 
 
 def test_mfu_peak_matches_the_card_variant(monkeypatch):

@@ -348,7 +348,7 @@ def _file_sig(path: Optional[Path]) -> Optional[Dict[str, Any]]:
 def _folder_sig(name: str) -> Optional[List[Dict[str, Any]]]:
     """File signatures of a local baseline folder (hub names: None): new weights in the same folder must not
     reuse the old results."""
-    p = Path(name)
+    p = Path(name).expanduser()  # as load_baseline reads it
     if not p.is_dir():
         return None
     return [_file_sig(f) for f in sorted(p.rglob("*")) if f.is_file()]

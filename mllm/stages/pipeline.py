@@ -75,18 +75,19 @@ INPUT_STAGES = {"sft": "pretrain", "dpo": "sft", "verifier": "sft"}
 
 
 def _trained_from(run_dir: Path, stage: str) -> Optional[str]:
-    """The input checkpoint a started stage was trained from: its recorded summary, else the last data record
-    of its metrics (a stage interrupted before finishing)."""
-    rec = _recorded(run_dir, stage) or {}
-    if rec.get("input_checkpoint"):
-        return rec["input_checkpoint"]
+    """The input checkpoint a started stage was trained from: the newest data record of its metrics (every attempt
+    logs one, so a stage retrained after an earlier finish is judged by its current attempt), else its recorded
+    summary."""
     from mllm.training.metrics import read_metrics
 
     try:
-        data = [r for r in read_metrics(run_dir / "metrics.jsonl", stage) if r.get("kind") == "data"]
+        data = [r for r in read_metrics(run_dir / "metrics.jsonl", stage)
+                if r.get("kind") == "data" and r.get("init_checkpoint")]
     except ValueError:
-        return None
-    return data[-1].get("init_checkpoint") if data else None
+        data = []
+    if data:
+        return data[-1]["init_checkpoint"]
+    return (_recorded(run_dir, stage) or {}).get("input_checkpoint")
 
 
 def check_input_current(run_dir: Path, stage: str) -> None:

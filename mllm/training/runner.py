@@ -169,24 +169,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
         cfg = load_config(args.config or "local-smoke", args.overrides, args.config_file)
-        ctx = init_distributed(cfg.device)
-        check_batch_sizes(cfg, args.stage, ctx.world_size)  # before any data loading or sampling pass
         run_root = Path(cfg.run_root)
+        # an existing run's name is known before any process group (the file system is the same on every rank)
         name = args.run_name
         if name is None and args.resume:
             name = newest_run(run_root, cfg.name)
-            if name is None and ctx.is_main:
-                print(f"--resume: no earlier '{cfg.name}' run under {run_root}; starting a new one", file=sys.stderr)
+        own = run_root / name / "config.json" if name is not None else None
+        if args.config is None and args.config_file is None and own is not None and own.is_file():
+            # an existing run continues (or is evaluated) with its own config, not the local-smoke preset's: its
+            # device, batch sizes and model, read before the process group and the batch check that depend on them
+            cfg = load_config(str(own), args.overrides)
+        else:
+            own = None
+        ctx = init_distributed(cfg.device)
+        check_batch_sizes(cfg, args.stage, ctx.world_size)  # before any data loading or sampling pass
+        if own is not None and ctx.is_main:
+            print(f"config: {own} (the run's own; --config picks another)", file=sys.stderr)
+        if name is None and args.resume and ctx.is_main:
+            print(f"--resume: no earlier '{cfg.name}' run under {run_root}; starting a new one", file=sys.stderr)
         if name is None:
             name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         name = ctx.broadcast_object(name)
         run_dir = run_root / name
-        if args.config is None and args.config_file is None and (run_dir / "config.json").is_file():
-            # an existing run continues (or is evaluated) with its own config, not the local-smoke preset's
-            cfg = load_config(str(run_dir / "config.json"), args.overrides)
-            check_batch_sizes(cfg, args.stage, ctx.world_size)
-            if ctx.is_main:
-                print(f"config: {run_dir / 'config.json'} (the run's own; --config picks another)", file=sys.stderr)
         if ctx.is_main:
             for w in prepare_run_dir(cfg, run_dir, args.stage, args.resume):
                 print(f"warning: {w}", file=sys.stderr)

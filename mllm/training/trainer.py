@@ -283,7 +283,9 @@ class Trainer:
             flops_per_token = float(model.flops_per_token(getattr(stage_cfg, "seq_len", 0)))
         self.flops_per_token = None if mfu_unavailable is not None else flops_per_token
         self.mfu_unavailable = mfu_unavailable
-        self.count_tokens_doc = (count_tokens.__doc__ or count_tokens.__name__).strip().splitlines()[0]
+        doc = (getattr(count_tokens, "__doc__", None) or "").strip()
+        self.count_tokens_doc = doc.splitlines()[0] if doc else getattr(count_tokens, "__name__",
+                                                                         type(count_tokens).__name__)
         self.peak_flops, self.peak_flops_note = device_peak_flops(self.device)
 
         self.step = 0  # optimizer steps done (skipped non-finite steps included)
