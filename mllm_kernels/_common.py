@@ -139,9 +139,18 @@ def eager_function(name: str, forward, setup_context, backward) -> type:
         setup_context(ctx, args, output)
         return output
 
+    def first_order_backward(ctx, *grads):
+        # the backward's kernels build no autograd graph, so under create_graph=True (autograd runs a backward
+        # with grad mode on only then) a second derivative would be silently wrong: an error instead, as the
+        # registered op gives for lack of a formula
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"mllm::{name} does not support double backward (create_graph=True); use the eager "
+                               "reference in mllm_kernels.reference for higher derivatives")
+        return backward(ctx, *grads)
+
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward_with_ctx),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(first_order_backward),
         "__doc__": f"Eager form of mllm::{name} (see mllm_kernels._common.eager_function).",
     })
 
@@ -163,10 +172,13 @@ def dispatcher_in_eager(enabled: bool = True):
 
 
 def call_op(op, function, *args):
-    """``op(*args)`` while torch.compile traces (an opaque node with a fake implementation), else
+    """``op(*args)`` while torch.compile or another dispatcher-level tracer traces (an opaque node with a fake
+    implementation), else
     ``function.apply(*args)`` (same kernels, no dispatcher). ``args`` are all positional, as the op's schema
     lists them, so both see the same ``inputs`` in ``setup_context``."""
-    if _VIA_DISPATCHER or torch.compiler.is_compiling():
+    # a TorchDispatchMode on the stack (FakeTensorMode, make_fx's proxy mode) traces through the dispatcher too:
+    # the Function would launch a kernel on fake tensors. One C call, cheap next to the launch it guards
+    if _VIA_DISPATCHER or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return op(*args)
     return function.apply(*args)
 

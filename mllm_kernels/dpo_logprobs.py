@@ -276,7 +276,9 @@ _sequence_logprobs_bwd_op = torch.library.custom_op("mllm::sequence_logprobs_bwd
 @_sequence_logprobs_bwd_op.register_fake
 def _(grad_logp, hidden, weight, labels, lse, ignore_index):
     patch_inductor_operator_str()
-    return torch.empty_like(hidden), torch.empty_like(weight)
+    # contiguous whatever the inputs' strides: the implementation makes its inputs contiguous first
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format))
 
 
 def _backward(bwd):
@@ -318,7 +320,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     Labels outside [0, V) other than ``ignore_index`` raise ValueError (``check_labels=False`` skips the
     host sync that this check costs)."""
     _validate(hidden, weight, labels)
-    if check_labels and labels.numel():
+    if check_labels and labels.numel() and not torch.compiler.is_compiling():  # a host sync: not in a traced graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"labels hold ids outside [0, {weight.shape[0]}) other than ignore_index={ignore_index}")

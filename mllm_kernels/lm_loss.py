@@ -107,7 +107,10 @@ def lce_forward(h2: torch.Tensor, w: torch.Tensor, y1: torch.Tensor, vocab_size:
                                     WRITE_GRAD=need_grad, BLOCK_V=block_v, num_warps=num_warps)
         if need_grad:
             torch.mm(zc, w, out=dh[r0:r1])
-            part = zc.t() @ hc  # [V_rows, d]
+            # a plain matmul, which an enclosing autocast would run in bf16 for fp32 inputs (the GEMMs above write
+            # into preallocated outputs, which autocast leaves alone): every output keeps the inputs' dtype
+            with torch.autocast(h2.device.type, enabled=False):
+                part = zc.t() @ hc  # [V_rows, d]
             if r1 - r0 == M:
                 dw = part
             elif dw_acc is None:
@@ -142,7 +145,9 @@ def _(hidden, weight, labels, vocab_size, ignore_index, need_grad):
     patch_inductor_operator_str()
     loss = hidden.new_empty((), dtype=torch.float32)
     if need_grad:
-        return loss, torch.empty_like(hidden), torch.empty_like(weight)
+        # contiguous whatever the inputs' strides: the implementation makes its inputs contiguous first
+        return (loss, torch.empty_like(hidden, memory_format=torch.contiguous_format),
+                torch.empty_like(weight, memory_format=torch.contiguous_format))
     return loss, hidden.new_empty(0), weight.new_empty(0)
 
 
@@ -159,6 +164,11 @@ def _backward(ctx, g_loss, _g_dh, _g_dw):
         return None, None, None, None, None, None
     if not ctx.need_grad:
         raise RuntimeError("mllm::linear_cross_entropy was called with need_grad=False, so it has no gradient to give")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: dh and dW were computed in the forward as constants, so a second derivative through
+        # them would silently miss the Hessian term
+        raise RuntimeError("mllm::linear_cross_entropy does not support double backward (create_graph=True): its "
+                           "gradients are computed in the forward; use the eager reference for higher derivatives")
     dh, dw = ctx.saved_tensors
     return dh * g_loss, dw * g_loss, None, None, None, None
 
@@ -203,7 +213,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     (``check_labels=False`` skips this check's host sync). Dispatch: CUDA -> cuBLAS + Triton, CPU with
     TRITON_INTERPRET=1 -> the same under the interpreter, CPU otherwise -> ``reference.linear_cross_entropy``."""
     V = _validate(hidden, weight, labels, vocab_size, ignore_index)
-    if check_labels and labels.numel():
+    if check_labels and labels.numel() and not torch.compiler.is_compiling():  # a host sync: not in a traced graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels hold ids outside [0, {V}) other than ignore_index={ignore_index}")

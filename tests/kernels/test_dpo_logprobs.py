@@ -185,6 +185,28 @@ def test_dpo_loss_matches_the_paper(N):
 
 
 @needs_kernel
+def test_opcheck_backward_op_and_strided_inputs():
+    """The backward op's fake, and both ops with a permuted hidden and a transposed weight: the implementation
+    makes its inputs contiguous, so the fakes must report contiguous outputs (inductor asserts on strides)."""
+    h, w, y, gout = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], _seed())
+    hp = h.transpose(0, 1).contiguous().transpose(0, 1)  # [N, T, d] with a permuted layout
+    wt = w.t().contiguous().t()  # [V, d] stored as [d, V]
+    torch.library.opcheck(torch.ops.mllm.sequence_logprobs.default,
+                          (hp.requires_grad_(), wt.requires_grad_(), y, -100))
+    _, lse = torch.ops.mllm.sequence_logprobs.default(h, w, y, -100)
+    torch.library.opcheck(torch.ops.mllm.sequence_logprobs_bwd.default,
+                          (gout, hp.detach(), wt.detach(), y, lse, -100))
+
+
+@needs_kernel
+def test_default_label_check_compiles():
+    h, w, y, _ = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], _seed())
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: K.sequence_logprobs(a, b, y), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(h, w), R.sequence_logprobs(h, w, y), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_opcheck():
     h, w, y, _ = _inputs(2, 3, 16, 40, torch.float32, DEVICES[-1], _seed())
     torch.library.opcheck(torch.ops.mllm.sequence_logprobs.default,

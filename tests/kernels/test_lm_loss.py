@@ -139,6 +139,62 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mllm.linear_cross_entropy.default, (h.detach(), w.detach(), y, 64, -100, False))
 
 
+def test_opcheck_strided_inputs_and_inductor():
+    """A weight stored as [d, V] and passed transposed: the fake must report the contiguous outputs the
+    implementation returns (it makes its inputs contiguous), or inductor asserts on the strides at run time."""
+    h, w, y, _ = _inputs((5,), 16, 37, 30, torch.float32, _seed())
+    wt = w.t().contiguous().requires_grad_()  # [d, V]: the layout some checkpoints store
+    torch.library.opcheck(torch.ops.mllm.linear_cross_entropy.default,
+                          (h.requires_grad_(), wt.t(), y, 30, -100, True))
+
+    def f(a, b):
+        return K.linear_cross_entropy(a, b.t(), y, 30, check_labels=False) * 0.5
+
+    torch._dynamo.reset()
+    got = _run(torch.compile(f, backend="inductor", fullgraph=True), h, wt, 1.0)
+    want = _run(lambda a, b: R.linear_cross_entropy(a, b.t(), y, 30) * 0.5, h, wt, 1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_is_an_error_on_both_paths():
+    """The gradients are computed in the forward: a second derivative through them would miss the Hessian term
+    silently, so create_graph=True must raise (eager Function path and registered-op path)."""
+    from mllm_kernels._common import dispatcher_in_eager
+
+    h, w, y, _ = _inputs((4,), 8, 16, 16, torch.float32, _seed())
+    for via_op in (False, True):
+        hh = h.clone().requires_grad_()
+        with dispatcher_in_eager(via_op):
+            loss = K.linear_cross_entropy(hh, w, y)
+            with pytest.raises(RuntimeError, match="double backward"):
+                torch.autograd.grad(loss, hh, create_graph=True)
+
+
+def test_outputs_keep_the_input_dtype_under_autocast():
+    """fp32 inputs under a bf16 autocast: dW must stay fp32 like the loss and dh (a plain matmul inside would be
+    autocast to bf16, and the eager path would then disagree with the compiled one)."""
+    h, w, y, _ = _inputs((6,), 16, 40, 40, torch.float32, _seed())
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        out = torch.ops.mllm.linear_cross_entropy(h, w, y, 40, -100, True)
+    assert [o.dtype for o in out] == [torch.float32] * 3
+    ww = w.clone().requires_grad_()
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        K.linear_cross_entropy(h, ww, y, 40).backward()
+    w2 = w.clone().requires_grad_()
+    R.linear_cross_entropy(h, w2, y, 40).backward()
+    torch.testing.assert_close(ww.grad, w2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_default_label_check_compiles():
+    """check_labels=True (the default) reads the labels on the host: skipped while torch.compile traces, so
+    fullgraph compilation works with default arguments."""
+    h, w, y, _ = _inputs((2, 5), 16, 64, 61, torch.float32, _seed())
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: K.linear_cross_entropy(a, b, y, 61), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(h, w), R.linear_cross_entropy(h, w, y, 61), rtol=1e-5, atol=1e-5)
+
+
 def test_traces_under_torch_compile_fullgraph():
     h, w, y, _ = _inputs((2, 7), 16, 64, 61, torch.float32, _seed())
 

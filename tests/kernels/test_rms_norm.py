@@ -413,3 +413,22 @@ def test_gpu_backward_tiles(monkeypatch):
     assert K._config(1024, backward=True) == (8, 1024, True, 4)
     assert K._config(1024, backward=True, copy=True) == (4, 1024, True, 4)
     assert K._config(1024) == (4, 1024, True, 8)
+
+
+def test_double_backward_is_an_error_and_tracers_take_the_op():
+    """The eager Function's backward builds no graph: create_graph=True raises instead of a silently wrong second
+    derivative. Under a dispatcher-level tracer (make_fx, FakeTensorMode) calls go through the registered op, whose
+    fake runs, instead of launching a kernel on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, _, w = _inputs((4, 8), torch.float32, 0)[:3]
+    xx = x.clone().requires_grad_()
+    y = K.rms_norm(xx, w, EPS)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((y * y).sum(), xx, create_graph=True)
+    gm = make_fx(lambda a, b: K.rms_norm(a, b, EPS), tracing_mode="fake")(x, w)
+    assert any("mllm.rms_norm" in str(n.target) for n in gm.graph.nodes)
+    with FakeTensorMode() as mode:
+        out = K.rms_norm(mode.from_tensor(x), mode.from_tensor(w), EPS)
+    assert out.shape == x.shape and out.dtype == x.dtype
