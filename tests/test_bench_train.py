@@ -156,6 +156,52 @@ def test_packed_run_uses_cu_seqlens(bt, tmp_path):
     assert rep["args"]["docs_per_row"] == 3 and rep["results"][0]["tokens_per_s"] > 0
 
 
+
+def test_packed_bench_loss_is_the_per_document_loss(bt, tmp_path, monkeypatch):
+    """The script's own loop with ``--docs-per-row 3`` must run the varlen path: the model receives the batch's
+    ``cu_seqlens`` and ``position_ids``, and the first step's loss equals the mean next-token loss of every document
+    run on its own (no attention across a document boundary, RoPE positions restarting). A loop that dropped them
+    would time the plain causal path while reporting a packed run."""
+    import copy
+
+    from mllm.models.transformer import causal_lm_loss
+
+    built, calls, made = [], [], []
+    real_build, real_batches = bt.build_model, bt.make_batches
+
+    def build(cfg, kernel_backend, device, seed):
+        model = real_build(cfg, kernel_backend, device, seed)
+        built.append(copy.deepcopy(model))  # the weights the first step's loss is computed with
+        forward = model.forward
+
+        def recording(input_ids, *args, **kw):
+            calls.append(kw)
+            return forward(input_ids, *args, **kw)
+
+        model.forward = recording
+        return model
+
+    def batches(*args, **kw):
+        made.extend(real_batches(*args, **kw))
+        return made
+
+    monkeypatch.setattr(bt, "build_model", build)
+    monkeypatch.setattr(bt, "make_batches", batches)
+    assert bt.main(TINY + ["--backends", "eager", "--steps", "1", "--warmup", "0", "--docs-per-row", "3",
+                           "--out", str(tmp_path)]) == 0
+    (r,) = _report(tmp_path)[0]["results"]
+    b = made[0]
+    assert calls[0].get("cu_seqlens") is not None and torch.equal(calls[0]["cu_seqlens"].cpu(), b["cu_seqlens"])
+    assert torch.equal(calls[0]["position_ids"].cpu(), b["position_ids"])
+    ids, labels, cu = b["input_ids"].reshape(-1), b["labels"].reshape(-1), b["cu_seqlens"].tolist()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s, e in zip(cu[:-1], cu[1:]):
+            logits = built[0](ids[s:e][None])
+            total += causal_lm_loss(logits, labels[s:e][None], reduction="sum").item()
+            count += int((labels[s:e] != -100).sum())
+    assert r["loss_first"] == pytest.approx(total / count, rel=1e-5)
+
 @pytest.mark.parametrize("extra, msg", [
     (["--backends", "eager,flash"], "unknown backend 'flash'"),
     (["--seq-len", "4096"], "model.max_seq_len=128"),

@@ -226,3 +226,45 @@ def test_finished_stage_resume_keeps_its_summary(tmp_path):
     again = trainer(tmp_path, 3)
     assert again.resume()
     assert again.fit()["final_train_loss"] == first["final_train_loss"] is not None
+
+
+def test_data_position_refuses_another_dataset_batch_or_seed():
+    """A data position (epoch, cursor, micro) only means something for the same dataset size, batch size and
+    shuffling seed: ``RowBatchSource.load_state_dict`` must refuse each change (naming the key) rather than resume
+    into a different example order, and accept its own state, after which it yields exactly the batches the
+    writer would have yielded next."""
+    data = TokenWindows(TOKENS[:2400], 16)  # 149 rows
+    src = RowBatchSource(data, batch_size=8, micro_batch_size=4, seed=5)
+    for _ in range(3):
+        src.next_batch()
+    state = src.state_dict()
+    changed = {
+        "n": RowBatchSource(TokenWindows(TOKENS[:2000], 16), batch_size=8, micro_batch_size=4, seed=5),
+        "batch_size": RowBatchSource(data, batch_size=16, micro_batch_size=4, seed=5),
+        "seed": RowBatchSource(data, batch_size=8, micro_batch_size=4, seed=6),
+    }
+    for key, other in changed.items():
+        with pytest.raises(ValueError, match=rf"{key}=\d+ but this run has {key}="):
+            other.load_state_dict(state)
+    same = RowBatchSource(data, batch_size=8, micro_batch_size=4, seed=5)
+    same.load_state_dict(state)
+    assert same.state_dict() == state
+    for _ in range(3):
+        a, b = src.next_batch(), same.next_batch()
+        assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_trainer_refuses_another_stages_checkpoint():
+    """``Trainer.load_state_dict`` must reject a checkpoint written by another stage (e.g. an SFT state loaded by the
+    pretrain trainer) before touching the model, instead of continuing at the other stage's step."""
+    src = trainer(None, 4)
+    src.stage = "sft"  # the state a stage-'sft' trainer of the same shapes writes
+    state = src.state_dict()
+    dst = trainer(None, 4, model_seed=1)
+    before = [p.detach().clone() for p in dst.model.parameters()]
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint is from stage 'sft', not 'pretrain'"):
+        dst.load_state_dict(state)
+    assert dst.step == 0 and all(torch.equal(a, b) for a, b in zip(before, dst.model.parameters()))
+    src.stage = "pretrain"
+    dst.load_state_dict(src.state_dict())  # the same state under its own stage name loads
+    assert all(torch.equal(a, b) for a, b in zip(src.model.parameters(), dst.model.parameters()))

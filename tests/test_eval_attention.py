@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mllm.config import load_config
-from mllm.evaluation.attention_maps import (analyze, attention_statistics, head_statistics, observations,
-                                            uniform_statistics)
+from mllm.evaluation.attention_maps import (STAT_KEYS, analyze, attention_statistics, head_statistics,
+                                            merge_statistics, observations, uniform_statistics)
 from mllm.evaluation.loading import find_stage_checkpoints, load_stage_model
 from mllm.models import Transformer
 from mllm.training.checkpoint import save_checkpoint
@@ -53,6 +53,30 @@ def test_head_statistics_by_hand():
     with pytest.raises(ValueError, match=r"\[B, H, T, T\]"):
         head_statistics(torch.zeros(2, 3, 4))
 
+
+
+def test_merge_statistics_averages_over_texts():
+    """``merge_statistics`` (one statistics dict per analysed text -> the report's numbers) must average every head's
+    statistic and every layer mean over the texts, not keep one text's: two texts whose heads differ (the sink head of
+    text 1 is the local head of text 2 and so on) merge to the element-wise mean, and the count of texts is kept."""
+    a = attention_statistics(_maps(6), local_window=1)
+    l0, l1 = _maps(8)
+    b = attention_statistics([l0[:, [3, 2, 1, 0]], l1], local_window=1)  # layer 0's heads in reverse order
+    merged = merge_statistics([a, b])
+    assert merged["n_texts"] == 2 and merged["settings"] == a["settings"]
+    differ = 0
+    for l in range(2):
+        for k in STAT_KEYS:
+            want = (a["layers"][l][f"mean_{k}"] + b["layers"][l][f"mean_{k}"]) / 2
+            assert merged["layers"][l][f"mean_{k}"] == pytest.approx(want), (l, k)
+            for h in range(4):
+                x, y = a["layers"][l]["heads"][h][k], b["layers"][l]["heads"][h][k]
+                differ += abs(x - y) > 1e-3
+                assert merged["layers"][l]["heads"][h][k] == pytest.approx((x + y) / 2), (l, h, k)
+    assert differ > 10  # the two texts really disagree, so keeping either one would show
+    assert merge_statistics([a])["layers"] == a["layers"]
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_statistics([])
 
 def test_observations_follow_the_numbers():
     stats = attention_statistics(_maps(), local_window=1)

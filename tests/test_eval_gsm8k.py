@@ -5,8 +5,8 @@ import torch
 
 from mllm.data.tokenizer import get_tokenizer
 from mllm.evaluation.gsm8k import (
-    arithmetic_steps, best_of_n, classify_error, error_taxonomy, eval_arithmetic, evaluate_gsm8k, extract_answer,
-    gold_answer, majority_vote, normalize_number, truncate_completion,
+    PROMPT_TEMPLATE, arithmetic_steps, best_of_n, classify_error, error_taxonomy, eval_arithmetic, evaluate_gsm8k,
+    extract_answer, gold_answer, majority_vote, normalize_number, truncate_completion,
 )
 
 
@@ -202,3 +202,28 @@ def test_evaluate_gsm8k_with_our_transformer():
     assert again["per_question"] == res["per_question"]  # greedy and seeded sampling are reproducible
     with pytest.raises(ValueError, match="max_len"):
         evaluate_gsm8k(model, tok, rows, max_new_tokens=48, max_len=48, progress=False)
+
+
+def test_long_prompt_keeps_its_end_for_generation():
+    """With ``max_len`` (the model's context), a prompt longer than ``max_len - max_new_tokens`` tokens must reach
+    the generator as its LAST ``max_len - max_new_tokens`` tokens: the end of the question and the "Answer:" cue the
+    completion follows. Keeping the start would cut off the question's end and the cue. Checked on the prompts the
+    generate_fn receives, greedy and sampled."""
+    tok = get_tokenizer("byte")
+    seen = []
+
+    def gen(prompts, max_new_tokens, temperature=0.0, eos_id=None, seed=None, **kw):
+        seen.extend((temperature, list(p)) for p in prompts)
+        return [tok.encode(" #### 4") + [eos_id] for _ in prompts]
+
+    rows = [{"question": "Ann has " + "many " * 20 + "apples. What is 2 + 2?", "answer": "#### 4"},
+            {"question": "1+1?", "answer": "#### 2"}]
+    res = evaluate_gsm8k(None, tok, rows, n_samples=1, max_new_tokens=8, max_len=40, generate_fn=gen,
+                         progress=False)
+    assert res["greedy"]["correct"] == 1
+    full = [tok.encode(PROMPT_TEMPLATE.format(question=r["question"])) for r in rows]
+    assert len(full[0]) > 32 >= len(full[1])
+    want = [full[0][-32:], full[1]]
+    assert [p for t, p in seen if t == 0.0] == want  # greedy
+    assert [p for t, p in seen if t != 0.0] == want  # one sample each
+    assert tok.decode(want[0]).endswith("What is 2 + 2?\nAnswer:")

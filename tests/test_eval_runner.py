@@ -167,3 +167,27 @@ def test_plan_finds_the_verifier_when_only_other_stages_are_evaluated(tmp_path):
         r = subprocess.run(script + extra, capture_output=True, text=True, timeout=120,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_stage_recompute_flag_reevaluates_up_to_date_results(tiny_run):
+    """``run_pipeline.py --stage eval`` reuses up-to-date results, and ``--recompute`` must evaluate them again: the
+    flag has to travel from the command line through the stage context to the evaluation (``reuse=False``), or a
+    user who changed evaluation code would silently get the old numbers."""
+    from mllm.training.runner import main
+
+    cfg, run = tiny_run
+    cheap = ["eval.gsm8k_examples=1", "eval.gsm8k_samples=1", "eval.gsm8k_max_new_tokens=4", "eval.sst2_examples=2",
+             f"run_root={run.parent}"]
+    args = ["--stage", "eval", "--run-name", run.name, "--no-progress"] + [a for s in cheap for a in ("--set", s)]
+
+    def eval_summary(*extra):
+        assert main(args + list(extra)) == 0
+        return json.loads((run / "summary.json").read_text())["eval"]
+
+    assert eval_summary()["evaluated"] == ["pretrain"]
+    res = run / "results" / "pretrain" / "sst2.json"
+    first = res.stat().st_mtime_ns
+    ev = eval_summary()
+    assert ev["evaluated"] == [] and ev["reused"] == ["pretrain"] and res.stat().st_mtime_ns == first
+    ev = eval_summary("--recompute")
+    assert ev["evaluated"] == ["pretrain"] and ev["reused"] == []

@@ -127,3 +127,44 @@ def test_bad_rows_and_truncation():
     full = label_logprobs(model, tok, [long])
     cut = label_logprobs(model, tok, [long], max_len=4)
     assert not torch.allclose(full, cut)
+
+
+class Recording(torch.nn.Module):
+    """Wraps a stub LM and keeps every input_ids batch it is given."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.inputs = lm, []
+
+    def forward(self, input_ids):
+        self.inputs.append(input_ids.clone())
+        return self.lm(input_ids)
+
+
+@pytest.mark.parametrize("words", [(" negative", " positive"), (" negative plot", " positive movie")])
+def test_truncation_scores_the_end_of_the_prompt(words):
+    """With ``max_len`` shorter than the prompt, the scored sequence must be the prompt's LAST tokens (the query
+    sentence and the "Sentiment:" cue the label word follows), ``max_len`` tokens in all with the label word's
+    leading tokens, and the scores those of that window. Keeping the start would score a label word after a cut-off
+    demonstration. Single-token words (one sequence per prompt) and multi-token words (one per label)."""
+    tok = WordTokenizer(WORDS)
+    model = Recording(PrefixMeanLM(tok.vocab_size, seed=1))
+    prompt = build_prompt("dull movie", [{"sentence": "great fun " * 6, "label": 1}])
+    pids = tok.encode(prompt)
+    max_len = 7
+    assert len(pids) > 2 * max_len
+    got = label_logprobs(model, tok, [prompt], words, max_len=max_len)
+    (batch,) = model.inputs  # one forward; both label sequences have the same length here, so no padding
+    seqs = [row.tolist() for row in batch]
+    for l, w in enumerate(words):
+        wids = tok.encode(w)
+        keep = max_len - len(wids) + 1
+        want = pids[-keep:] + wids[:-1]
+        if len(wids) == 1:  # the prompt alone, scored once for every label
+            assert seqs == [want]
+        else:
+            assert seqs[l] == want and len(want) == max_len
+        lp = torch.log_softmax(model.lm(torch.tensor([pids[-keep:] + wids]))[0].double(), -1)
+        ref = sum(lp[keep - 1 + j, wids[j]].item() for j in range(len(wids)))
+        assert got[0, l].item() == pytest.approx(ref, abs=1e-5)
+    assert tok.decode(pids[-max_len:]).endswith("movie\nSentiment:")

@@ -108,3 +108,121 @@ def test_response_loss_is_mean_ce_over_response_tokens():
         doc = p + r + [tok.eot_id]
         terms += [-logp[b, j - 1, doc[j]] for j in range(len(p), len(doc))]
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_next_token_loss_on_packed_rows_equals_each_document_alone():
+    """A packed micro-batch (row 0: two documents, row 1: one) must give exactly the token-weighted mean of the
+    losses of every document run on its own: ``next_token_loss`` (the pretraining and SFT loss) has to hand the
+    model the rows' ``cu_seqlens`` (no attention across a document boundary) and ``position_ids`` (RoPE positions
+    restart in each document). Dropping either lets document 2 see document 1 and changes its loss."""
+    import numpy as np
+
+    from mllm.config.pipeline_config import ModelConfig
+    from mllm.models.transformer import Transformer, causal_lm_loss
+    from mllm.stages.common import SegmentRows, next_token_loss
+    from mllm.training.batches import collate_rows
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                    max_seq_len=16))
+    g = np.random.default_rng(0)
+    T = 12
+    docs = [g.integers(0, 64, n) for n in (5, 7, 12)]
+    layout = [[docs[0], docs[1]], [docs[2]]]  # row 0 packs documents 0 and 1, row 1 holds document 2
+    ids, labels, pos = np.zeros((2, T), np.int64), np.full((2, T), -100, np.int64), np.zeros((2, T), np.int64)
+    for r, row in enumerate(layout):
+        s = 0
+        for d in row:
+            n = len(d)
+            ids[r, s:s + n] = d
+            labels[r, s:s + n - 1] = d[1:]  # aligned labels; a document's last token predicts nothing
+            pos[r, s:s + n] = np.arange(n)
+            s += n
+    rows = SegmentRows({"input_ids": ids, "labels": labels, "position_ids": pos})
+    batch = collate_rows([rows[0], rows[1]])
+    assert batch["cu_seqlens"].tolist() == [0, 5, 12, 24]  # the batch carries both rows' document bounds
+    with torch.no_grad():
+        loss, _, n = next_token_loss(model, batch)
+        total, count = 0.0, 0
+        for d in docs:
+            x = torch.as_tensor(d)[None]
+            lab = torch.full_like(x, -100)
+            lab[0, :-1] = x[0, 1:]
+            total += causal_lm_loss(model(x), lab, reduction="sum").item()
+            count += len(d) - 1
+        # the second document of row 0 alone (labels of the others ignored): no share of the first one's context
+        only = {**batch, "labels": batch["labels"].clone()}
+        only["labels"][0, :5] = -100
+        only["labels"][1] = -100
+        loss1, _, n1 = next_token_loss(model, only)
+        x = torch.as_tensor(docs[1])[None]
+        ref1 = causal_lm_loss(model(x), torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1)).item()
+    assert int(n) == count == 4 + 6 + 11
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert int(n1) == 6 and loss1.item() == pytest.approx(ref1, rel=1e-5)
+
+
+def _sft_data_dir(root, n=40):
+    """A data folder (shared layout) with n Alpaca and n GSM8K train records, all distinct and all short."""
+    (root / "alpaca").mkdir(parents=True)
+    (root / "gsm8k").mkdir()
+    alp = [{"instruction": f"Say word {i}.", "input": "", "output": f"word {i}"} for i in range(n)]
+    (root / "alpaca" / "alpaca_data.json").write_text(json.dumps(alp))
+    gsm = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(n)]
+    (root / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    return alp, gsm
+
+
+def _documents(rows, tok):
+    """(source, key) of every unpacked SFT row: the Alpaca instruction or the GSM8K question it was built from."""
+    out = []
+    for i in range(len(rows)):
+        text = tok.decode([t for t in rows[i]["input_ids"].tolist() if t != tok.eot_id])
+        if text.startswith("Question: "):
+            out.append(("gsm8k", text[len("Question: "):].split("\nAnswer:")[0]))
+        else:
+            assert text.startswith("Below is an instruction"), text
+            out.append(("alpaca", text.split("### Instruction:\n")[1].split("\n\n")[0]))
+    return out
+
+
+def test_sft_data_trains_on_neither_held_out_slice_and_mixes_by_weight(tmp_path):
+    """``build_sft_data`` on a small local data folder: no training example comes from the Alpaca held-out slice or
+    the GSM8K dev slice (both carved by ``split_holdout`` with the run's seed and ``data.val_fraction``; the
+    validation rows come from those slices only), even when the requested number of examples exceeds the training
+    pool (the training records are then repeated, never topped up with held-out ones), and the share of GSM8K
+    examples is ``round(sft.gsm8k_weight · n) / n``."""
+    from mllm.data.datasets import split_holdout
+
+    alp, gsm = _sft_data_dir(tmp_path)
+    tok = get_tokenizer("byte")
+    w = 0.25
+    cfg = load_config("local-smoke", [f"data.data_dir={tmp_path}", "data.tokenizer=byte", "model.vocab_size=257",
+                                      "model.max_seq_len=256", "data.val_fraction=0.25", "data.packing=false",
+                                      f"sft.gsm8k_weight={w}", "sft.max_examples=null", "sft.seq_len=256",
+                                      "sft.batch_size=4", "sft.micro_batch_size=4", "sft.eval_batches=2"])
+    alp_train, alp_held = split_holdout(alp, 0.25, seed=cfg.seed, key=("instruction", "input"))
+    gsm_train, gsm_dev = split_holdout(gsm, 0.25, seed=cfg.seed, key="question")
+    assert len(alp_held) >= 6 and len(gsm_dev) >= 2  # enough for the 8 validation examples (no repeats there)
+    train, val, _, info = sft.build_sft_data(cfg, tok)
+    docs = _documents(train, tok)
+    n = len(alp_train) + len(gsm_train)  # sft.max_examples=null: as many as both training pools hold
+    assert len(docs) == info["train_examples"] == n
+    n_alp = n - round(w * n)
+    assert n_alp > len(alp_train), "the test needs more Alpaca examples than the training pool holds"
+    train_alp = {k for s, k in docs if s == "alpaca"}
+    train_gsm = {k for s, k in docs if s == "gsm8k"}
+    assert train_alp == {r["instruction"] for r in alp_train}  # all of the pool, repeated, and nothing else
+    assert not train_alp & {r["instruction"] for r in alp_held}
+    assert train_gsm <= {r["question"] for r in gsm_train}
+    assert not train_gsm & {r["question"] for r in gsm_dev}
+    assert info["alpaca"]["heldout_pool"] == len(alp_held) and info["gsm8k"]["dev_pool"] == len(gsm_dev)
+    # the mixture: round(w · n) GSM8K examples, the rest Alpaca
+    n_gsm = sum(s == "gsm8k" for s, _ in docs)
+    assert n_gsm == info["gsm8k"]["train_examples"] == round(w * n)
+    assert abs(n_gsm / n - w) <= 1 / n
+    # validation: only held-out records, and the same mixture over eval_batches · micro_batch_size examples
+    vdocs = _documents(val, tok)
+    assert len(vdocs) == 8 and sum(s == "gsm8k" for s, _ in vdocs) == round(w * 8)
+    assert {k for s, k in vdocs if s == "alpaca"} <= {r["instruction"] for r in alp_held}
+    assert {k for s, k in vdocs if s == "gsm8k"} <= {r["question"] for r in gsm_dev}

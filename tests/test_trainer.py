@@ -113,6 +113,76 @@ def test_accumulation_equals_one_big_batch_token_weighted():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
+class UnevenLabels:
+    """TokenWindows with a different number of labels masked in every example (0-14 of 16): micro-batches of one
+    step carry unequal target counts, so a mean of micro-batch means differs from the token mean."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        ex = dict(self.data[i])
+        lab = ex["labels"].copy()
+        lab[: (i * 7) % 15] = -100
+        ex["labels"] = lab
+        return ex
+
+
+def test_train_step_matches_a_hand_written_step():
+    """Two ``Trainer.train_step`` calls (2 micro-batches each, uneven target counts, an active grad_clip, warm-up)
+    against the same two steps written out by hand: gradient of the token-mean loss over the whole step, global-norm
+    clip to ``optim.grad_clip``, ``torch.optim.AdamW`` at ``lr_at(step)``. Pins, per step: the gradient the optimizer
+    sees (clipped), the learning rate in its param groups, the logged ``grad_norm`` (the pre-clip norm of the
+    token-mean gradient: a sum over tokens would be ~N times larger), the logged ``lr`` and ``loss``, and the
+    parameters afterwards."""
+    sc = stage(steps=10, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=4)
+    oc = OptimConfig(grad_clip=0.05, weight_decay=0.1)
+    data = UnevenLabels(TokenWindows(stream(2000), 16))
+    tr = make_trainer(sc, data=data, optim=oc)
+    assert tr.accum_steps == 2
+    seen = []  # (lrs of the param groups, gradients) at each optimizer.step
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kw: seen.append(
+        ([g["lr"] for g in opt.param_groups], [p.grad.detach().clone() for p in tr._params])))
+
+    ref = tiny_model()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    ref_src = RowBatchSource(data, batch_size=8, micro_batch_size=4, seed=0)
+    ref_opt = torch.optim.AdamW(param_groups(ref, oc.weight_decay), lr=sc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+    for step in range(2):
+        out = tr.train_step()
+        lr = lr_at(step, lr=sc.lr, warmup_steps=sc.warmup_steps, total_steps=sc.steps, min_lr_ratio=oc.min_lr_ratio)
+        for g in ref_opt.param_groups:
+            g["lr"] = lr
+        ref_opt.zero_grad(set_to_none=True)
+        batches = [ref_src.next_batch() for _ in range(2)]
+        counts = [int((b["labels"] != -100).sum()) for b in batches]
+        n = sum(counts)
+        assert counts[0] != counts[1], "the test needs unequal target counts per micro-batch"
+        total = sum(causal_lm_loss(ref(b["input_ids"]), b["labels"], reduction="sum") for b in batches)
+        (total / n).backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(ref_params, oc.grad_clip))
+        assert norm > 2 * oc.grad_clip, "the clip must be active for this test to pin it"
+        clipped = [p.grad.detach().clone() for p in ref_params]
+        ref_opt.step()
+
+        lrs, grads = seen[step]
+        assert out["lr"] == pytest.approx(lr) and lrs == pytest.approx([lr, lr])
+        assert out["n"] == n and out["loss"] == pytest.approx(total.item() / n, rel=1e-5)
+        assert out["grad_norm"] == pytest.approx(norm, rel=1e-4)
+        for a, b in zip(grads, clipped):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        for (name, a), b in zip(tr.model.named_parameters(), ref.parameters()):
+            # atol: Adam's first steps move each weight by ~lr·sign(g), so a gradient element near 0 may round
+            # either way; 1e-5 is under 1% of a step (lr >= 2.5e-3 here), far below the effect of a wrong lr
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+    # precondition: the warm-up lr differs from the stage lr, so an optimizer left at the stage lr shows
+    assert lr_at(0, lr=sc.lr, warmup_steps=4, total_steps=10, min_lr_ratio=0.1) != sc.lr
+
+
 def test_nonfinite_steps_skipped_counted_then_error(tmp_path):
     bad_steps = {2, 4, 5, 6}  # one isolated bad step, then three in a row
 
