@@ -339,10 +339,9 @@ STATE_FILE = "eval_state.json"
 
 
 def _file_sig(path: Optional[Path]) -> Optional[Dict[str, Any]]:
-    if path is None:
-        return None
-    st = Path(path).stat()
-    return {"path": str(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+    from mllm.training.checkpoint import file_identity
+
+    return None if path is None else file_identity(path)
 
 
 def _folder_sig(name: str) -> Optional[List[Dict[str, Any]]]:

@@ -31,11 +31,10 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_i
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty: generation needs at least one prompt token")
-        floating = p.dtype.is_floating_point if isinstance(p, torch.Tensor) else \
-            any(isinstance(t, (float, np.floating)) for t in p)
-        if floating:  # int() would truncate 1.9 to 1 without a word
+        ids = np.asarray(p.tolist() if isinstance(p, torch.Tensor) else p)
+        if ids.dtype.kind not in "iu":  # int() would truncate 1.9 to 1 without a word
             raise ValueError(f"prompts[{i}] holds non-integer token ids")
-        bad = [t for t in p if not (0 <= int(t) < V)]
+        bad = ids[(ids < 0) | (ids >= V)].tolist()
         if bad:
             raise ValueError(f"prompts[{i}] has token ids outside [0, {V}): {bad[:5]}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

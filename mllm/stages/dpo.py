@@ -334,20 +334,16 @@ def attach_reference(model, train: PairDataset, val: PairDataset, cfg: PipelineC
     compute them with ``model`` (the reference) and write the cache (rank 0)."""
     key = {"input_checkpoint": ckpt.file_identity(src), "train": train.fingerprint(), "heldout": val.fingerprint()}
     path = ckpt.stage_checkpoint_dir(ctx.run_dir, STAGE) / REFERENCE_CACHE
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a torn cache is just recomputed
-            cached = {}
-        if cached.get("key") == key:
-            train.ref, val.ref = cached["train"], cached["heldout"]
-            return {"reference": "precomputed (cached)", "reference_cache": str(path), "reference_time_s": 0.0}
+    cached = ckpt.read_keyed_cache(path, key)
+    if cached is not None:
+        train.ref, val.ref = cached["train"], cached["heldout"]
+        return {"reference": "precomputed (cached)", "reference_cache": str(path), "reference_time_s": 0.0}
     t0 = time.perf_counter()
     bs = 2 * cfg.dpo.micro_batch_size  # forward only: no activations kept, twice the training micro-batch fits
     train.ref = reference_logprobs(model, train, bs, device, ctx.dist, autocast, ctx.progress, "dpo reference (train)")
     val.ref = reference_logprobs(model, val, bs, device, ctx.dist, autocast, ctx.progress, "dpo reference (held-out)")
     if ctx.dist.is_main:
-        ckpt.atomic_torch_save({"key": key, "train": train.ref, "heldout": val.ref}, path)
+        ckpt.write_keyed_cache(path, key, {"train": train.ref, "heldout": val.ref})
     ctx.dist.barrier()
     return {"reference": "precomputed", "reference_cache": str(path), "reference_time_s": time.perf_counter() - t0}
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mllm.config.pipeline_config import ConfigError, PipelineConfig
+from mllm.data.shards import texts_digest
 from mllm.evaluation.gsm8k import evaluate_gsm8k, extract_answer, gold_answer, is_correct, truncate_completion
 from mllm.models.transformer import Transformer, causal_lm_loss
 from mllm.training import checkpoint as ckpt
@@ -356,28 +357,14 @@ def cached_samples(ctx, key: Dict[str, Any], sample) -> Tuple[Any, str]:
     over the ranks, so another world size draws other samples) and would repeat the whole sampling pass. Every
     rank reads the cache; rank 0 writes it. Returns (result, "sampled" | "cached")."""
     path = ckpt.stage_checkpoint_dir(ctx.run_dir, STAGE) / SAMPLES_CACHE
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # a torn cache is just sampled again
-            cached = {}
-        if cached.get("key") == key:
-            return cached["samples"], "cached"
+    cached = ckpt.read_keyed_cache(path, key)
+    if cached is not None:
+        return cached["samples"], "cached"
     out = sample()
     if ctx.dist.is_main:
-        ckpt.atomic_torch_save({"key": key, "samples": out}, path)
+        ckpt.write_keyed_cache(path, key, {"samples": out})
     ctx.dist.barrier()
     return out, "sampled"
-
-
-def _questions_fingerprint(rows: Sequence[Dict]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(r["question"].encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _sample_seed(cfg: PipelineConfig, which: str) -> int:
@@ -411,8 +398,10 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
                                    vc.max_new_tokens, _sample_seed(cfg, "val"), dist, ctx.progress,
                                    "verifier samples (dev)"))
 
-    key = {"generator": ckpt.file_identity(src), "train_questions": _questions_fingerprint(train_rows),
-           "dev_questions": _questions_fingerprint(dev_rows), "samples_per_question": vc.samples_per_question,
+    key = {"generator": ckpt.file_identity(src),
+           "train_questions": texts_digest([r["question"] for r in train_rows]),
+           "dev_questions": texts_digest([r["question"] for r in dev_rows]),
+           "samples_per_question": vc.samples_per_question,
            "temperature": vc.temperature, "max_new_tokens": vc.max_new_tokens,
            "seeds": [_sample_seed(cfg, "train"), _sample_seed(cfg, "val")]}
     (train_samples, val_samples), sampled = cached_samples(ctx, key, sample)

@@ -180,6 +180,24 @@ def file_identity(path: str | Path) -> Dict[str, Any]:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def read_keyed_cache(path: str | Path, key: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The dict saved by ``write_keyed_cache(path, key, ...)`` when it was saved under an equal ``key``, else None
+    (no file, another key, or a torn file: the caller recomputes)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+def write_keyed_cache(path: str | Path, key: Mapping[str, Any], payload: Mapping[str, Any]) -> Path:
+    """Save ``payload`` with its ``key`` atomically (read back by ``read_keyed_cache``)."""
+    return atomic_torch_save({**payload, "key": dict(key)}, path)
+
+
 def stage_checkpoint_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / "checkpoints" / stage
 
