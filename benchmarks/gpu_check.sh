@@ -6,10 +6,10 @@
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
 # trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq train_bf16_residual train_compiled_autograd train_mb16
-# train_goal attention_tune train_tuned_tiles stages profile profile_compiled attn_cache_tests.
+# train_goal attention_tune train_tuned_tiles stages profile profile_compiled attn_cache_tests rope_tests bench_rope.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
-# T_CG, T_ATTN_TUNE) so
+# T_CG, T_ATTN_TUNE, T_ROPE, T_BENCH_ROPE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
 # Everything is then packed into OUT_DIR/bundle.tgz (BUNDLE=0: left as it is), Nsight reports included unless they
@@ -149,6 +149,10 @@ for s in $SECTIONS; do
     profile_compiled)  # torch.profiler trace of the compiled triton step: GPU busy %, kernels inductor emits around ours
       section profile_compiled "${T_PROFILE:-120}" bash scripts/profile.sh --tool torch --backend triton+compile \
         --steps 3 --warmup 2 --out "$OUT/profile_compiled" -- --grad-accum 1 ;;
+    rope_tests)  # the RoPE kernel's tests compiled for the card (64-bit fixed-point angles, NOTES tuning step 22)
+      section rope_tests "${T_ROPE:-90}" $PY -m pytest tests/kernels/test_rope.py -q -x -p no:cacheprovider ;;
+    bench_rope)  # the RoPE kernel against eager and torch.compile, through the runner (JSON, Markdown, plot)
+      section bench_rope "${T_BENCH_ROPE:-90}" $PY -m benchmarks.run --only rope --out "$OUT/results" ;;
     kernel_tests_fast)  # every kernel file but the long attention grid (which has its own section)
       section kernel_tests_fast "${T_KERNEL_FAST:-150}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --ignore tests/kernels/test_attention.py ;;
