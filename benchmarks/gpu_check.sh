@@ -11,7 +11,12 @@
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
 # T_CG, T_ATTN_TUNE, T_ROPE, T_BENCH_ROPE) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
-# next one starts. Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt.
+# next one starts. BUDGET_S (seconds, unset: no cap) caps the whole run: each section's limit is cut to what is left
+# after RESERVE_S (default 20, for the bundle), and a section left with under MIN_SECTION_S (default 20) is skipped
+# and counted as failed, so that the run ends with its summary and bundle written inside a device call's time limit
+# (set BUDGET_S well under the call's timeout: a call killed from outside returns none of OUT_DIR's files unless OUT_DIR
+# is the call's $OUT). Logs: OUT_DIR/<section>.log; results: OUT_DIR/results/; a summary: OUT_DIR/summary.txt, which
+# also carries each training benchmark's tokens/s lines and the goal line.
 # Everything is then packed into OUT_DIR/bundle.tgz (BUNDLE=0: left as it is), Nsight reports included unless they
 # total more than BUNDLE_REPORTS_MB (default 12: the device tool brings back files of up to 16 MiB), in which case
 # they stay on disk next to the bundle and summary.txt lists them. Exit status: 0 when every section succeeded, 1
@@ -38,6 +43,9 @@ if [ -z "${MLLM_GIT_COMMIT:-}" ]; then
 fi
 export MLLM_GIT_COMMIT
 PY=${PY:-python}
+for v in BUDGET_S RESERVE_S MIN_SECTION_S; do
+  case ${!v:-0} in *[!0-9]*) echo "gpu_check.sh: $v must be a whole number of seconds, got '${!v}'" >&2; exit 2 ;; esac
+done
 SECTIONS=${SECTIONS:-"env dpo_tests bench_dpo bench_train kernel_tests"}
 FAILED=""
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -45,11 +53,26 @@ failed() { FAILED="${FAILED:+$FAILED }$1"; }
 
 section() {  # name limit_s command...
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS note=""
+  if [ -n "${BUDGET_S:-}" ]; then
+    # the whole run must end (bundle written) inside BUDGET_S: a section gets what is left after RESERVE_S, and
+    # one that would get less than MIN_SECTION_S does not start
+    local left=$(( BUDGET_S - SECONDS - ${RESERVE_S:-20} ))
+    if [ "$left" -lt "${MIN_SECTION_S:-20}" ]; then
+      summary "$name skipped: out of budget (${left}s left of BUDGET_S=$BUDGET_S after RESERVE_S=${RESERVE_S:-20})"
+      failed "$name"; return
+    fi
+    if [ "$left" -lt "$limit" ]; then note=" (limit ${limit}s cut to ${left}s by BUDGET_S)"; limit=$left; fi
+  fi
   timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [ "$rc" = 0 ] || failed "$name"
-  summary "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
+  summary "$name rc=$rc ${SECONDS}s-total $((SECONDS - t0))s$note: $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
+  # the numbers themselves, so that summary.txt (and the call's printed output) carry them even when the bundle
+  # does not come back: bench_train's per-backend lines and the goal line
+  grep -E '^bench_train: [a-z+-]+( \(own process\))?: |^Goal \(issue' "$OUT/$name.log" | grep -v '^bench_train: note:' \
+    | cut -c1-300 | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+  return 0
 }
 
 for s in $SECTIONS; do

@@ -117,3 +117,53 @@ def test_results_record_the_commit_and_whether_the_tree_was_dirty(tmp_path):
     (path,) = (out / "results").glob("bench_lm_loss_*.json")
     recorded = json.loads(path.read_text())["environment"]
     assert recorded["git_commit"] == head and recorded["git_dirty"] is bool(status.strip())
+
+
+def _fake_python(tmp_path, body):
+    """A stand-in for the interpreter (PY=...), so that the script's own bookkeeping is tested without the minutes a
+    real section takes."""
+    py = tmp_path / "fake_python"
+    py.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    py.chmod(0o755)
+    return str(py)
+
+
+def test_budget_cuts_a_section_and_skips_what_no_longer_fits(tmp_path):
+    """BUDGET_S: the run ends with its summary and bundle inside the budget. In session 10 a device call's own limit
+    killed the script in its 12th section, before the bundle was written, and every result file was lost."""
+    out = tmp_path / "out"
+    res = _run(out, "dpo_tests env bench_rope", T_DPO_TESTS="120", BUDGET_S="8", RESERVE_S="2", MIN_SECTION_S="3",
+               PY=_fake_python(tmp_path, "sleep 30"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("dpo_tests rc=124") and "(limit 120s cut to 6s by BUDGET_S)" in lines[0]
+    assert lines[1].startswith("env skipped: out of budget") and lines[2].startswith("bench_rope skipped: out of budget")
+    assert "failed sections: dpo_tests env bench_rope" in lines
+    assert (out / "bundle.tgz").exists()
+
+
+def test_budget_must_be_a_number(tmp_path):
+    res = _run(tmp_path / "out", "env", BUDGET_S="8m")
+    assert res.returncode == 2 and "BUDGET_S must be a whole number of seconds, got '8m'" in res.stderr
+
+
+def test_summary_carries_the_training_numbers(tmp_path):
+    """bench_train's per-backend lines and the goal line are copied into summary.txt (and printed), so a device call
+    whose files do not come back still returns its tokens/s in the printed output."""
+    out = tmp_path / "out"
+    fake = _fake_python(tmp_path, "\n".join([
+        "echo 'bench_train: gpu-full on NVIDIA H100: B=8 T=1024 bf16, backends triton+compile, 4+6 steps'",
+        "echo 'bench_train: note: on CPU the triton backend runs the interpreter'",
+        "echo 'bench_train: triton+compile: 251,234 tokens/s, MFU 42.4%'",
+        "echo 'bench_train: eager (own process): 120,000 tokens/s'",
+        "echo 'Goal (issue 9, one H100): triton >= 260,000 tokens/s and >= 1.3x eager. Measured: 251,234.'",
+        "echo 'bench_train: wrote results/x.json and x.md'"]))
+    res = _run(out, "train_goal", PY=fake, BUNDLE="0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("train_goal rc=0")
+    assert summary[1:4] == ["    bench_train: triton+compile: 251,234 tokens/s, MFU 42.4%",
+                            "    bench_train: eager (own process): 120,000 tokens/s",
+                            "    Goal (issue 9, one H100): triton >= 260,000 tokens/s and >= 1.3x eager. Measured: 251,234."]
+    assert summary[4] == "failed sections: none"
+    assert "251,234 tokens/s" in res.stdout
