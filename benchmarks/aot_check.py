@@ -253,6 +253,70 @@ def _t(*shape, dtype, grad=True):
     return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 
 
+class _Fp32CpuMatmul:
+    """While a case runs, CPU matrix products with bf16/fp16 operands are computed in fp32 and rounded back.
+
+    Every Triton launch is replaced by a compile here, so nothing depends on the values the cases compute; but the
+    cases still run the GEMMs that cuBLAS would run, on the CPU, and on a CPU without AVX-512 bf16 instructions
+    PyTorch's bf16 GEMM runs at ≈ 0.4 GFLOP/s against ≈ 26 GFLOP/s in fp32 (2-core AVX2 EPYC, torch 2.13): the
+    gpu-full step at T = 256 (≈ 0.4 TFLOP) then took ≈ 1,000 s per bf16 model case instead of seconds.
+
+    The patch is at the Python level (``F.linear`` as autocast would run it, ``torch.mm`` with ``out=``,
+    ``torch.matmul`` and ``@``: every GEMM the model and the kernels' launchers call), so the products' backward
+    runs through fp32 autograd nodes as well. A ``TorchDispatchMode`` would also catch the autograd GEMMs, but
+    with one on the stack the kernels run through the ``torch.library`` ops instead of their eager
+    ``autograd.Function`` path (``_common.call_op``), and inside those ops the mode is no longer active."""
+
+    _LOW = (torch.bfloat16, torch.float16)
+
+    def __enter__(self):
+        F = torch.nn.functional
+        self._saved = (F.linear, torch.mm, torch.matmul, torch.Tensor.__matmul__)
+        linear, mm, matmul, tmatmul = self._saved
+        low = self._LOW
+
+        def _lowp(*ts):
+            ts = [t for t in ts if isinstance(t, torch.Tensor)]
+            if not ts or any(t.device.type != "cpu" for t in ts):
+                return None
+            if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low \
+                    and all(t.is_floating_point() for t in ts):
+                return torch.get_autocast_dtype("cpu")
+            return ts[0].dtype if ts[0].dtype in low else None
+
+        def p_linear(x, w, b=None):
+            dt = _lowp(x, w)
+            if dt is None:
+                return linear(x, w, b)
+            with torch.autocast("cpu", enabled=False):
+                return linear(x.float(), w.float(), None if b is None else b.float()).to(dt)
+
+        def p_mm(a, b, *, out=None, **kw):
+            dt = _lowp(a, b)
+            if dt is None:
+                return mm(a, b, out=out, **kw) if out is not None else mm(a, b, **kw)
+            with torch.autocast("cpu", enabled=False):
+                r = mm(a.float(), b.float()).to(dt)
+            return r if out is None else out.copy_(r)
+
+        def p_matmul(a, b, *, out=None):
+            dt = _lowp(a, b)
+            if dt is None:
+                return matmul(a, b, out=out) if out is not None else matmul(a, b)
+            with torch.autocast("cpu", enabled=False):
+                r = matmul(a.float(), b.float()).to(dt)
+            return r if out is None else out.copy_(r)
+
+        F.linear, torch.mm, torch.matmul = p_linear, p_mm, p_matmul
+        torch.Tensor.__matmul__ = lambda a, b: p_matmul(a, b)
+        return self
+
+    def __exit__(self, *exc):
+        F = torch.nn.functional
+        F.linear, torch.mm, torch.matmul, torch.Tensor.__matmul__ = self._saved
+        return False
+
+
 def _backward(*outs):
     torch.autograd.backward([o.float().sum() for o in outs])
 
@@ -441,7 +505,8 @@ def run(arch: int, quick: bool, only: Optional[str] = None, progress: bool = Tru
         for name, fn in it:
             comp.case = name
             try:
-                fn()
+                with _Fp32CpuMatmul():
+                    fn()
             except Exception as e:  # a launcher that fails before its launch is a finding too
                 comp.records.append(Record(name, "(host code)", {}, 0, 0, 0.0,
                                            error=f"{type(e).__name__}: {e}"[:2000]))
