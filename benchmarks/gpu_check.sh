@@ -6,10 +6,11 @@
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
 # trainer_loop trainer_cudagraph_tests atomic_dq_tests attention_dq_ab train_atomic_dq train_bf16_residual train_compiled_autograd train_mb16
-# train_goal attention_tune train_tuned_tiles stages profile profile_compiled attn_cache_tests rope_tests bench_rope.
+# train_goal train_goal_wcache train_weight_cache weight_cache_tests attention_tune train_tuned_tiles stages profile
+# profile_compiled attn_cache_tests rope_tests bench_rope.
 # Section limits (seconds) are environment variables (T_DPO_TESTS, T_BENCH_DPO, T_HOST, T_BENCH_TRAIN, T_ABLATION,
 # T_KERNEL_TESTS, T_KERNEL_FAST, T_ATTN_ALL, T_STAGE per stage, T_PROFILE, T_RMS_SWEEP, T_PACKED, T_TRAINER_CG, T_DQ_AB,
-# T_CG, T_ATTN_TUNE, T_ROPE, T_BENCH_ROPE) so
+# T_CG, T_ATTN_TUNE, T_ROPE, T_BENCH_ROPE, T_WC_TESTS) so
 # that a session with a fixed device budget can size them; a section that runs out is recorded as rc=124 and the
 # next one starts. BUDGET_S (seconds, unset: no cap) caps the whole run: each section's limit is cut to what is left
 # after RESERVE_S (default 20, for the bundle), and a section left with under MIN_SECTION_S (default 20) is skipped
@@ -125,6 +126,17 @@ for s in $SECTIONS; do
       section train_goal "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
         --set model.fused_qkv=true --set model.residual_dtype=autocast --compile-mode reduce-overhead \
         --grad-accum "${ACCUM:-16}" --steps 6 --warmup 4 --out "$OUT/results" ;;
+    train_goal_wcache)  # train_goal plus model.weight_cache: weights cast to bf16 once per optimizer step (NOTES step 23)
+      section train_goal_wcache "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
+        --set model.fused_qkv=true --set model.residual_dtype=autocast --set model.weight_cache=true \
+        --compile-mode reduce-overhead --grad-accum "${ACCUM:-16}" --steps 6 --warmup 4 --out "$OUT/results" ;;
+    train_weight_cache)  # model.weight_cache alone (NOTES step 23; compare with train_cudagraphs of the same run)
+      section train_weight_cache "${T_CG:-120}" $PY scripts/bench_train.py --backends triton+compile \
+        --set model.weight_cache=true --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 \
+        --out "$OUT/results" ;;
+    weight_cache_tests)  # the weight cache under CUDA graphs on the card: no skipped graph, losses as without it
+      section weight_cache_tests "${T_WC_TESTS:-90}" $PY -m pytest tests/test_weight_cache.py -q -p no:cacheprovider \
+        -k "on_the_gpu" ;;
     attention_tune)  # attention tiles at a gpu-full layer, candidates = the spill-free tiles of the AOT sweep (NOTES step 15);
       # the winners (if any) become a tile table for train_tuned_tiles
       section attention_tune "${T_ATTN_TUNE:-200}" $PY benchmarks/bench_attention.py --tune --min-tile 4096 \

@@ -517,6 +517,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
         with trace_range("step"):
             if timed:
                 timer.start_step()
+            with autocast():  # model.weight_cache: recast the copies the last step made stale (outside the graph)
+                model.sync_weight_cache()
             for j in range(accum):
                 hb = host_batches[(i * accum + j) % len(host_batches)]
                 with trace_range("data"):

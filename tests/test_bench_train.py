@@ -259,3 +259,19 @@ def test_compiled_autograd_backward_trains_identically(bt, tmp_path):
         assert (counters["compiled_autograd"]["captures"] > 0) is bool(flag)
         losses[bool(flag)] = (r["loss_first"], r["loss_last"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+
+
+def test_weight_cache_run_trains_like_the_plain_run(bt, tmp_path):
+    """``--set model.weight_cache=true`` (gpu_check train_weight_cache / train_goal_wcache) under a bf16 autocast:
+    bench_train syncs the copies before each step and the optimizer hook recasts after it, so the run's losses over
+    3 optimizer steps (the last one after two updates) are those of the plain run."""
+    common = TINY + ["--backends", "eager", "--steps", "2", "--warmup", "1", "--grad-accum", "2", "--dtype", "bf16"]
+    losses = []
+    for wc in ("false", "true"):
+        out = tmp_path / wc
+        assert bt.main(common + ["--set", f"model.weight_cache={wc}", "--out", str(out)]) == 0
+        rep, _md = _report(out)
+        (r,) = rep["results"]
+        assert "error" not in r
+        losses.append((r["loss_first"], r["loss_last"]))
+    assert losses[0] == losses[1]

@@ -60,6 +60,11 @@ class ModelConfig:
     # (what FSDP's param_dtype=bf16 runs; half the norms' traffic, rounding of the sum to bf16). No effect without
     # autocast. Off until measured on a GPU (benchmarks/NOTES.md, tuning step 18)
     residual_dtype: str = "param"
+    # under autocast, the matrix weights are cast to the autocast dtype once per optimizer step (kept between
+    # micro-batches) instead of in every micro-batch's forward; losses and gradients are bitwise those of the
+    # plain path, the copies cost 2 bytes per parameter. Off until measured on a GPU (benchmarks/NOTES.md, step 23;
+    # mllm/models/weight_cache.py)
+    weight_cache: bool = False
     # embedding/head tables padded to a multiple of this many rows (aligned head GEMM; outputs keep vocab_size)
     vocab_pad_multiple: int = 1
 
@@ -452,6 +457,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(isinstance(m.rope_in_attention, bool), "model.rope_in_attention",
          f"must be true or false, got {m.rope_in_attention!r}")
     need(isinstance(m.fused_qkv, bool), "model.fused_qkv", f"must be true or false, got {m.fused_qkv!r}")
+    need(isinstance(m.weight_cache, bool), "model.weight_cache", f"must be true or false, got {m.weight_cache!r}")
     need(m.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype",
          f"must be one of {', '.join(RESIDUAL_DTYPES)}, got {m.residual_dtype!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")

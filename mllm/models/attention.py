@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from mllm_kernels import reference
 
 from .ops import KernelOps
+from .weight_cache import cached_linear
 
 
 class KVCache:
@@ -151,10 +152,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         D = self.head_dim
         if self.fused_qkv:
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            cache = getattr(self, "qkv_wcache", None)  # model.weight_cache: the cast concatenation, kept per step
+            w = cache.weight() if cache is not None else \
+                torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
             q, k, v = F.linear(x, w).split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (cached_linear(x, m) for m in (self.q_proj, self.k_proj, self.v_proj))
         return q.view(B, T, self.n_heads, D), k.view(B, T, self.n_kv_heads, D), v.view(B, T, self.n_kv_heads, D)
 
     def uses_sdpa_fast_path(self, cu_seqlens: Optional[torch.Tensor]) -> bool:
@@ -196,4 +199,4 @@ class Attention(nn.Module):
                 q, k, v, position_ids, causal=True, cu_seqlens=cu_seqlens, window=self.window,
                 n_sink_tokens=self.n_sink_tokens, sinks=self.sinks, rope_theta=theta,
             )
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        return cached_linear(out.reshape(B, T, self.n_heads * self.head_dim), self.o_proj)

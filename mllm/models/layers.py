@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .ops import KernelOps
+from .weight_cache import cached_linear
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +61,8 @@ class SwiGLUMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return cached_linear(self.ops.swiglu(cached_linear(x, self.gate_proj), cached_linear(x, self.up_proj)),
+                             self.down_proj)
 
 
 def residual_init_std(init_std: float, n_layers: int) -> float:

@@ -28,6 +28,7 @@ from mllm_kernels import reference
 from .attention import Attention, KVCache
 from .layers import RMSNorm, SwiGLUMLP, init_weights
 from .ops import BACKENDS, KernelOps, get_ops
+from .weight_cache import WeightCache
 
 
 def _check_model_config(cfg) -> None:
@@ -52,6 +53,8 @@ def _check_model_config(cfg) -> None:
         raise ConfigError(f"config key 'model.n_sink_tokens': must be >= 0, got {cfg.n_sink_tokens}")
     if cfg.kernel_backend not in BACKENDS:
         raise ConfigError(f"config key 'model.kernel_backend': must be one of {BACKENDS}, got {cfg.kernel_backend!r}")
+    if not isinstance(cfg.weight_cache, bool):
+        raise ConfigError(f"config key 'model.weight_cache': must be true or false, got {cfg.weight_cache!r}")
     if cfg.residual_dtype not in RESIDUAL_DTYPES:
         raise ConfigError(f"config key 'model.residual_dtype': must be one of {RESIDUAL_DTYPES}, "
                           f"got {cfg.residual_dtype!r}")
@@ -75,6 +78,10 @@ class Block(nn.Module):
         a = self.attn(h, position_ids, cu_seqlens, cache, layer_idx, probs_out)
         h, residual = self.mlp_norm(a, residual)
         return self.mlp(h), residual
+
+
+def _sync_after_load(module, _incompatible_keys) -> None:
+    module.sync_weight_cache()
 
 
 class Transformer(nn.Module):
@@ -102,6 +109,52 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
         self.ops = ops
         self.apply(partial(init_weights, init_std=cfg.init_std, n_layers=cfg.n_layers))
+        self._head_wcache: Optional[WeightCache] = None
+        if cfg.weight_cache:
+            self._install_weight_caches()
+
+    def _install_weight_caches(self) -> None:
+        """``model.weight_cache``: one cached low-precision copy per GEMM weight (mllm/models/weight_cache.py);
+        the q/k/v weights of ``fused_qkv`` share one (their concatenation), the head reads the (tied) table's."""
+        for layer in self.layers:
+            attn = layer.attn
+            if attn.fused_qkv:
+                attn.qkv_wcache = WeightCache([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            else:
+                for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    lin.wcache = WeightCache([lin.weight])
+            for lin in (attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.wcache = WeightCache([lin.weight])
+        self._head_wcache = WeightCache([self._head_table])
+        # made now, in the project's autocast dtype: a forward compiled before any sync must already find them
+        # (a graph traced without a copy keeps the plain path); another autocast dtype is picked up by
+        # sync_weight_cache() and by eager forwards
+        for c in self.weight_caches():
+            c.refresh(torch.bfloat16)
+        # loaded weights reach a compiled forward's copies without a sync call (eager forwards check by themselves)
+        self.register_load_state_dict_post_hook(_sync_after_load)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): the copies follow the parameters to their new device (same copy dtype)
+        out = super()._apply(fn, recurse)
+        for c in self.weight_caches():
+            c.refresh(force=True)
+        return out
+
+    def weight_caches(self) -> List[WeightCache]:
+        """The model's ``model.weight_cache`` copies (empty when the option is off)."""
+        return [c for m in self.modules() for c in (getattr(m, "wcache", None), getattr(m, "qkv_wcache", None),
+                                                    getattr(m, "_head_wcache", None)) if c is not None]
+
+    def sync_weight_cache(self, dtype: Optional[torch.dtype] = None, force: bool = False) -> int:
+        """Recast the stale ``model.weight_cache`` copies (all with ``force``) to ``dtype`` (default: the autocast
+        dtype when autocast is on for the model's device, else the copies' own). Call it before a compiled forward
+        after changing weights other than by ``optimizer.step()`` / ``load_state_dict`` (the Trainer and bench_train
+        call it before every step); eager forwards check by themselves. Returns the number of copies recast."""
+        dev = self.device.type
+        if dtype is None and torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        return sum(c.refresh(dtype, force) for c in self.weight_caches())
 
     # ------------------------------------------------------------------------------------------------
     # configuration
@@ -119,6 +172,10 @@ class Transformer(nn.Module):
         """The whole (possibly padded) output table [padded_vocab, d]."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def _head_weight(self) -> torch.Tensor:
+        """The head table for a GEMM: its cached low-precision copy under ``model.weight_cache``."""
+        return self._head_wcache.weight() if self._head_wcache is not None else self._head_table
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """The output projection [V, d] (V = cfg.vocab_size; a view of the first V rows when the table is
@@ -131,7 +188,7 @@ class Transformer(nn.Module):
         rows (aligned width: a 50,304-token vocabulary made the eager training step 21% faster than 50,257 on
         an H100, benchmarks/NOTES.md; this sliced variant is not yet measured) and the padding columns are
         sliced off."""
-        logits = F.linear(h, self._head_table)
+        logits = F.linear(h, self._head_weight())
         return logits if self.padded_vocab == self.cfg.vocab_size else logits[..., : self.cfg.vocab_size]
 
     @property
@@ -248,7 +305,7 @@ class Transformer(nn.Module):
         if labels is None:
             return self.head_logits(h)
         if self.cfg.kernel_backend == "triton" and self.cfg.fused_lm_loss:
-            return fused_lm_loss(h, self._head_table, labels, vocab_size=self.cfg.vocab_size)
+            return fused_lm_loss(h, self._head_weight(), labels, vocab_size=self.cfg.vocab_size)
         return causal_lm_loss(self.head_logits(h), labels)
 
     @torch.no_grad()

@@ -306,6 +306,14 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _sync_weight_cache(self) -> None:
+        """Recast stale ``model.weight_cache`` copies before a (possibly compiled) forward: a compiled graph cannot
+        check them itself (mllm/models/weight_cache.py); a no-op for models without the option."""
+        sync = getattr(self.model, "sync_weight_cache", None)
+        if sync is not None:
+            with self.autocast():
+                sync()
+
     def lr_at(self, step: int) -> float:
         return lr_at(step, lr=self.stage_cfg.lr, warmup_steps=self.stage_cfg.warmup_steps,
                      total_steps=self.stage_cfg.steps, min_lr_ratio=self.optim_cfg.min_lr_ratio)
@@ -325,6 +333,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
+        self._sync_weight_cache()
         dev = self.device
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         n_sum = torch.zeros((), dtype=torch.float32, device=dev)
@@ -422,6 +431,7 @@ class Trainer:
         if self.val_data is not None:
             was_training = self.model.training
             self.model.eval()
+            self._sync_weight_cache()
             dev = self.device
             sums: Dict[str, torch.Tensor] = {}
             loss_sum = torch.zeros((), device=dev)
