@@ -7,7 +7,7 @@ compiled step keeps it as separate pointwise kernels, since cuBLAS cannot fuse i
 
 With the cache, each use site (a Linear, the concatenated q/k/v weight of ``model.fused_qkv``, the LM head) owns
 a ``WeightCache`` holding ``W_lp = cast(W)`` (for several weights ``cast(cat(W_1, …, W_n))``). The forward reads
-W_lp through ``cached_weight``, an autograd function that is the identity on W_lp in the forward and, in the
+W_lp through ``WeightCache.weight()``, an autograd function that is the identity on W_lp in the forward and, in the
 backward, sends dW_lp to the master weights as ``dW_i = slice_i(dW_lp).to(W_i.dtype)`` — the same values
 autocast's ``ToCopyBackward`` produces, so the model's losses and gradients are bitwise those of the plain
 autocast path (tested). Memory: the copies stay allocated between steps (2 bytes per parameter), where autocast's
@@ -23,7 +23,8 @@ When a copy is refreshed:
   step. Writes that bypass version counters (through ``.data``, or fused in-place ops other than the optimizer
   step) need ``sync_weight_cache(force=True)`` before the next forward.
 
-The copies are plain tensor attributes, not buffers: no state_dict entry, no DDP broadcast, no ``.to()``. On
+The copies are plain tensor attributes, not buffers: no state_dict entry and no DDP broadcast; ``Transformer._apply``
+moves them with the parameters (``.to()``, ``.cuda()``, ``.half()``). On
 CUDA they are marked static addresses, so that CUDA-graph trees read them in place instead of copying them into
 the graph before every replay.
 """
@@ -120,11 +121,6 @@ class WeightCache:
                 if lp is not None and lp.dtype == dt and lp.device == p0.device:
                     return _CachedWeight.apply(lp, *self.params)
         return self.params[0] if len(self.params) == 1 else torch.cat(self.params)
-
-
-def refresh_all(dtype: Optional[torch.dtype] = None, force: bool = False) -> int:
-    """Refresh every live cache that holds a copy (or all, in ``dtype``); returns how many were recast."""
-    return sum(c.refresh(dtype, force) for c in list(_LIVE) if dtype is not None or c.lp is not None)
 
 
 def _after_optimizer_step(optimizer, _args, _kwargs) -> None:
