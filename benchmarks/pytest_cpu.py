@@ -156,9 +156,19 @@ def test_cpu_case(benchmark, cpu_case):
 # ----------------------------------------------------------------------------------------------------
 # the runner side
 # ----------------------------------------------------------------------------------------------------
+def nested_pytest_env(environ) -> Dict[str, str]:
+    """``environ`` without what an enclosing pytest run leaves there: PYTEST_ADDOPTS (the options of
+    :func:`pytest_command` are the whole story), PYTEST_CURRENT_TEST, and pytest-xdist's PYTEST_XDIST_* --
+    pytest-benchmark reads PYTEST_XDIST_WORKER as "xdist is on" and refuses ``--benchmark-only``, so a runner
+    called from a test under ``pytest -n`` would otherwise fail."""
+    return {k: v for k, v in environ.items()
+            if k not in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST") and not k.startswith("PYTEST_XDIST_")}
+
+
 def pytest_command(json_path: Path, junit_path: Path, quick: bool) -> List[str]:
     t = TIMING["quick" if quick else "full"]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+    # no:xdist: a timing run is one process (pytest-benchmark turns itself off under xdist)
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={json_path}", f"--junitxml={junit_path}",
            f"--benchmark-min-rounds={t['min_rounds']}", f"--benchmark-max-time={t['max_time']}",
            f"--benchmark-warmup={t['warmup']}"]
@@ -252,7 +262,7 @@ def time_module(name: str, path, quick: bool = False, json_out: Optional[Path] =
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_cpu_") as tmp:
         json_path = Path(tmp) / "benchmark.json"
         junit_path = Path(tmp) / "junit.xml"
-        env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # the options here are the whole story
+        env = nested_pytest_env(os.environ)
         env.update({ENV_MODULES: f"{name}={path}", ENV_QUICK: "1" if quick else "0"})
         # a bench module outside benchmarks/ (--bench-dir) still imports `benchmarks.common` from this tree
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

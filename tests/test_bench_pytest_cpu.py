@@ -134,3 +134,32 @@ def test_time_module_times_good_cases_and_reports_failing_ones(tmp_path):
     assert bad_step["error"] == "RuntimeError: kernel exploded at shape (7, 7)" and bad_step["shape"] == (7, 7)
     assert info["returncode"] == 1 and info["options"]["min_rounds"] == P.TIMING["quick"]["min_rounds"]
     assert info["json"] == str(kept)
+
+
+GOOD_ONLY = textwrap.dedent('''
+    import torch
+    from benchmarks.common import CpuCase
+
+    def _good():
+        x = torch.ones(16, 16)
+        return lambda: x @ x
+
+    def cpu_cases(quick=False):
+        return [CpuCase(dict(op="fake_mm", shape=(16, 16), dtype="float32", mode="fwd", provider="eager"),
+                        prepare=_good, bytes=3 * 16 * 16 * 4, flops=2 * 16 ** 3)]
+''')
+
+
+def test_time_module_inside_a_pytest_xdist_worker(tmp_path, monkeypatch):
+    """`make test` may run under pytest-xdist: the worker's PYTEST_XDIST_* variables must not reach the nested
+    pytest-benchmark run, which reads PYTEST_XDIST_WORKER as "xdist is on" and refuses --benchmark-only."""
+    for k, v in dict(PYTEST_XDIST_WORKER="gw1", PYTEST_XDIST_WORKER_COUNT="2", PYTEST_XDIST_TESTRUNUID="abc",
+                     PYTEST_ADDOPTS="-x --benchmark-disable").items():
+        monkeypatch.setenv(k, v)
+    env = P.nested_pytest_env({"PATH": "/bin", "PYTEST_XDIST_WORKER": "gw1", "PYTEST_CURRENT_TEST": "t.py::t (call)",
+                               "PYTEST_ADDOPTS": "-x", "PYTEST_PLUGINS": "keep"})
+    assert env == {"PATH": "/bin", "PYTEST_PLUGINS": "keep"}
+    path = tmp_path / "bench_fake.py"
+    path.write_text(GOOD_ONLY)
+    (row,), info = P.time_module("fake", path, quick=True)
+    assert info["returncode"] == 0 and row["ms"] > 0 and "error" not in row
