@@ -291,21 +291,17 @@ class _Fp32CpuMatmul:
             with torch.autocast("cpu", enabled=False):
                 return linear(x.float(), w.float(), None if b is None else b.float()).to(dt)
 
-        def p_mm(a, b, *, out=None, **kw):
-            dt = _lowp(a, b)
-            if dt is None:
-                return mm(a, b, out=out, **kw) if out is not None else mm(a, b, **kw)
-            with torch.autocast("cpu", enabled=False):
-                r = mm(a.float(), b.float()).to(dt)
-            return r if out is None else out.copy_(r)
+        def fp32_product(product):
+            def patched(a, b, *, out=None):
+                dt = _lowp(a, b)
+                if dt is None:
+                    return product(a, b, out=out) if out is not None else product(a, b)
+                with torch.autocast("cpu", enabled=False):
+                    r = product(a.float(), b.float()).to(dt)
+                return r if out is None else out.copy_(r)
+            return patched
 
-        def p_matmul(a, b, *, out=None):
-            dt = _lowp(a, b)
-            if dt is None:
-                return matmul(a, b, out=out) if out is not None else matmul(a, b)
-            with torch.autocast("cpu", enabled=False):
-                r = matmul(a.float(), b.float()).to(dt)
-            return r if out is None else out.copy_(r)
+        p_mm, p_matmul = fp32_product(mm), fp32_product(matmul)
 
         F.linear, torch.mm, torch.matmul = p_linear, p_mm, p_matmul
         torch.Tensor.__matmul__ = lambda a, b: p_matmul(a, b)
