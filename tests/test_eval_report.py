@@ -2,6 +2,7 @@
 results say why; and the evaluate_tasks -> make_report path end to end on a tiny checkpoint."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,26 @@ def test_training_source_names_the_pipeline_command(fake, tmp_path):
     env.write_text(env.read_text().replace("smoke-1", "smoke-2"))
     md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
     assert "commands reconstructed" in md
+    env.write_text(env.read_text().replace("--run-name smoke-2", f"--run-name={fake.name}"))
+    assert "commands reconstructed" not in build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+
+
+def test_training_source_names_a_pipeline_command_without_run_name(fake, tmp_path):
+    """`make smoke` runs `--stage all` without --run-name (the name is generated): the JSONs in the run's own results
+    folder name that command; the same JSONs read as another folder's results do not."""
+    cmd = "python scripts/run_pipeline.py --config local-smoke --stage all --no-progress"
+    env = fake / "results" / "environment.json"
+    env.write_text(env.read_text().replace(CMD, cmd))
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    assert f"written by the trainer during `{cmd}` (the `--stage all` command" in md
+    assert "commands reconstructed" not in md
+    elsewhere = tmp_path / "copied_results"
+    shutil.copytree(fake / "results", elsewhere)
+    md = build_report(elsewhere, fake, tmp_path / "r2" / "REPORT.md")
+    assert "commands reconstructed" in md and f"written by the trainer during `{cmd}`" not in md
+    # a single stage of the pipeline is not the command that trained every stage
+    env.write_text(env.read_text().replace("--stage all", "--stage eval"))
+    assert "commands reconstructed" in build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
 
 
 def test_grouped_notes():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -247,7 +248,7 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     parts.append("MFU (mean over logged steps): " + (", ".join(f"{st} {fmt_pct(v)}" for st, v in mf) if mf else
                  not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
     if training:
-        whole = _pipeline_command(R, run_dir.name)
+        whole = _pipeline_command(R, run_dir)
         made_by = (f"`{whole}` (the `--stage all` command recorded in the results JSONs, which ran every stage)"
                    if whole else
                    ", ".join(f"`python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
@@ -280,15 +281,38 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     return "\n\n".join(parts + figs)
 
 
-def _pipeline_command(R: Results, run_name: str) -> Optional[str]:
-    """The ``run_pipeline.py --stage all --run-name <run_name>`` command recorded in the results JSONs (the eval
-    stage of that pipeline wrote them), or None when they were written by another command."""
+def _pipeline_command(R: Results, run_dir: Path) -> Optional[str]:
+    """The ``run_pipeline.py --stage all`` command of this run recorded in the results JSONs (the eval stage of that
+    pipeline wrote them), or None when they were written by another command.
+
+    A command that names a run (``--run-name R``) belongs to this run when R is its name. One without ``--run-name``
+    (``make smoke``: the name is generated, or ``--resume`` picks the newest run) belongs to it when the JSONs are this
+    run's own ``results/`` folder, which only an eval stage running on this run directory writes."""
+    own = R.dir.resolve() == (run_dir / "results").resolve()
     for doc in list(R.docs.values()) + ([R.env] if R.env else []):
         cmd = str(doc.get("command") or "")
-        words = cmd.split()
-        if "run_pipeline.py" in cmd and "--stage all" in cmd and run_name in words:
+        try:
+            words = shlex.split(cmd)
+        except ValueError:  # unbalanced quotes: not a command this report can attribute
+            continue
+        opts = _long_options(words)
+        if not any(w.endswith("run_pipeline.py") for w in words) or opts.get("--stage") != "all":
+            continue
+        if opts.get("--run-name") == run_dir.name or ("--run-name" not in opts and own):
             return cmd
     return None
+
+
+def _long_options(words: Sequence[str]) -> Dict[str, Optional[str]]:
+    """``--key value`` and ``--key=value`` of a command line as {key: value} (the last one wins, as in argparse)."""
+    opts: Dict[str, Optional[str]] = {}
+    for i, w in enumerate(words):
+        if not w.startswith("--"):
+            continue
+        key, eq, val = w.partition("=")
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        opts[key] = val if eq else (nxt if nxt is not None and not nxt.startswith("-") else None)
+    return opts
 
 
 def _eval_times(R: Results) -> str:
