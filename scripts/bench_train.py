@@ -697,12 +697,22 @@ def pretrain_projection(results: List[Dict[str, Any]], cfg, seq_len: int) -> Dic
     return out
 
 
+def _count_text(n: float) -> str:
+    """5.24 B / 12.3 M / 122,880: a token count readable at both the gpu-full and the local-smoke scale."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _hours_text(h: float) -> str:
+    """5.8 h, 1.7 min or 42 s: a smoke config's minutes must not read as 0.0 h."""
+    return f"{h:,.1f} h" if h >= 1 else f"{h * 60:.1f} min" if h * 60 >= 1 else f"{h * 3600:.0f} s"
+
+
 def projection_line(proj: Dict[str, Any], config: str) -> Optional[str]:
     if not proj or not proj["hours"]:
         return None
-    times = ", ".join(f"{b} {h:,.1f} h" for b, h in proj["hours"].items())
+    times = ", ".join(f"{b} {_hours_text(h)}" for b, h in proj["hours"].items())
     return (f"Pretraining of `{config}` ({proj['steps']:,} steps × {proj['batch_size']} × {proj['seq_len']:,} = "
-            f"{proj['tokens'] / 1e9:.2f} B tokens) at these rates on one device: {times} (tokens / tokens/s; the "
+            f"{_count_text(proj['tokens'])} tokens) at these rates on one device: {times} (tokens / tokens/s; the "
             f"trainer adds evaluation and checkpoint time).")
 
 

@@ -115,6 +115,11 @@ def test_pretraining_projection(bt):
     assert math.isclose(proj["hours"]["triton"], 40_000 * 128 * 1024 / 250_596 / 3600)  # 5.81 h
     line = bt.projection_line(proj, "gpu-full")
     assert "40,000 steps × 128 × 1,024 = 5.24 B tokens" in line and "triton 5.8 h" in line
+    # a smoke config's projection is minutes and a count, not "0.00 B tokens ... 0.0 h"
+    small = {"steps": 60, "batch_size": 16, "seq_len": 128, "tokens": 60 * 16 * 128,
+             "hours": {"eager": 60 * 16 * 128 / 1_174 / 3600, "triton": 3 / 3600}}
+    line = bt.projection_line(small, "local-smoke")
+    assert "= 122,880 tokens)" in line and "eager 1.7 min" in line and "triton 3 s" in line
 
 
 def test_failing_backend_is_recorded_and_others_run(bt, tmp_path, monkeypatch):
