@@ -117,8 +117,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--loop", choices=("bench", "trainer"), default="bench",
                    help="time this script's training step (with a per-range breakdown) or the Trainer's train_step")
     p.add_argument("--torch-profile", default=None, metavar="DIR",
-                   help="also write a torch.profiler Chrome trace of the timed steps per backend into DIR "
-                        "(timings of a profiled run are perturbed and marked so)")
+                   help="also write a torch.profiler Chrome trace per backend into DIR: the first timed step "
+                        "warms the profiler up, the next (up to 3) are recorded; needs --steps >= 2 (timings of a "
+                        "profiled run are perturbed and marked so)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="folder for the JSON/Markdown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
