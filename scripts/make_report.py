@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     from mllm.evaluation.common import command_line
-    from mllm.evaluation.report import build_report
+    from mllm.evaluation.report import build_report, report_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=None, help="run directory (metrics.jsonl, config.json, figures/)")
     ap.add_argument("--results", default=None, help="results folder (default: RUN/results)")
-    ap.add_argument("--out", default="report/REPORT.md")
+    ap.add_argument("--out", default="report/REPORT.md",
+                    help="the Markdown file to write (an existing folder: FOLDER/REPORT.md), figures/ beside it")
     args = ap.parse_args(argv)
     if args.run is None and args.results is None:
         ap.error("give --run RUN (and/or --results DIR)")
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}")
+    print(f"wrote {report_path(args.out)}")
     return 0
 
 

@@ -91,6 +91,13 @@ def test_overrides_coerce_types():
     ("eval.gsm8k_max_new_tokens=128", "eval.gsm8k_max_new_tokens"),  # = model.max_seq_len: no prompt left
     ("verifier.max_new_tokens=500", "verifier.max_new_tokens"),
     ("data.num_workers=2", "data.num_workers"),  # removed: it was accepted and never used
+    ("pretrain.lr=inf", "pretrain.lr"),  # passed `> 0`, trained to NaN weights, failed at the first checkpoint
+    ("sft.lr=nan", "sft.lr"),
+    ("dpo.beta=inf", "dpo.beta"),
+    ("data.max_docs=0", "data.max_docs"),  # failed later naming the loader's `max_rows`, not the key
+    ("sft.max_examples=-5", "sft.max_examples"),
+    ("dpo.max_pairs=0", "dpo.max_pairs"),
+    ("dpo.heldout_pairs=-1", "dpo.heldout_pairs"),
 ])
 def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:

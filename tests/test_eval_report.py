@@ -269,3 +269,58 @@ def test_sst2_constant_predictions_are_named(tmp_path):
     md = build_report(tmp_path / "res", None, tmp_path / "r" / "REPORT.md")
     assert '- pretrain (zero-shot uncalibrated): always "negative"' in md
     assert md.count("always ") == 1
+
+
+def test_out_folder_means_report_md_inside_it(fake, tmp_path, capsys):
+    """`make_report.py --out DIR` with an existing folder writes DIR/REPORT.md and DIR/figures/ (it used to write the
+    figures beside DIR — `--out /tmp` put them in /figures — and then fail writing a file over the folder)."""
+    (fake / "figures").mkdir(exist_ok=True)
+    (fake / "figures" / "pretrain_loss.png").write_bytes(b"png")
+    out = tmp_path / "nested" / "outdir"
+    out.mkdir(parents=True)
+    rep = _script("make_report", "scripts/make_report.py")
+    assert rep.main(["--run", str(fake), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out / 'REPORT.md'}"
+    assert (out / "REPORT.md").is_file() and (out / "figures" / "pretrain_loss.png").read_bytes() == b"png"
+    assert not (out.parent / "figures").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "figures"]  # no temp file left behind
+
+
+def test_training_source_names_the_commands_of_the_start_records(fake, tmp_path):
+    """The trainer records its command (with its --set overrides) in each start record; the report names those
+    commands, one per start or resume, before any reconstruction."""
+    first = "python scripts/run_pipeline.py --stage pretrain --run-name smoke-1 --set pretrain.steps=5"
+    again = "python scripts/run_pipeline.py --stage pretrain --run-name smoke-1 --resume --set pretrain.steps=10"
+    mpath = fake / "metrics.jsonl"
+    recs = [json.loads(line) for line in mpath.read_text().splitlines()]
+    recs[0]["command"] = first
+    recs.insert(3, {**recs[0], "step": 5, "command": again})
+    mpath.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    assert (f"written by the trainer during pretrain: `{first}`, then `{again}`; dpo: `python scripts/run_pipeline.py "
+            "--config local-smoke --stage dpo --run-name smoke-1` (reconstructed: its start records name no command) "
+            "(the commands recorded in each stage's start records, in order)") in md  # the fake dpo has no start
+    assert "commands reconstructed" not in md
+    # a start record without a command (an older trainer): that stage's commands are not known
+    del recs[3]["command"]
+    mpath.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert "commands reconstructed" in build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+
+
+def test_deltas_skip_a_stage_trained_from_an_older_input_checkpoint(fake, tmp_path):
+    """After `--stage pretrain --resume --set pretrain.steps=22`, sft (trained from pretrain's step 20) is no longer
+    "compared with the checkpoint it was trained from": its delta row says why instead of giving numbers."""
+    from mllm.training import checkpoint as ckpt
+
+    pdir = ckpt.stage_checkpoint_dir(fake, "pretrain")
+    step20 = ckpt.save_checkpoint(pdir, 20, {"model": {"w": torch.zeros(1)}}, final=True)
+    with (fake / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": "sft", "step": 0, "kind": "data", "init_checkpoint": str(step20)}) + "\n")
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    row = next(line for line in md.splitlines() if line.startswith("| pretrain → sft |"))
+    assert "not comparable" not in row and "-111.10" in row  # sft 701.25 − pretrain 812.35 token ppl
+    step22 = ckpt.save_checkpoint(pdir, 22, {"model": {"w": torch.ones(1)}}, final=True)
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    row = next(line for line in md.splitlines() if line.startswith("| pretrain → sft |"))
+    assert f"not comparable: stage 'sft' in {fake} was trained from {step20}, but 'pretrain' has since finished at " \
+           f"{step22}" in row and "-111.10" not in row

@@ -68,6 +68,41 @@ def test_missing_input_checkpoint_cli_prints_one_line(tmp_path, capsys):
         assert "Traceback" not in err
         assert str(tmp_path / f"m-{stage}" / "checkpoints" / needed / file) in lines[0]
         assert f"--stage {needed}" in lines[0] and f"stage '{stage}'" in lines[0]
+        # the failed command leaves no run behind (one holding only config.json was what --resume then picked)
+        assert not (tmp_path / f"m-{stage}").exists()
+
+
+def test_failed_command_restores_the_runs_config(tmp_path, capsys):
+    """A command that fails on an existing run before any checkpoint puts config.json back: its `--set` values were
+    read by the next command on that run as the run's own config."""
+    from mllm.config.pipeline_config import load_config
+    from mllm.training.runner import prepare_run_dir
+
+    run = tmp_path / "sticky"
+    prepare_run_dir(load_config("local-smoke", MICRO + [f"run_root={tmp_path}"]), run, "sft", resume=False)
+    before = (run / "config.json").read_bytes()
+    assert main(_args(tmp_path, "sticky", "sft", "--set", "sft.lr=0.5")) == 2  # no pretrain checkpoint
+    err = capsys.readouterr().err
+    assert f"note: restored {run / 'config.json'}" in err and "error: " in err
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_resume_without_run_name_picks_the_newest_run_with_checkpoints(tmp_path):
+    import os
+    from mllm.training.runner import newest_run
+
+    for i, name in enumerate(["local-smoke-1", "local-smoke-2", "local-smoke-3", "other-4"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        os.utime(tmp_path / name / "config.json", (1000 + i, 1000 + i))
+    assert newest_run(tmp_path, "local-smoke") == "local-smoke-3"  # none has checkpoints: the newest
+    for name in ("local-smoke-1", "local-smoke-2"):
+        (tmp_path / name / "checkpoints" / "pretrain").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "pretrain" / "step_00000005.pt").write_bytes(b"x")
+    (tmp_path / "local-smoke-3" / "checkpoints" / "pretrain").mkdir(parents=True)
+    (tmp_path / "local-smoke-3" / "checkpoints" / "pretrain" / "step_00000005.pt.tmp").write_bytes(b"x")  # torn
+    assert newest_run(tmp_path, "local-smoke") == "local-smoke-2"
+    assert newest_run(tmp_path / "nope", "local-smoke") is None
 
 
 def test_checkpoint_error_line_names_the_stage_that_makes_the_file():
@@ -122,6 +157,13 @@ def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path, capsys
     assert g["verifier"]["n"] == 2  # best-of-N with the verifier stage's scorer for every stage
     md = report.read_text()
     assert "(fill)" not in md and "skipped: mllm-test/no-such-model" in md
+    # each stage's start record names the command (with its --set overrides), and the report cites it
+    from mllm.training.metrics import read_metrics
+
+    starts = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "start"]
+    assert len(starts) == 4 and len({r["command"] for r in starts}) == 1
+    assert "--stage all" in starts[0]["command"] and "--set pretrain.steps=6" in starts[0]["command"]
+    assert f"during `{starts[0]['command']}` (recorded in the start record of every stage)" in md
     ppl = json.loads((run / "results" / "sft" / "perplexity.json").read_text())["result"]
     assert f"| sft | {ppl['token']['perplexity']:.2f} |" in md
     assert rows["eval"]["status"] == "ran" and rows["eval"]["wall_s"] > 0 and rows["eval"]["steps"] is None
@@ -202,3 +244,12 @@ def test_started_stage_must_follow_its_inputs_current_final(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"stage": "dpo", "step": 0, "kind": "data", "init_checkpoint": str(new)}) + "\n")
     check_input_current(run, "dpo")
+
+
+def test_device_cuda_without_cuda_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """`--set device=cuda` where torch has no CUDA: exit 2 and one `error:` line naming the key, no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(_args(tmp_path, "dev", "pretrain", "--set", "device=cuda")) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: config key 'device' is 'cuda' but torch.cuda.is_available() is False"
+    assert not (tmp_path / "dev").exists()

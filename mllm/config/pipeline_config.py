@@ -474,13 +474,18 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         for k in ("steps", "batch_size", "micro_batch_size", "seq_len", "eval_batches", "keep_last",
                   "log_every", "eval_every", "save_every"):
             need(getattr(s, k) > 0, f"{stage}.{k}", f"must be positive, got {getattr(s, k)}")
-        need(s.lr > 0, f"{stage}.lr", "must be positive")
+        # an infinite rate passes "> 0" and only surfaces as NaN weights when the first checkpoint is refused
+        need(math.isfinite(s.lr) and s.lr > 0, f"{stage}.lr", f"must be a positive finite number, got {s.lr}")
         need(s.warmup_steps >= 0, f"{stage}.warmup_steps", "must be >= 0")
         need(s.batch_size % s.micro_batch_size == 0, f"{stage}.batch_size",
              f"batch_size={s.batch_size} must be a multiple of {stage}.micro_batch_size={s.micro_batch_size}")
         need(s.seq_len <= m.max_seq_len, f"{stage}.seq_len",
              f"seq_len={s.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    need(cfg.dpo.beta > 0, "dpo.beta", "must be positive")
+    need(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", f"must be a positive finite number, got {cfg.dpo.beta}")
+    for key, n in (("data.max_docs", cfg.data.max_docs), ("sft.max_examples", cfg.sft.max_examples),
+                   ("dpo.max_pairs", cfg.dpo.max_pairs)):
+        need(n is None or n > 0, key, f"must be positive or null (= all), got {n}")
+    need(cfg.dpo.heldout_pairs >= 0, "dpo.heldout_pairs", f"must be >= 0, got {cfg.dpo.heldout_pairs}")
     need(cfg.dpo.reference in ("precomputed", "frozen"), "dpo.reference", "must be 'precomputed' or 'frozen'")
     need(0.0 <= cfg.sft.gsm8k_weight <= 1.0, "sft.gsm8k_weight", "must be in [0, 1]")
     need(cfg.verifier.samples_per_question > 0, "verifier.samples_per_question", "must be positive")

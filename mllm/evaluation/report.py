@@ -188,6 +188,9 @@ def training_rows(records: List[Dict], stages: Sequence[str]) -> Dict[str, Dict]
         if starts:
             s = starts[-1]
             row.update({"device": s.get("device"), "world_size": s.get("world_size"), "params": s.get("params")})
+            # every command that started or resumed the stage, in order (start records since 2026-11-27)
+            cmds = [r["command"] for r in starts if r.get("command")]
+            row["commands"] = list(dict.fromkeys(cmds)) if len(cmds) == len(starts) else None
         out[st] = row
     return out
 
@@ -248,12 +251,16 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     parts.append("MFU (mean over logged steps): " + (", ".join(f"{st} {fmt_pct(v)}" for st, v in mf) if mf else
                  not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
     if training:
-        whole = _pipeline_command(R, run_dir)
-        made_by = (f"`{whole}` (the `--stage all` command recorded in the results JSONs, which ran every stage)"
-                   if whole else
-                   ", ".join(f"`python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
-                             f"{run_dir.name}`" for st in training)
-                   + " (commands reconstructed from config.json and the run name)")
+        made_by = _training_commands(training, cfg_name, run_dir.name)
+        whole = None if made_by else _pipeline_command(R, run_dir)
+        if whole:
+            made_by = f"`{whole}` (the `--stage all` command recorded in the results JSONs, which ran every stage)"
+        elif not made_by:
+            made_by = (", ".join(f"`python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
+                                 f"{run_dir.name}`" for st in training)
+                       + " (commands reconstructed from config.json and the run name, without the `--set` overrides "
+                       "they may have had: config.json holds the resolved values; metrics.jsonl's start records of "
+                       "this run do not name their commands)")
         parts.append(f"tokens/s = tokens_seen / train_time_s of each stage's `end` record. Source: "
                      f"[{R.rel(mpath)}]({R.rel(mpath)}), written by the trainer during {made_by}.")
     else:
@@ -279,6 +286,26 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
         else:
             figs.append(f"{st}: " + not_run(f"no {R.rel(src)} and no '{st}' loss records in metrics.jsonl"))
     return "\n\n".join(parts + figs)
+
+
+def _training_commands(training: Dict[str, Dict], cfg_name: str, run_name: str) -> Optional[str]:
+    """The commands that trained each stage, from their start records in metrics.jsonl (a stage whose start records
+    do not all name one, from an older trainer, gets a reconstructed command, marked so); None when no stage's
+    start records name their commands."""
+    per_stage = {st: t.get("commands") for st, t in training.items()}
+    if not any(per_stage.values()):
+        return None
+    unique = list(dict.fromkeys(c for cmds in per_stage.values() if cmds for c in cmds))
+    if all(per_stage.values()) and len(unique) == 1:
+        return f"`{unique[0]}` (recorded in the start record of every stage)"
+    parts = []
+    for st, cmds in per_stage.items():
+        if cmds:
+            parts.append(f"{st}: " + ", then ".join(f"`{c}`" for c in cmds))
+        else:
+            parts.append(f"{st}: `python scripts/run_pipeline.py --config {cfg_name} --stage {st} --run-name "
+                         f"{run_name}` (reconstructed: its start records name no command)")
+    return "; ".join(parts) + " (the commands recorded in each stage's start records, in order)"
 
 
 def _pipeline_command(R: Results, run_dir: Path) -> Optional[str]:
@@ -471,8 +498,11 @@ def _task_results(R: Results, model: str) -> Dict[str, Dict]:
     return out
 
 
-def section_deltas(R: Results) -> str:
-    """Differences between each stage and the stage it starts from (:data:`PARENT`)."""
+def section_deltas(R: Results, run_dir: Optional[Path] = None) -> str:
+    """Differences between each stage and the stage it starts from (:data:`PARENT`); a stage trained from another
+    checkpoint of its parent than the one evaluated (the parent was trained further afterwards) gets no deltas."""
+    from mllm.stages.pipeline import input_mismatch
+
     metrics = [
         ("token ppl", lambda r: _sub(r["perplexity"], "token", "perplexity"), False),
         ("word ppl", lambda r: _sub(r["perplexity"], "rolling", "word_perplexity"), False),
@@ -488,6 +518,10 @@ def section_deltas(R: Results) -> str:
             continue
         ra, rb = _task_results(R, a), _task_results(R, b)
         row = [f"{a} → {b}"]
+        stale = input_mismatch(run_dir, b) if run_dir is not None else None
+        if stale is not None:
+            rows.append(row + [not_run(f"not comparable: {stale}")] + [not_run("not comparable")] * (len(metrics) - 1))
+            continue
         for _, get, pct in metrics:
             (va, wa), (vb, wb) = get(ra), get(rb)
             row.append(not_run(wa or wb) if va is None or vb is None else fmt_delta(vb - va, 2, pct))
@@ -689,8 +723,9 @@ def section_baselines(R: Results) -> str:
 def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
                  out_path: str | Path = "report/REPORT.md", command: Optional[str] = None) -> str:
     """Write ``out_path`` (and ``figures/`` beside it) and return the markdown. ``command``: the command line that
-    builds the report (named in its header)."""
-    out_path = Path(out_path)
+    builds the report (named in its header). An existing folder as ``out_path`` means ``<folder>/REPORT.md`` (its
+    figures go into the folder, not beside it)."""
+    out_path = report_path(out_path)
     out_dir = out_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     R = Results(results_dir, out_dir)
@@ -713,8 +748,16 @@ def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
                 ["model parameters", f"{params:,}" if params else not_run("no start record in metrics.jsonl")]])]
     sections = [
         "\n\n".join(head), section_environment(R, training), section_training(R, training, run, cfg_name, out_dir),
-        section_perplexity(R), section_sst2(R), section_gsm8k(R), section_deltas(R), section_verifier(R, run),
+        section_perplexity(R), section_sst2(R), section_gsm8k(R), section_deltas(R, run), section_verifier(R, run),
         section_taxonomy(R), section_dpo(R, training, run), section_attention(R), section_baselines(R)]
     md = "\n\n".join(sections).rstrip() + "\n"
-    out_path.write_text(md)
+    tmp = out_path.with_name(out_path.name + ".tmp")  # atomic: a reader (or the eval stage's up-to-date check) never
+    tmp.write_text(md)                                 # sees half a report
+    os.replace(tmp, out_path)
     return md
+
+
+def report_path(out: str | Path) -> Path:
+    """``out`` itself, or ``out/REPORT.md`` when ``out`` is an existing folder."""
+    out = Path(out)
+    return out / "REPORT.md" if out.is_dir() else out

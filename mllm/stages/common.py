@@ -80,7 +80,8 @@ def stage_trainer(cfg: PipelineConfig, ctx, stage: str, stage_cfg, model, loss_f
                                collate=collate or collate_rows)
     return Trainer(model, loss_fn, train_src, stage_cfg, cfg.optim, stage=stage, run_dir=ctx.run_dir,
                    val_data=val_data, dist=dist, compile=cfg.compile, compile_mode=cfg.compile_mode, seed=cfg.seed,
-                   profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict(), eval_fn=eval_fn)
+                   profile=ctx.profile, progress=ctx.progress, config=cfg.to_dict(), eval_fn=eval_fn,
+                   command=ctx.command)
 
 
 def fit_stage(trainer: Trainer, ctx, info: Dict[str, Any], data_line: str,
@@ -91,8 +92,8 @@ def fit_stage(trainer: Trainer, ctx, info: Dict[str, Any], data_line: str,
     try:
         trainer.log({"kind": "data", **info})
         trainer.info(data_line)
-        if ctx.resume:
-            trainer.resume()
+        if ctx.resume and not trainer.resume():
+            trainer.info(f"--resume: no '{trainer.stage}' checkpoint in {trainer.ckpt_dir}; starting at step 0")
         summary = trainer.fit()
         summary["data"] = info
         if extra is not None:

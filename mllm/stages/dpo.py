@@ -378,7 +378,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     trainer = Trainer(model, make_dpo_loss(dc.beta, ref_model), train_src, dc, cfg.optim, stage=STAGE,
                       run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
                       compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
-                      config=cfg.to_dict(),
+                      config=cfg.to_dict(), command=ctx.command,
                       perplexity=False,  # its loss is not a token cross-entropy
                       mfu_unavailable="the DPO step runs the LM head on answer tokens only and pads pairs to the "
                                       "batch's longest row"

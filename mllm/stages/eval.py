@@ -147,6 +147,12 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, recompute: bool = False, comman
                  cfg.eval.gen_batch_size, reuse=not recompute, log=log)
     eval_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    from mllm.stages.pipeline import INPUT_STAGES, input_mismatch
+
+    for st in INPUT_STAGES:  # each stage is still evaluated; only its delta to the input stage is meaningless
+        why = input_mismatch(run_dir, st)
+        if why is not None:
+            log(f"warning: {why}; the report gives no stage-wise deltas for '{st}'")
     rep = report_path(run_dir)
     build_report(out, run_dir, rep, command=command)
     report_s = time.perf_counter() - t1

@@ -90,20 +90,29 @@ def _trained_from(run_dir: Path, stage: str) -> Optional[str]:
     return (_recorded(run_dir, stage) or {}).get("input_checkpoint")
 
 
-def check_input_current(run_dir: Path, stage: str) -> None:
-    """A started stage must have been trained from its input stage's current final checkpoint: after that input
-    was trained further (e.g. ``--stage sft --resume --set sft.steps=120``), keeping or resuming the stage would
-    report it against a checkpoint it never saw. Raises ConfigError naming both files."""
+def input_mismatch(run_dir: Path, stage: str) -> Optional[str]:
+    """Why a started ``stage`` no longer follows from its input stage's current final checkpoint (that input was
+    trained further after it, e.g. ``--stage sft --resume --set sft.steps=120``), or None when it does (or when
+    either side is unknown)."""
     up = INPUT_STAGES.get(stage)
     if up is None:
-        return
+        return None
     final = ckpt.final_checkpoint(ckpt.stage_checkpoint_dir(run_dir, up))
     was = _trained_from(run_dir, stage)
     if final is None or was is None or Path(was).name == final.name:
-        return
-    raise ConfigError(f"stage '{stage}' in {run_dir} was trained from {was}, but '{up}' has since finished at "
-                      f"{final}: its checkpoints no longer follow from it. Retrain '{stage}' in a new run "
-                      f"(--run-name), or move {ckpt.stage_checkpoint_dir(run_dir, stage)} aside to retrain it here")
+        return None
+    return f"stage '{stage}' in {run_dir} was trained from {was}, but '{up}' has since finished at {final}"
+
+
+def check_input_current(run_dir: Path, stage: str) -> None:
+    """A started stage must have been trained from its input stage's current final checkpoint: keeping or resuming
+    it on top of a stale input would report it against a checkpoint it never saw. Raises ConfigError naming both
+    files (:func:`input_mismatch`)."""
+    why = input_mismatch(run_dir, stage)
+    if why is not None:
+        raise ConfigError(f"{why}: its checkpoints no longer follow from it. Retrain '{stage}' in a new run "
+                          f"(--run-name), or move {ckpt.stage_checkpoint_dir(run_dir, stage)} aside to retrain it "
+                          "here")
 
 
 def headline(stage: str, summary: Dict[str, Any]) -> Dict[str, Any]:

@@ -426,7 +426,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
     trainer = Trainer(model, make_verifier_loss(vc.lm_loss_weight, vc.value_loss_weight), train_src, vc, cfg.optim,
                       stage=STAGE, run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
                       compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
-                      config=cfg.to_dict(),
+                      config=cfg.to_dict(), command=ctx.command,
                       perplexity=False)  # its loss is not a token cross-entropy
     del model
     try:

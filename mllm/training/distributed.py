@@ -68,10 +68,12 @@ class DistContext:
 
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     """``pref`` is the config's ``device`` key: "auto" (CUDA when available), "cpu" or "cuda"."""
+    from mllm.config.pipeline_config import ConfigError  # a ValueError the CLIs print as one line, not a traceback
+
     if pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"config key 'device': must be auto, cpu or cuda, got {pref!r}")
+        raise ConfigError(f"config key 'device': must be auto, cpu or cuda, got {pref!r}")
     if pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device' is 'cuda' but torch.cuda.is_available() is False")
+        raise ConfigError("config key 'device' is 'cuda' but torch.cuda.is_available() is False")
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

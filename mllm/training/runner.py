@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,8 +106,56 @@ def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 
 def newest_run(run_root: Path, config_name: str) -> Optional[str]:
+    """The run ``--resume`` without ``--run-name`` continues: the newest ``<config_name>-*`` run (by its config.json's
+    time) that holds a checkpoint of any stage, else the newest one at all. Runs with checkpoints come first so that
+    a run holding only a config.json (one whose first stage stopped before its first checkpoint) does not hide the
+    run with the work."""
     runs = [p for p in run_root.glob(f"{config_name}-*") if (p / "config.json").is_file()] if run_root.is_dir() else []
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime).name if runs else None
+    if not runs:
+        return None
+    with_ckpts = [p for p in runs if any(ckpt.list_checkpoints(d) for d in (p / "checkpoints").glob("*"))]
+    return max(with_ckpts or runs, key=lambda p: (p / "config.json").stat().st_mtime).name
+
+
+def _files_under(d: Path) -> List[Path]:
+    return [p for p in d.rglob("*") if p.is_file()] if d.is_dir() else []
+
+
+class RunDirGuard:
+    """Undo what a failed command did to the run directory before any checkpoint came of it (rank 0).
+
+    ``prepare_run_dir`` writes config.json before the stage runs; a command that then fails (bad data key, missing
+    input checkpoint, NaN) would otherwise leave a new run holding only that file — which ``--resume`` picked
+    as "the newest run" — or leave an existing run's config.json holding the failed command's ``--set`` values,
+    which the next command on that run reads as the run's own config. On failure with no new checkpoint: a run
+    directory this command created is removed when nothing but config.json was written into it; an existing run's
+    config.json is put back as it was. Checkpoints, metrics and Ctrl-C (KeyboardInterrupt) leave everything as is."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.created = not run_dir.exists()
+        cfg = run_dir / "config.json"
+        self.old_config = cfg.read_bytes() if cfg.is_file() else None
+        self.ckpts_before = self._ckpts()
+
+    def _ckpts(self) -> set:
+        return {p for d in (self.run_dir / "checkpoints").glob("*") for p in ckpt.list_checkpoints(d)}
+
+    def undo(self) -> Optional[str]:
+        """Roll back after a failure; returns a line for the console when an existing run's file was restored."""
+        if self._ckpts() - self.ckpts_before:
+            return None
+        if self.created:
+            if [p.name for p in _files_under(self.run_dir)] in ([], ["config.json"]):
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # as if never made: the error line says why
+            return None
+        cfg = self.run_dir / "config.json"
+        if self.old_config is not None and cfg.is_file() and cfg.read_bytes() != self.old_config:
+            tmp = cfg.with_suffix(".json.tmp")
+            tmp.write_bytes(self.old_config)
+            os.replace(tmp, cfg)
+            return f"restored {cfg} as it was before this failed command"
+        return None
 
 
 def prepare_run_dir(cfg: PipelineConfig, run_dir: Path, stage: str, resume: bool) -> List[str]:
@@ -166,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(valid_stages()).parse_args(argv)
     command = command_line("scripts/run_pipeline.py", sys.argv[1:] if argv is None else argv)
     ctx: Optional[DistContext] = None
+    guard: Optional[RunDirGuard] = None
     try:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
         cfg = load_config(args.config or "local-smoke", args.overrides, args.config_file)
@@ -192,12 +242,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = ctx.broadcast_object(name)
         run_dir = run_root / name
         if ctx.is_main:
+            guard = RunDirGuard(run_dir)
             for w in prepare_run_dir(cfg, run_dir, args.stage, args.resume):
                 print(f"warning: {w}", file=sys.stderr)
         ctx.barrier()
         sctx = StageContext(run_dir=run_dir, dist=ctx, resume=args.resume, profile=args.profile,
                             progress=not args.no_progress, recompute=args.recompute, command=command)
-        summary = stage_fn(cfg, sctx)
+        try:
+            summary = stage_fn(cfg, sctx)
+        except Exception:
+            if guard is not None:
+                done = guard.undo()
+                if done:
+                    print(f"note: {done}", file=sys.stderr)
+            raise
         if ctx.is_main:
             path = record_summary(run_dir, args.stage, summary)
             print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))

@@ -210,6 +210,8 @@ class Trainer:
         config: a dict stored in every checkpoint (the run's config).
         find_unused_parameters: passed to DDP.
         count_tokens: batch -> tokens processed (default: elements of keys ending in ``input_ids``).
+        command: the command line that runs this stage, written into each ``start`` record of metrics.jsonl (the
+            report names it as the source of the stage's numbers, ``--set`` overrides included).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, train_data, stage_cfg: StageConfig,
@@ -221,7 +223,7 @@ class Trainer:
                  profile: bool = False, progress: bool = True, config: Optional[Dict[str, Any]] = None,
                  find_unused_parameters: bool = False,
                  count_tokens: Callable[[Mapping[str, Any]], int] = count_input_tokens,
-                 perplexity: bool = True, mfu_unavailable: Optional[str] = None):
+                 perplexity: bool = True, mfu_unavailable: Optional[str] = None, command: Optional[str] = None):
         check_stage_config(stage_cfg, optim_cfg, stage)
         self.dist = dist if dist is not None else DistContext(device=torch.device(device or "cpu"))
         self.device = self.dist.device
@@ -283,6 +285,7 @@ class Trainer:
             flops_per_token = float(model.flops_per_token(getattr(stage_cfg, "seq_len", 0)))
         self.flops_per_token = None if mfu_unavailable is not None else flops_per_token
         self.mfu_unavailable = mfu_unavailable
+        self.command = command
         doc = (getattr(count_tokens, "__doc__", None) or "").strip()
         self.count_tokens_doc = doc.splitlines()[0] if doc else getattr(count_tokens, "__name__",
                                                                          type(count_tokens).__name__)
@@ -573,6 +576,8 @@ class Trainer:
                               "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size); "
                               "flops_per_token = 6N + 12*L*H*Q*T",
                "tokens": self.count_tokens_doc}
+        if self.command is not None:
+            rec["command"] = self.command
         self.log(rec)
         self.info(f"{n_params / 1e6:.2f}M params | {self.dist.world_size} rank(s) on {self.device.type} | "
                   f"batch {self.stage_cfg.batch_size} = {self.stage_cfg.micro_batch_size} x {self.accum_steps} "
