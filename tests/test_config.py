@@ -146,6 +146,17 @@ def test_file_errors_name_the_file_and_key(tmp_path):
         load_config("local-smoke", file=str(unknown))
     with pytest.raises(ConfigError, match="not found"):
         load_config("local-smoke", file=str(tmp_path / "missing.json"))
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b'{"name": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match=r"bin\.json: not UTF-8 text \(byte 10"):  # was a UnicodeDecodeError traceback
+        load_config("local-smoke", file=str(binary))
+    toml = tmp_path / "ok.toml"
+    toml.write_text("[pretrain]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"ok\.toml: config files are \.json, \.yaml or \.yml, got '\.toml'"):
+        load_config("local-smoke", file=str(toml))  # was reported as "invalid JSON"
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.json: is a folder"):
+        load_config("local-smoke", file=str(tmp_path / "dir.json"))
     syntax = tmp_path / "syntax.yaml"
     syntax.write_text("model:\n  n_layers: 2\n  window: [1, 2\n")
     with pytest.raises(ConfigError, match=r"syntax\.yaml:\d+: invalid YAML"):

@@ -106,6 +106,17 @@ def test_chance_level_keeps_uniform_heads_from_being_named():
     assert any("L0H0 (100%)" in o for o in obs if o.startswith("Sink heads"))  # far above chance: still named
 
 
+def test_no_impossible_thresholds_when_the_window_or_text_leaves_no_room():
+    """A local window covering the whole text (uniform attention keeps 100% within it) puts 1.5x chance above
+    100%: the observation says the test cannot be made instead of "no head keeps more than 150%"."""
+    stats = attention_statistics(_maps(), local_window=10)
+    obs = observations(stats, uniform_statistics(6, local_window=10))
+    assert any(o.startswith("No local-head test: uniform attention already keeps 100% within 10 token(s)") for o in obs)
+    assert not any(o.startswith(("Local heads", "No head keeps")) for o in obs)
+    assert any(o.startswith("Sink heads") for o in obs)  # the other tests still run
+    assert not any(f"{p}%" in o for o in obs for p in range(101, 1000))  # no threshold above 100%
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     cfg = load_config("local-smoke", ["model.vocab_size=257", "model.d_model=32", "model.n_layers=2",

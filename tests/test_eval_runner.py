@@ -191,3 +191,34 @@ def test_eval_stage_recompute_flag_reevaluates_up_to_date_results(tiny_run):
     assert ev["evaluated"] == [] and ev["reused"] == ["pretrain"] and res.stat().st_mtime_ns == first
     ev = eval_summary("--recompute")
     assert ev["evaluated"] == ["pretrain"] and ev["reused"] == []
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # failed after the model load
+    (["--max-docs", "0"], "--max-docs must be >= 1, got 0"),  # read as "all documents"
+    (["--device", "bogus"], "device 'bogus': expected auto, cpu, cuda or cuda:N"),  # a torch RuntimeError
+    (["--device", "tpu"], "device 'tpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_evaluate_tasks_bad_flags_are_one_error_line(tmp_path, capsys, extra, msg):
+    import importlib.util
+
+    from mllm.training import checkpoint as ckpt
+
+    ckpt.save_checkpoint(ckpt.stage_checkpoint_dir(tmp_path, "sft"), 1, {"model": {"w": torch.zeros(1)}}, final=True)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "evaluation",
+                        "evaluate_tasks.py")
+    spec = importlib.util.spec_from_file_location("evaluate_tasks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--config", "local-smoke", "--stage-checkpoints", str(tmp_path)] + extra) == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+
+
+def test_resolve_device_names_the_problem(monkeypatch):
+    from mllm.evaluation.loading import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:1': torch.cuda.is_available\(\) is False"):
+        resolve_device("cuda:1")

@@ -253,3 +253,19 @@ def test_device_cuda_without_cuda_is_one_error_line(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err.strip() == "error: config key 'device' is 'cuda' but torch.cuda.is_available() is False"
     assert not (tmp_path / "dev").exists()
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    import mllm.stages.pretrain as pretrain
+
+    def interrupted(cfg, ctx):
+        ckpt.save_checkpoint(ckpt.stage_checkpoint_dir(ctx.run_dir, "pretrain"), 5, {"model": {"w": torch.zeros(1)}})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "run", interrupted)
+    assert main(_args(tmp_path, "cc", "pretrain")) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"interrupted: newest checkpoint {tmp_path / 'cc' / 'checkpoints' / 'pretrain' / 'step_00000005.pt'}; "
+        "continue with the same command plus `--run-name cc --resume`")
+    assert (tmp_path / "cc" / "config.json").is_file()  # Ctrl-C undoes nothing

@@ -379,7 +379,14 @@ def load_file(path: str | os.PathLike) -> Dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
+    if p.suffix not in (".json", ".yaml", ".yml"):  # a .toml was parsed as JSON and reported as "invalid JSON"
+        raise ConfigError(f"{p}: config files are .json, .yaml or .yml, got '{p.suffix or 'no extension'}'")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a config file") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml

@@ -137,7 +137,11 @@ def observations(stats: Dict, chance: Optional[Dict[str, float]] = None) -> List
         out.append(f"No head puts more than {_pct(th['sink'])} of its attention on the first token "
                    f"(highest: {name(l, h)} with {_pct(h['first_mass'])}).")
     local = [(l, h) for l, h in heads if h["local_mass"] > th["local"] and h["first_mass"] <= th["sink"]]
-    if local:
+    if th["local"] >= 1:  # the window covers (nearly) the whole text: CHANCE_FACTOR x chance is out of reach
+        out.append(f"No local-head test: uniform attention already keeps {_pct(chance['local_mass'])} within {w} "
+                   f"token(s) back on these texts, so no head can exceed {CHANCE_FACTOR}x chance (use a smaller "
+                   "local window or longer texts).")
+    elif local:
         out.append(f"Local heads (> {_pct(th['local'])} of attention within {w} token(s) back): {len(local)}: "
                    f"{listing(local, 'local_mass')}.")
     else:

@@ -97,9 +97,22 @@ def load_stage_model(path: str | Path, device: str | torch.device = "cpu") -> Tu
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """auto (CUDA when available), cpu, cuda or cuda:N; a ValueError naming the problem otherwise (a bad name, or
+    CUDA on a machine without it), rather than torch's own error deep in the model load."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch.cuda.is_available() is False on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
 
 
 def list_stage_names(found: Dict[str, Path]) -> List[str]:

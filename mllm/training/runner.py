@@ -117,6 +117,18 @@ def newest_run(run_root: Path, config_name: str) -> Optional[str]:
     return max(with_ckpts or runs, key=lambda p: (p / "config.json").stat().st_mtime).name
 
 
+def interrupted_line(run_dir: Optional[Path], stage: str) -> str:
+    """The console line for Ctrl-C: the newest checkpoint (atomic writes: a checkpoint is either complete or
+    absent) and how to continue from it."""
+    if run_dir is None:
+        return "interrupted before a run directory was chosen; nothing was written"
+    stages = TRAINING_STAGES if stage == "all" else (stage,)
+    saved = [p for st in stages for p in ckpt.list_checkpoints(ckpt.stage_checkpoint_dir(run_dir, st))]
+    newest = max(saved, key=lambda p: p.stat().st_mtime) if saved else None
+    where = f"newest checkpoint {newest}" if newest else f"no '{stage}' checkpoint yet"
+    return f"interrupted: {where}; continue with the same command plus `--run-name {run_dir.name} --resume`"
+
+
 def _files_under(d: Path) -> List[Path]:
     return [p for p in d.rglob("*") if p.is_file()] if d.is_dir() else []
 
@@ -216,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = command_line("scripts/run_pipeline.py", sys.argv[1:] if argv is None else argv)
     ctx: Optional[DistContext] = None
     guard: Optional[RunDirGuard] = None
+    run_dir: Optional[Path] = None
     try:
         stage_fn = get_stage(args.stage)  # an unknown stage fails before any process group exists
         cfg = load_config(args.config or "local-smoke", args.overrides, args.config_file)
@@ -273,5 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ctx is None or ctx.is_main:
             print(checkpoint_error_line(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: where the work stands and the command that continues it, not a traceback
+        if ctx is None or ctx.is_main:
+            print(interrupted_line(run_dir, args.stage), file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed(ctx)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv=None) -> int:
     from mllm.config.pipeline_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
     from mllm.evaluation.common import command_line
-    from mllm.evaluation.loading import STAGE_ORDER, find_stage_checkpoints
+    from mllm.evaluation.loading import STAGE_ORDER, find_stage_checkpoints, resolve_device
     from mllm.evaluation.runner import evaluate_run, task_list
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,6 +67,11 @@ def main(argv=None) -> int:
         unknown = [s for s in stages or () if s not in STAGE_ORDER]
         if unknown:
             raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGE_ORDER)})")
+        for flag, v in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
+                        ("--max-docs", args.max_docs)):
+            if v is not None and v < 1:  # 0 documents used to read as "all", 0 batch size failed after the load
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+        resolve_device(args.device or cfg.device)  # a bad or absent device: one line here, not a traceback later
         if not find_stage_checkpoints(run, stages or STAGE_ORDER) and not (args.baseline or args.include_baselines):
             raise ConfigError(f"--stage-checkpoints: no {', '.join(stages or STAGE_ORDER)} checkpoint under "
                               f"{run}/checkpoints, and no baseline to evaluate")
