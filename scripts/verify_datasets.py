@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     if args.datasets:
         names = [n.strip() for n in args.datasets.split(",") if n.strip()]
         unknown = [n for n in names if n not in DATASETS]
+        if not names:  # "--datasets ," printed an empty table and "all datasets usable"
+            print(f"error: --datasets: no dataset named in {args.datasets!r} (choose from {', '.join(DATASETS)})",
+                  file=sys.stderr)
+            return 2
         if unknown:
             print(f"error: --datasets: unknown {', '.join(unknown)} (choose from {', '.join(DATASETS)})",
                   file=sys.stderr)

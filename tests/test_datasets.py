@@ -362,6 +362,13 @@ def test_verify_script_set_and_bad_names(tmp_path, offline, capsys, monkeypatch)
     assert verify_datasets.main(["--config", "nope"]) == 2
     assert verify_datasets.main(["--datasets", "gsm9k"]) == 2
     assert "unknown gsm9k" in capsys.readouterr().err
+    assert verify_datasets.main(["--datasets", ","]) == 2  # was an empty table and "all datasets usable"
+    assert "no dataset named in ','" in capsys.readouterr().err
+    # a file given as the data folder is called a file, not a missing folder
+    assert verify_datasets.main(["--quick", "--data-dir", str(tmp_path / "gsm8k" / "train.jsonl"),
+                                 "--datasets", "gsm8k"]) == 1
+    out = capsys.readouterr().out
+    assert "(data folder is a file, not a folder)" in out and "does not exist" not in out
 
 
 def test_datasets_for_config():

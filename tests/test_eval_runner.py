@@ -222,3 +222,13 @@ def test_resolve_device_names_the_problem(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"device 'cuda:1': torch.cuda.is_available\(\) is False"):
         resolve_device("cuda:1")
+
+
+def test_unused_verifier_is_not_reported_missing(tiny_run):
+    """Without GSM8K among the tasks the run's verifier is not loaded; the results said "no verifier checkpoint"
+    although the run has one."""
+    cfg, run = tiny_run
+    save_checkpoint(run / "checkpoints" / "verifier", 1, {"model": {"w": torch.zeros(1)}}, final=True)
+    runner.evaluate_run(run, cfg, stages=["pretrain"], tasks=["sst2"], device="cpu", progress=False)
+    doc = json.loads((run / "results" / "pretrain" / "sst2.json").read_text())
+    assert doc["verifier"] == "not used: GSM8K is not among the tasks evaluated"

@@ -256,7 +256,8 @@ def resolve_source(name: str, data_dir: Optional[PathLike] = None, split: str = 
                 if paths:
                     return Resolution(name, split, "local", paths, looked=looked)
             else:
-                looked.append(f"{folder} (data folder does not exist)")
+                looked.append(f"{folder} (data folder " + ("is a file, not a folder)" if folder.exists() else
+                                                          "does not exist)"))
         else:
             looked.append("no local folder (MLLM_DATA_DIR / data.data_dir unset)")
     if split not in spec.splits:

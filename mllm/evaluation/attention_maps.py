@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -100,6 +101,13 @@ def merge_statistics(stats: Sequence[Dict]) -> Dict:
                 head[k] = sum(s["layers"][l]["heads"][h][k] for s in stats) / len(stats)
     base["n_texts"] = len(stats)
     return base
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + rename: an interrupted run leaves the previous file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _pct(x: float) -> str:
@@ -253,8 +261,8 @@ def analyze(model, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, out_dir: str
     doc = {**merged, "chance": chance, "observations": obs, "figures": figures, "texts": list(texts),
            "n_tokens": [min(len(tokenizer.encode(t)), limit or 10**9) for t in texts], "per_text": per_text}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention_stats.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / "observations.md").write_text(observations_markdown(merged, obs, chance))
+    _write_atomic(out_dir / "attention_stats.json", json.dumps(doc, indent=2) + "\n")
+    _write_atomic(out_dir / "observations.md", observations_markdown(merged, obs, chance))
     return doc
 
 

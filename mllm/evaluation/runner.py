@@ -471,7 +471,8 @@ def evaluate_run(run_dir: str | Path, cfg, out_dir: Optional[str | Path] = None,
 
     if not (reuse and all(p["up_to_date"] for p in plan.values()) and (out / "environment.json").is_file()):
         write_result(out / "environment.json", environment_info(), command, model="environment")
-    score_fn, why_no_verifier = (None, f"no verifier checkpoint in {run_dir}")
+    score_fn, why_no_verifier = (None, f"no verifier checkpoint in {run_dir}" if verifier_ckpt is None else
+                                 "not used: GSM8K is not among the tasks evaluated")
     for stage in (stages or STAGE_ORDER):
         if stage not in found:
             state["models"].pop(stage, None)
