@@ -9,7 +9,10 @@ stage's records, tagged with ``stage``), ``checkpoints/<stage>/``, ``figures/<st
 (per-stage summaries) and, with ``--profile``, ``profile/<stage>_rank<r>.json``.
 
 ``--run-name`` defaults to ``<config name>-<YYYYmmdd-HHMMSS>`` (chosen on rank 0 and broadcast). ``--resume``
-without ``--run-name`` picks the newest run directory of that config. Without ``--config``, an existing run
+without ``--run-name`` picks the newest run directory of that config that holds checkpoints (else the newest). A
+command that fails before writing a checkpoint leaves no trace: a run directory it created is removed, an existing
+run's ``config.json`` is restored (``RunDirGuard``). Ctrl-C prints the newest checkpoint and the flags that continue
+from it (exit status 130). Without ``--config``, an existing run
 directory's own ``config.json`` is the config (``--set`` applies on top), so ``--stage eval --run-name R`` evaluates
 R as it was trained. Starting a stage that already has checkpoints in the run directory without ``--resume`` is
 refused (nothing is overwritten).
