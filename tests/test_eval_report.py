@@ -211,14 +211,20 @@ def test_evaluate_tasks_then_make_report(tmp_path, data_dir):
     assert ev.main(["--stage-checkpoints", str(tmp_path / "nope")]) == 2
 
 
-def test_training_source_names_the_pipeline_command(fake, tmp_path):
-    """Results written by `--stage all` of this run name the command that trained every stage too."""
-    cmd = "python scripts/run_pipeline.py --config local-smoke --stage all --run-name smoke-1 --no-progress"
+def _cites_pipeline_command(fake, tmp_path, cmd):
+    """Record ``cmd`` as the results' command; the report must name it as the one that trained every stage."""
     env = fake / "results" / "environment.json"
     env.write_text(env.read_text().replace(CMD, cmd))
     md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
     assert f"written by the trainer during `{cmd}` (the `--stage all` command" in md
     assert "commands reconstructed" not in md
+    return env
+
+
+def test_training_source_names_the_pipeline_command(fake, tmp_path):
+    """Results written by `--stage all` of this run name the command that trained every stage too."""
+    env = _cites_pipeline_command(
+        fake, tmp_path, "python scripts/run_pipeline.py --config local-smoke --stage all --run-name smoke-1 --no-progress")
     # another run's pipeline command does not count
     env.write_text(env.read_text().replace("smoke-1", "smoke-2"))
     md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
@@ -231,11 +237,7 @@ def test_training_source_names_a_pipeline_command_without_run_name(fake, tmp_pat
     """`make smoke` runs `--stage all` without --run-name (the name is generated): the JSONs in the run's own results
     folder name that command; the same JSONs read as another folder's results do not."""
     cmd = "python scripts/run_pipeline.py --config local-smoke --stage all --no-progress"
-    env = fake / "results" / "environment.json"
-    env.write_text(env.read_text().replace(CMD, cmd))
-    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
-    assert f"written by the trainer during `{cmd}` (the `--stage all` command" in md
-    assert "commands reconstructed" not in md
+    env = _cites_pipeline_command(fake, tmp_path, cmd)
     elsewhere = tmp_path / "copied_results"
     shutil.copytree(fake / "results", elsewhere)
     md = build_report(elsewhere, fake, tmp_path / "r2" / "REPORT.md")
