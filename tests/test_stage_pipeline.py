@@ -269,3 +269,10 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_resume_command(tmp_pat
         f"interrupted: newest checkpoint {tmp_path / 'cc' / 'checkpoints' / 'pretrain' / 'step_00000005.pt'}; "
         "continue with the same command plus `--run-name cc --resume`")
     assert (tmp_path / "cc" / "config.json").is_file()  # Ctrl-C undoes nothing
+    from mllm.training.runner import interrupted_line
+
+    assert interrupted_line(tmp_path / "cc", "eval") == (
+        f"interrupted: the models evaluated so far are kept in {tmp_path / 'cc' / 'results'}; continue with the same "
+        "command plus `--run-name cc --resume`")
+    assert interrupted_line(tmp_path / "cc", "sft") == ("interrupted: no 'sft' checkpoint yet; continue with the same "
+                                                        "command plus `--run-name cc --resume`")

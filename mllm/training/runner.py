@@ -125,10 +125,13 @@ def interrupted_line(run_dir: Optional[Path], stage: str) -> str:
     absent) and how to continue from it."""
     if run_dir is None:
         return "interrupted before a run directory was chosen; nothing was written"
-    stages = TRAINING_STAGES if stage == "all" else (stage,)
-    saved = [p for st in stages for p in ckpt.list_checkpoints(ckpt.stage_checkpoint_dir(run_dir, st))]
-    newest = max(saved, key=lambda p: p.stat().st_mtime) if saved else None
-    where = f"newest checkpoint {newest}" if newest else f"no '{stage}' checkpoint yet"
+    if stage == "eval":  # no checkpoints: the evaluation keeps each finished model's results (eval_state.json)
+        where = f"the models evaluated so far are kept in {run_dir / 'results'}"
+    else:
+        stages = TRAINING_STAGES if stage == "all" else (stage,)
+        saved = [p for st in stages for p in ckpt.list_checkpoints(ckpt.stage_checkpoint_dir(run_dir, st))]
+        newest = max(saved, key=lambda p: p.stat().st_mtime) if saved else None
+        where = f"newest checkpoint {newest}" if newest else f"no '{stage}' checkpoint yet"
     return f"interrupted: {where}; continue with the same command plus `--run-name {run_dir.name} --resume`"
 
 
