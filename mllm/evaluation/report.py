@@ -188,7 +188,7 @@ def training_rows(records: List[Dict], stages: Sequence[str]) -> Dict[str, Dict]
         if starts:
             s = starts[-1]
             row.update({"device": s.get("device"), "world_size": s.get("world_size"), "params": s.get("params")})
-            # every command that started or resumed the stage, in order (start records since 2026-11-27)
+            # every command that started or resumed the stage, in order (None for runs of older trainers)
             cmds = [r["command"] for r in starts if r.get("command")]
             row["commands"] = list(dict.fromkeys(cmds)) if len(cmds) == len(starts) else None
         out[st] = row
@@ -751,8 +751,9 @@ def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
         section_perplexity(R), section_sst2(R), section_gsm8k(R), section_deltas(R, run), section_verifier(R, run),
         section_taxonomy(R), section_dpo(R, training, run), section_attention(R), section_baselines(R)]
     md = "\n\n".join(sections).rstrip() + "\n"
-    tmp = out_path.with_name(out_path.name + ".tmp")  # atomic: a reader (or the eval stage's up-to-date check) never
-    tmp.write_text(md)                                 # sees half a report
+    # atomic: a reader (or the eval stage's up-to-date check, which goes by the file's time) never sees half a report
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(md)
     os.replace(tmp, out_path)
     return md
 
