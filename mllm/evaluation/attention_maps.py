@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from mllm.training.checkpoint import atomic_write_text
 
 THRESHOLDS = {"sink": 0.5, "local": 0.7, "self": 0.5, "diffuse": 0.8}
 CHANCE_FACTOR = 1.5
@@ -101,13 +102,6 @@ def merge_statistics(stats: Sequence[Dict]) -> Dict:
                 head[k] = sum(s["layers"][l]["heads"][h][k] for s in stats) / len(stats)
     base["n_texts"] = len(stats)
     return base
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename: an interrupted run leaves the previous file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pct(x: float) -> str:
@@ -261,8 +255,8 @@ def analyze(model, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, out_dir: str
     doc = {**merged, "chance": chance, "observations": obs, "figures": figures, "texts": list(texts),
            "n_tokens": [min(len(tokenizer.encode(t)), limit or 10**9) for t in texts], "per_text": per_text}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "attention_stats.json", json.dumps(doc, indent=2) + "\n")
-    _write_atomic(out_dir / "observations.md", observations_markdown(merged, obs, chance))
+    atomic_write_text(out_dir / "attention_stats.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out_dir / "observations.md", observations_markdown(merged, obs, chance))
     return doc
 
 

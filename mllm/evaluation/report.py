@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from mllm.training.checkpoint import atomic_write_text
+
 from .loading import STAGE_ORDER
 
 TASK_FILES = ("perplexity", "sst2", "gsm8k", "attention")
@@ -752,9 +754,7 @@ def build_report(results_dir: str | Path, run_dir: Optional[str | Path] = None,
         section_taxonomy(R), section_dpo(R, training, run), section_attention(R), section_baselines(R)]
     md = "\n\n".join(sections).rstrip() + "\n"
     # atomic: a reader (or the eval stage's up-to-date check, which goes by the file's time) never sees half a report
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(md)
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, md)
     return md
 
 

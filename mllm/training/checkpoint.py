@@ -76,6 +76,17 @@ def _atomic_write_bytes_via(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """``data`` onto ``path`` the way checkpoints are written: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    _atomic_write_bytes_via(path, lambda f: f.write(data))
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

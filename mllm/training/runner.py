@@ -135,10 +135,6 @@ def interrupted_line(run_dir: Optional[Path], stage: str) -> str:
     return f"interrupted: {where}; continue with the same command plus `--run-name {run_dir.name} --resume`"
 
 
-def _files_under(d: Path) -> List[Path]:
-    return [p for p in d.rglob("*") if p.is_file()] if d.is_dir() else []
-
-
 class RunDirGuard:
     """Undo what a failed command did to the run directory before any checkpoint came of it (rank 0).
 
@@ -164,14 +160,12 @@ class RunDirGuard:
         if self._ckpts() - self.ckpts_before:
             return None
         if self.created:
-            if [p.name for p in _files_under(self.run_dir)] in ([], ["config.json"]):
+            if [p.name for p in self.run_dir.rglob("*") if p.is_file()] in ([], ["config.json"]):
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # as if never made: the error line says why
             return None
         cfg = self.run_dir / "config.json"
         if self.old_config is not None and cfg.is_file() and cfg.read_bytes() != self.old_config:
-            tmp = cfg.with_suffix(".json.tmp")
-            tmp.write_bytes(self.old_config)
-            os.replace(tmp, cfg)
+            ckpt.atomic_write_bytes(cfg, self.old_config)
             return f"restored {cfg} as it was before this failed command"
         return None
 
