@@ -1061,7 +1061,7 @@ def _check_cu_values(cu_seqlens: torch.Tensor, B: int, T: int) -> bool:
 
 
 def _validate(q, k, v, position_ids, cu_seqlens, window, n_sink_tokens, sinks, rope_theta, softmax_scale,
-              kernel: bool) -> None:
+              kernel: bool, causal: bool = True) -> None:
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
@@ -1086,6 +1086,8 @@ def _validate(q, k, v, position_ids, cu_seqlens, window, n_sink_tokens, sinks, r
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must be [B, T] = [{B}, {T}]")
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, B, T)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     if window is not None and (not _is_int(window) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if not _is_int(n_sink_tokens) or n_sink_tokens < 0:
@@ -1120,7 +1122,9 @@ def attention(
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (Hq % Hkv == 0); position_ids: [B, T] int (default arange(T) per
     row); cu_seqlens: 1-D FlashAttention-varlen document boundaries over the flattened B·T tokens (trailing
-    repeats of B·T are padding: they keep the length fixed across batches, as CUDA graphs need);
+    repeats of B·T are padding: they keep the length fixed across batches, as CUDA graphs need; its values are
+    checked with one host sync per tensor in eager calls, but not inside a ``torch.compile`` graph, where the
+    caller guarantees them: ``cu_seqlens_to_device`` checks a CPU copy before the upload);
     window/n_sink_tokens: sliding window with StreamingLLM sink tokens; sinks: [Hq] learned sink logits;
     rope_theta=None disables RoPE; softmax_scale defaults to 1/sqrt(D).
     Returns out [B, T, Hq, D] (q.dtype), plus lse [B, Hq, T] fp32 if return_lse. Differentiable in q, k, v
@@ -1129,7 +1133,7 @@ def attention(
     """
     path = "eager" if return_probs else kernel_path(q)
     _validate(q, k, v, position_ids, cu_seqlens, window, n_sink_tokens, sinks, rope_theta, softmax_scale,
-              kernel=path != "eager")
+              kernel=path != "eager", causal=causal)
     if path == "eager":
         record_path("attention", "eager")
         return reference.attention(q, k, v, position_ids, causal=causal, cu_seqlens=cu_seqlens, window=window,

@@ -19,6 +19,7 @@ the N·T·V fp32 logits (+ their log-softmax and gradient) of the eager path.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -311,14 +312,17 @@ def _validate(hidden, weight, labels):
         raise ValueError(f"weight is [V, d] = {tuple(weight.shape)} but hidden's last dim is {hidden.shape[2]}")
     if tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's [N, T] = {tuple(hidden.shape[:2])}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight is [V, d] = {tuple(weight.shape)}: the vocabulary is empty")
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX, check_labels: bool = True) -> torch.Tensor:
     """Chunked, fused version of ``reference.sequence_logprobs``: [N, T, d], [V, d], [N, T] -> [N] fp32.
 
-    Labels outside [0, V) other than ``ignore_index`` raise ValueError (``check_labels=False`` skips the
-    host sync that this check costs)."""
+    Labels outside [0, V) other than ``ignore_index`` raise ValueError. The check costs a host sync, so it is
+    skipped with ``check_labels=False`` and inside a ``torch.compile`` graph (where a sync would break the graph);
+    there the caller guarantees the range, and an out-of-range label's log-prob is undefined (currently −lse)."""
     _validate(hidden, weight, labels)
     if check_labels and labels.numel() and not torch.compiler.is_compiling():  # a host sync: not in a traced graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
@@ -330,8 +334,28 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return call_op(_sequence_logprobs_op, _SequenceLogprobsFunction, hidden, weight, labels, ignore_index)[0]
 
 
+def _validate_dpo(**logps):
+    for name, t in logps.items():
+        check_tensor(name, t, ndim=1, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    check_same_device(**logps)
+    (n0, t0), *rest = logps.items()
+    for name, t in rest:
+        if t.shape != t0.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {n0} has {tuple(t0.shape)}: the four log-prob "
+                             "vectors must be [N] each")
+    if t0.numel() == 0:
+        raise ValueError("the log-prob vectors are empty (N = 0): the DPO loss needs at least one pair")
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
-    """Sigmoid DPO loss from the four [N] log-prob vectors (see ``reference.dpo_loss``; tiny, so eager)."""
+    """Sigmoid DPO loss from the four [N] log-prob vectors (see ``reference.dpo_loss``; tiny, so eager).
+
+    The four inputs must be floating 1-D tensors of one shape [N], N ≥ 1, on one device, and ``beta`` a finite
+    number: an [N, 1] input (a ``keepdim=True`` sum) would otherwise broadcast into an [N, N] loss without error."""
+    _validate_dpo(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen,
+                  ref_rejected=ref_rejected)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number, got {beta!r}")
     return reference.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 

@@ -477,8 +477,8 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps, residual: Optional[tor
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
         raise ValueError(f"out_dtype must be None or one of {names}, got {out_dtype!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,

@@ -429,6 +429,7 @@ BAD_CASES = [
     (lambda q, k, v: ((q, k, v), dict(sinks=torch.zeros(4, dtype=torch.long, device=q.device))), "sinks has dtype"),
     (lambda q, k, v: ((q, k, v), dict(rope_theta=-1.0)), "rope_theta must be a positive"),
     (lambda q, k, v: ((q, k, v), dict(softmax_scale=float("nan"))), "softmax_scale must be a finite"),
+    (lambda q, k, v: ((q, k, v), dict(causal="no")), "causal must be True or False"),  # a truthy str: silently causal
 ]
 
 

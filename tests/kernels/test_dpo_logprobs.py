@@ -229,6 +229,32 @@ def test_validation_errors(args, match):
         K.sequence_logprobs(*args)
 
 
+def test_empty_vocabulary_is_an_error():
+    with pytest.raises(ValueError, match="vocabulary is empty"):  # was a ZeroDivisionError in the launcher
+        K.sequence_logprobs(torch.randn(2, 5, 8), torch.randn(0, 8), torch.full((2, 5), -100))
+
+
+_N4 = lambda: [torch.randn(4) for _ in range(4)]  # noqa: E731
+
+
+@pytest.mark.parametrize("make,match", [
+    # an [N, 1] log-prob (a keepdim=True sum) used to broadcast into an [N, N] loss without error
+    (lambda pc, pr, rc, rr: ((pc[:, None], pr, rc, rr), {}), r"policy_chosen must have 1 dimensions, got shape \(4, 1\)"),
+    (lambda pc, pr, rc, rr: ((pc, pr[:1], rc, rr), {}), r"policy_rejected has shape \(1,\) but policy_chosen has \(4,\)"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc, rr[:3]), {}), r"ref_rejected has shape \(3,\)"),
+    (lambda pc, pr, rc, rr: ((pc[:0], pr[:0], rc[:0], rr[:0]), {}), "N = 0"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc.long(), rr), {}), "ref_chosen has dtype int64"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc.tolist(), rr), {}), "ref_chosen must be a torch.Tensor"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc, rr.to("meta")), {}), "ref_rejected is on meta"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc, rr), dict(beta=float("nan"))), "beta must be a finite number"),
+    (lambda pc, pr, rc, rr: ((pc, pr, rc, rr), dict(beta=None)), "beta must be a finite number"),
+], ids=["keepdim", "broadcast_1", "length", "empty", "int", "list", "device", "nan_beta", "none_beta"])
+def test_dpo_loss_validation_errors(make, match):
+    args, kw = make(*_N4())
+    with pytest.raises(ValueError, match=match):
+        K.dpo_loss(*args, **kw)
+
+
 @pytest.mark.skipif(interpreting(), reason="under the interpreter CPU tensors do reach the kernel")
 def test_raw_op_on_cpu_without_interpreter_says_why():
     h, w, y, _ = _inputs(1, 2, 16, 20, torch.float32, "cpu", _seed())

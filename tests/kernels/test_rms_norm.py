@@ -276,6 +276,8 @@ def test_opcheck(dtype):
     ("residual_dtype", "residual has dtype"),  # float64 is not a kernel dtype (bf16/fp32 mixes are fine)
     ("mixed_device", "weight is on meta"),
     ("negative_eps", "eps must be"),
+    ("inf_eps", "eps must be a finite"),  # normalises every row to 0
+    ("bool_eps", "eps must be"),  # True is an int in Python: eps=1 by accident
     ("scalar", "x must have at least 1 dimension"),
 ])
 def test_validation_errors(case, match):
@@ -297,6 +299,10 @@ def test_validation_errors(case, match):
         w = torch.ones(8, device="meta")
     elif case == "negative_eps":
         eps = -1.0
+    elif case == "inf_eps":
+        eps = float("inf")
+    elif case == "bool_eps":
+        eps = True
     elif case == "scalar":
         x = torch.tensor(1.0, device=DEVICE)
     with pytest.raises(ValueError, match=match):
