@@ -1,6 +1,7 @@
 """Checkpoints: exact resume (2N steps == N + resume + N, bit for bit on CPU), atomic writes, keep-last-N,
 pointer fallback, unreadable files, stage hand-over errors."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -268,3 +269,78 @@ def test_trainer_refuses_another_stages_checkpoint():
     src.stage = "pretrain"
     dst.load_state_dict(src.state_dict())  # the same state under its own stage name loads
     assert all(torch.equal(a, b) for a, b in zip(src.model.parameters(), dst.model.parameters()))
+
+
+def _variant(run_dir, steps=4, batch=8, n_tokens=2400, data_seed=5, n_layers=1):
+    """A trainer whose checkpoint-relevant settings can each be changed, with the config dict a stage records."""
+    sc = StageConfig(steps=steps, batch_size=batch, micro_batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2,
+                     eval_every=100, eval_batches=2, save_every=100, keep_last=2, log_every=1)
+    torch.manual_seed(0)
+    mc = ModelConfig(**{**CFG.__dict__, "n_layers": n_layers})
+    src = RowBatchSource(TokenWindows(TOKENS[:n_tokens], 16), batch_size=batch, micro_batch_size=4, seed=data_seed)
+    config = {"seed": data_seed, "model": dict(mc.__dict__), "data": {"max_docs": n_tokens},
+              "pretrain": {"steps": steps, "batch_size": batch}}
+    return Trainer(Transformer(mc), causal_lm_loss_fn, src, sc, OptimConfig(), run_dir=run_dir, seed=11,
+                   progress=False, config=config)
+
+
+def causal_lm_loss_fn(model, batch):
+    return causal_lm_loss(model(batch["input_ids"]), batch["labels"]), {}, (batch["labels"] != -100).sum()
+
+
+@pytest.mark.parametrize("change,match", [
+    # each used to end in a traceback (ValueError from the batch source, RuntimeError from load_state_dict)
+    (dict(batch=16), r"trained with pretrain\.batch_size=8 and this run has 16.*--set pretrain\.batch_size=8"),
+    (dict(data_seed=6), r"seed=5 and this run has seed=6; pass --set seed=5"),
+    (dict(n_tokens=2000), r"had 149 examples and this run's has 124 .*changed since the checkpoint: data\.max_docs "
+                          r"2400 -> 2000; resume with the settings"),
+    (dict(n_layers=2), r"its model does not fit this run's model: 9 tensors missing from it \(e\.g\. layers\.1\..*"
+                       r"changed since the checkpoint: model\.n_layers 1 -> 2; resume with the model\.\* keys"),
+    # fit() used to call the step-4 checkpoint of a 3-step stage "final"
+    (dict(steps=3), r"it is at step 4, past pretrain\.steps=3; pass --set pretrain\.steps=4 or more"),
+])
+def test_resume_into_an_unfit_run_names_the_file_and_the_key(tmp_path, change, match):
+    first = _variant(tmp_path)
+    for _ in range(4):
+        first.train_step()
+    path = first.save()
+    first.close()
+    second = _variant(tmp_path, **change)
+    with pytest.raises(ckpt.CheckpointError, match=rf"cannot resume from {re.escape(str(path))}: .*?{match}"):
+        second.resume()
+
+
+def test_damaged_latest_checkpoint_names_the_previous_one(tmp_path):
+    t = _variant(tmp_path, steps=6)
+    t.train_step()
+    t.save()
+    t.train_step()
+    bad = t.save()
+    t.close()
+    os.truncate(bad, bad.stat().st_size // 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot read checkpoint .*step_00000002\.pt: .*The file is damaged: "
+                                                   r"move it out of .* --resume continues from step_00000001\.pt"):
+        _variant(tmp_path, steps=6).resume()
+    bad.rename(tmp_path / "damaged.pt")  # what the message asks for: the previous checkpoint then resumes
+    again = _variant(tmp_path, steps=6)
+    assert again.resume() and again.step == 1
+
+
+def test_save_removes_temp_files_of_dead_writers_only(tmp_path):
+    """A save killed mid-write (SIGKILL, OOM) leaves ``.step_*.pt.tmp-<pid>`` behind, GBs for gpu-full; readers
+    ignore it, and the next save deletes it unless its process still runs."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its pid is free (reuse within this test is vanishingly unlikely)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    stale = d / f".step_00000004.pt.tmp-{dead_pid}"
+    live = d / f".step_00000004.pt.tmp-{os.getppid()}"  # a running process
+    other = d / "notes.tmp-1"  # not a checkpoint temp file
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 10)
+    ckpt.save_checkpoint(d, 5, {"model": {"w": torch.zeros(2)}})
+    assert not stale.exists() and live.exists() and other.exists()
+    assert ckpt.latest_checkpoint(d).name == "step_00000005.pt"

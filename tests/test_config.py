@@ -4,6 +4,7 @@ import json
 import pytest
 
 from mllm.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from mllm.config.pipeline_config import load_file
 
 
 def test_presets_load_and_validate():
@@ -98,6 +99,15 @@ def test_overrides_coerce_types():
     ("sft.max_examples=-5", "sft.max_examples"),
     ("dpo.max_pairs=0", "dpo.max_pairs"),
     ("dpo.heldout_pairs=-1", "dpo.heldout_pairs"),
+    ("model.init_std=-1", "model.init_std"),  # failed in the initialiser: "normal expects std >= 0.0"
+    ("model.init_std=nan", "model.init_std"),
+    ("model.rope_theta=inf", "model.rope_theta"),
+    ("model.norm_eps=inf", "model.norm_eps"),
+    ("seed=-1", "seed"),  # trained through the first evaluation, then numpy's "expected non-negative integer"
+    ("seed=99999999999999999999", "seed"),  # "Overflow when unpacking long long"
+    ("verifier.lm_loss_weight=nan", "verifier.lm_loss_weight"),
+    ("verifier.value_loss_weight=-1", "verifier.value_loss_weight"),
+    ("data.pretrain_datasets=[tinystories,tinystories]", "data.pretrain_datasets"),  # trained on twice
 ])
 def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -161,6 +171,18 @@ def test_file_errors_name_the_file_and_key(tmp_path):
     syntax.write_text("model:\n  n_layers: 2\n  window: [1, 2\n")
     with pytest.raises(ConfigError, match=r"syntax\.yaml:\d+: invalid YAML"):
         load_config("local-smoke", file=str(syntax))
+    # a repeated key: the parsers keep the last one, so `n_layers: 3` was dropped without a word
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("model:\n  n_layers: 3\npretrain:\n  steps: 4\nmodel:\n  d_model: 32\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:5: duplicate key 'model'"):
+        load_config("local-smoke", file=str(dup))
+    dup_js = tmp_path / "dup.json"
+    dup_js.write_text('{"pretrain": {"steps": 4, "steps": 5}}')
+    with pytest.raises(ConfigError, match=r"dup\.json: duplicate key 'steps'"):
+        load_config("local-smoke", file=str(dup_js))
+    merged = tmp_path / "merge.yaml"  # YAML merge keys may be overridden: not a duplicate
+    merged.write_text("base: &b {steps: 4, lr: 1.0e-3}\npretrain:\n  <<: *b\n  steps: 6\n")
+    assert load_file(merged)["pretrain"] == {"steps": 6, "lr": 1e-3}
     with pytest.raises(ConfigError, match="'data.pretrain_datasets'.*not a JSON list"):
         load_config("local-smoke", overrides=["data.pretrain_datasets=[tinystories,"])
 

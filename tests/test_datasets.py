@@ -331,6 +331,37 @@ def test_registry_and_resolution(tmp_path, monkeypatch, offline):
     assert D.load_dataset("gsm8k", max_rows=1) == GSM[:1]
 
 
+def test_a_data_folder_passed_as_source_reads_only_its_layout(tmp_path, offline):
+    """The stages pass the data folder itself as ``source``. A folder with the shared layout (here ``wikitext-2/``)
+    must not lend its root's generic ``train.txt`` to a dataset whose own subfolder is missing: that file was read as
+    TinyStories, and the error for a missing WikiText-103 named ``<folder>/wiki.train.tokens``."""
+    write(tmp_path / "wikitext-2" / "wiki.train.tokens", " = A = \n\n text \n")
+    write(tmp_path / "train.txt", STORIES_EOT)
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "tinystories" / "TinyStoriesV2-GPT4-train.txt"))):
+        D.load_tinystories(tmp_path)
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "wikitext-103" / "wiki.train.tokens"))):
+        D.load_wikitext103(tmp_path)
+    assert len(D.load_wikitext2(tmp_path)) == 1
+    own = tmp_path / "my-stories"  # a dataset's own folder (no layout subfolders) still reads its generic names
+    write(own / "train.txt", STORIES_EOT)
+    assert D.load_tinystories(own) == D.load_tinystories(tmp_path / "train.txt")
+
+
+def test_empty_files_are_errors_naming_the_file(tmp_path, offline):
+    """An empty text file loaded as 0 documents without a word, and one empty hh-rlhf subset file added 0 pairs."""
+    empty = write(tmp_path / "tinystories" / "validation-head.txt", "")
+    with pytest.raises(DatasetError, match=re.escape(str(empty)) + ": no tinystories documents"):
+        D.load_tinystories(tmp_path, split="validation")
+    blank = write(tmp_path / "wikitext-2" / "wiki.valid.tokens", "\n \n")
+    with pytest.raises(DatasetError, match=re.escape(str(blank)) + ": no wikitext2 documents"):
+        D.load_wikitext2(tmp_path, split="validation")
+    for i, sub in enumerate(D.HH_RLHF_SUBSETS):
+        write(tmp_path / "hh-rlhf" / f"{sub}-test.jsonl.gz", "" if i == 2 else jsonl(HH))
+    with pytest.raises(DatasetError, match=rf"{D.HH_RLHF_SUBSETS[2]}-test\.jsonl\.gz: no hh_rlhf records in the file"):
+        D.load_hh_rlhf(tmp_path, split="test")
+    assert len(D.load_hh_rlhf(tmp_path, split="test", max_rows=2)) == 2  # rows before the empty file suffice
+
+
 def test_verify_datasets_reports_and_fails(tmp_path, offline):
     write(tmp_path / "gsm8k" / "train.jsonl", jsonl(GSM))
     write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\nok \t1\n")

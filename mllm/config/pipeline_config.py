@@ -375,6 +375,36 @@ def apply_dict(cfg: PipelineConfig, data: Dict[str, Any], prefix: str = "") -> P
     return cfg
 
 
+class _DuplicateKey(Exception):
+    """(key, line or None): a mapping in a config file names the same key twice."""
+
+
+def _unique_key_object(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k, None)
+        out[k] = v
+    return out
+
+
+def _unique_key_yaml_loader(yaml):
+    """PyYAML's SafeLoader, except that a key repeated in one mapping raises ``_DuplicateKey`` with its line."""
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def load_file(path: str | os.PathLike) -> Dict[str, Any]:
     p = Path(path)
     if not p.exists():
@@ -393,7 +423,10 @@ def load_file(path: str | os.PathLike) -> Dict[str, Any]:
         except ImportError as e:  # pragma: no cover - yaml is a dependency
             raise ConfigError("reading YAML configs needs PyYAML (pip install pyyaml)") from e
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_unique_key_yaml_loader(yaml)) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{p}:{e.args[1]}: duplicate key '{e.args[0]}' (YAML keeps only the last one, so the "
+                              "earlier settings would be lost silently; merge the two)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -401,7 +434,10 @@ def load_file(path: str | os.PathLike) -> Dict[str, Any]:
             raise ConfigError(f"{where}: invalid YAML: {problem}") from e
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_key_object)
+        except _DuplicateKey as e:
+            raise ConfigError(f"{p}: duplicate key '{e.args[0]}' (JSON keeps only the last one, so the earlier "
+                              "settings would be lost silently; merge the two)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from e
     if not isinstance(data, dict):
@@ -452,8 +488,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.n_heads % m.n_kv_heads == 0, "model.n_heads",
          f"n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     need(m.head_dim % 2 == 0, "model.d_model", f"head_dim={m.head_dim} must be even for RoPE")
-    need(m.rope_theta > 0, "model.rope_theta", "must be positive")
-    need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    need(math.isfinite(m.rope_theta) and m.rope_theta > 0, "model.rope_theta",
+         f"must be a positive finite number, got {m.rope_theta}")
+    need(math.isfinite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"must be a positive finite number, got {m.norm_eps}")
+    # a negative or NaN std only fails inside the initialiser (torch's "normal expects std >= 0.0")
+    need(math.isfinite(m.init_std) and m.init_std > 0, "model.init_std", f"must be a positive finite number, got {m.init_std}")
+    # torch, numpy and Python's random all take seeds in [0, 2**63): -1 failed after the first evaluation
+    need(0 <= cfg.seed < 2**63, "seed", f"must be an integer in [0, 2**63), got {cfg.seed}")
     need(m.n_sink_tokens >= 0, "model.n_sink_tokens", "must be >= 0")
     need(m.window is None or m.window > 0, "model.window", "must be positive or None")
     need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
@@ -468,6 +509,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype",
          f"must be one of {', '.join(RESIDUAL_DTYPES)}, got {m.residual_dtype!r}")
     need(cfg.data.tokenizer in ("gpt2", "byte"), "data.tokenizer", f"must be 'gpt2' or 'byte', got {cfg.data.tokenizer!r}")
+    dup = sorted({n for n in cfg.data.pretrain_datasets if list(cfg.data.pretrain_datasets).count(n) > 1})
+    need(not dup, "data.pretrain_datasets", f"lists {', '.join(dup)} more than once (its documents would be trained on "
+         "twice)")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
@@ -495,6 +539,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(cfg.dpo.heldout_pairs >= 0, "dpo.heldout_pairs", f"must be >= 0, got {cfg.dpo.heldout_pairs}")
     need(cfg.dpo.reference in ("precomputed", "frozen"), "dpo.reference", "must be 'precomputed' or 'frozen'")
     need(0.0 <= cfg.sft.gsm8k_weight <= 1.0, "sft.gsm8k_weight", "must be in [0, 1]")
+    for key in ("lm_loss_weight", "value_loss_weight"):
+        w = getattr(cfg.verifier, key)
+        need(math.isfinite(w) and w >= 0, f"verifier.{key}", f"must be a finite number >= 0, got {w}")
     need(cfg.verifier.samples_per_question > 0, "verifier.samples_per_question", "must be positive")
     need(cfg.verifier.num_questions is None or cfg.verifier.num_questions > 0, "verifier.num_questions",
          f"must be positive or null, got {cfg.verifier.num_questions}")

@@ -21,8 +21,9 @@ sst2           {"sentence", "label"}: 1 positive, 0 negative,       stanfordnlp/
 
 ``source``:
   * a file -> read that file (format from its name: .jsonl, .json, .tsv, .txt/.tokens/.raw, each optionally .gz);
-  * a folder -> the split's file inside it, either the ``../shared/data`` layout (``<folder>/<dataset dir>/<file>``)
-    or the dataset's own folder (``<folder>/<file>``); no hub fallback;
+  * a folder -> the split's file inside it, either the ``../shared/data`` layout (``<folder>/<dataset dir>/<file>``,
+    used when the folder has any dataset's subfolder or ``gpt2-tokenizer/``) or the dataset's own folder
+    (``<folder>/<file>``); no hub fallback;
   * ``"hub"`` -> the Hugging Face hub only;
   * ``None`` -> ``$MLLM_DATA_DIR`` (same layout) when the split's file is there, else the hub.
 The hub is reached through ``datasets`` (imported lazily); with ``max_rows`` it streams, so a small slice never
@@ -138,6 +139,17 @@ def _spec(name: str, raw: bool = False) -> DatasetSpec:
 DATASET_NAMES = ("wikitext2", "wikitext103", "tinystories", "alpaca", "hh_rlhf", "gsm8k", "sst2")
 
 
+def _is_data_folder(folder: Path) -> bool:
+    """True when ``folder`` has the ``../shared/data`` layout (a subfolder named after any dataset, or the tokenizer's):
+    then only ``<folder>/<dataset dir>/<file>`` is a dataset's file, and a generic name at its root such as
+    ``train.txt`` belongs to no dataset (it was read as TinyStories when ``tinystories/`` was missing)."""
+    dirs = {"gpt2-tokenizer"}
+    for name in DATASET_NAMES:
+        for raw in (False, True):
+            dirs.update(_spec(name, raw).dirs)
+    return any((folder / d).is_dir() for d in dirs)
+
+
 def normalize_split(split: str) -> str:
     """'train' | 'validation' | 'test' (accepts valid/dev/val for validation)."""
     for canon, aliases in _SPLIT_ALIASES.items():
@@ -241,7 +253,7 @@ def resolve_source(name: str, data_dir: Optional[PathLike] = None, split: str = 
         if p.is_file():
             return Resolution(name, split, "local", [p])
         if p.is_dir():
-            paths = _local_paths(spec, p, split, looked, subsets)
+            paths = _local_paths(spec, p, split, looked, subsets, layout_only=_is_data_folder(p))
             if paths:
                 return Resolution(name, split, "local", paths, looked=looked)
             return Resolution(name, split, "missing", looked=looked,
@@ -608,7 +620,12 @@ def _raw_rows(name: str, spec: DatasetSpec, res: Resolution, split: str, max_row
             if fmt not in spec.formats:
                 raise DatasetError(f"{p}: {name} cannot be read from a .{fmt} file "
                                    f"(supported: {', '.join(spec.formats)}, optionally .gz)")
-            yield from iter_records(p)
+            n = 0
+            for row in iter_records(p):
+                n += 1
+                yield row
+            if n == 0:  # one empty hh-rlhf subset file silently contributed no pairs
+                raise DatasetError(f"{p}: no {name} records in the file (is it empty?)")
     elif name == "hh_rlhf":
         for sub in subsets:
             yield from _hub_rows(spec, split, max_rows, sub, res.looked)
@@ -669,7 +686,11 @@ def _load_text(name: str, source, split: str, max_rows: Optional[int], raw: bool
         texts = wikitext_documents(texts)
     elif not is_wiki:
         texts = (t for t in texts if t)  # an empty story is not a document
-    return [{"text": t} for t in itertools.islice(texts, max_rows)]
+    out = [{"text": t} for t in itertools.islice(texts, max_rows)]
+    if not out and res.kind == "local":  # an empty file used to load as 0 documents without a word
+        raise DatasetError(f"{res.paths[0]}: no {name} {'lines' if granularity == 'lines' and is_wiki else 'documents'} "
+                           f"in the {split} split's file (is it empty?)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

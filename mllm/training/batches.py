@@ -23,6 +23,16 @@ import torch
 Batch = Dict[str, torch.Tensor]
 
 
+class DataPositionMismatch(ValueError):
+    """A checkpoint's data position was taken with another ``seed``, ``batch_size`` or dataset size ``n``: the
+    position means nothing in this run's order, so an exact resume is impossible. Args: (key, saved, current)."""
+
+    def __init__(self, key: str, saved, current):
+        super().__init__(f"the checkpoint's data position has {key}={saved} but this run has {key}={current}: "
+                         "the data or the batch changed, so an exact resume is impossible")
+        self.key, self.saved, self.current = key, saved, current
+
+
 class TokenWindows(Sequence):
     """Next-token-prediction windows over one 1-D token stream (documents joined by the end-of-text token).
 
@@ -202,8 +212,7 @@ class RowBatchSource:
         mine = {"seed": self.seed, "batch_size": self.batch_size, "n": len(self.dataset)}
         for k, v in mine.items():
             if k in state and state[k] != v:
-                raise ValueError(f"the checkpoint's data position has {k}={state[k]} but this run has {k}={v}: "
-                                 "the data or the batch changed, so an exact resume is impossible")
+                raise DataPositionMismatch(k, state[k], v)
         self.epoch, self.cursor, self.micro = int(state["epoch"]), int(state["cursor"]), int(state["micro"])
 
 

@@ -162,7 +162,34 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: Dict[str, Any], keep
     for old in list_checkpoints(d)[:-keep_last]:
         if old.name != path.name:
             old.unlink(missing_ok=True)
+    remove_stale_temp_files(d)
     return path
+
+
+_TMP_RE = re.compile(r"^\.(?:step_\d{8,}\.pt|latest|final)\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's live process / not a pid here
+        return True
+    return True
+
+
+def remove_stale_temp_files(ckpt_dir: str | Path) -> List[Path]:
+    """Delete the temp files of saves whose process died mid-write (SIGKILL, OOM kill, node loss): every reader
+    ignores them, but a gpu-full one holds several GB. A temp file of this or any other live process is kept."""
+    removed = []
+    d = Path(ckpt_dir)
+    for p in (d.iterdir() if d.is_dir() else ()):
+        m = _TMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def load_checkpoint(path_or_dir: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:

@@ -67,7 +67,7 @@ def checkpoint_error_line(err: Exception) -> str:
     """One line for a missing/unreadable checkpoint: the message (which names the file) plus, when the message
     does not already say it, the stage that makes a file under ``checkpoints/<stage>/``."""
     msg = " ".join(str(err).split())
-    if "--stage" not in msg:
+    if msg.startswith("no checkpoint in") and "--stage" not in msg:  # a missing file, not a damaged or unfit one
         m = re.search(r"checkpoints[/\\](\w+)", msg)
         if m:
             msg += f" (that file is made by `--stage {m.group(1)}`; run it first with the same --run-name)"

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig, validate_optim
 from mllm.training import checkpoint as ckpt
-from mllm.training.batches import batch_to_device
+from mllm.training.batches import DataPositionMismatch, batch_to_device
 from mllm.training.distributed import DistContext
 from mllm.training.metrics import (LOSS_LABELS, MetricsWriter, device_peak_flops, mfu, peak_memory_gib, plot_loss_curve,
                                    read_metrics)
@@ -500,8 +500,14 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("stage", self.stage) != self.stage:
             raise ckpt.CheckpointError(f"checkpoint is from stage '{state.get('stage')}', not '{self.stage}'")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # torch's multi-line key/shape listing: summarised, with the config keys to blame
+            raise ckpt.CheckpointError(self._model_mismatch(state)) from e
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"its optimizer state does not fit this run's parameters ({e})") from e
         # the saved param groups carry the writer's hyperparameters; this run's config decides them (lr is set
         # every step), as config.json and the checkpoints written from now on record
         o = self.optim_cfg
@@ -534,6 +540,46 @@ class Trainer:
                           "re-seeded, so the continuation is not bit-identical")
             seed_everything((self.seed or 0) + rank + 1_000_003 * self.step)
 
+    def _config_changes(self, state: Mapping[str, Any], sections: Iterable[str]) -> str:
+        """'; changed since the checkpoint: data.max_docs 400 -> 300, ...' from the configs both sides recorded."""
+        saved, mine = state.get("config"), self.config
+        if not isinstance(saved, Mapping) or not isinstance(mine, Mapping):
+            return ""
+        out = []
+        for sec in sections:
+            a, b = saved.get(sec), mine.get(sec)
+            if isinstance(a, Mapping) and isinstance(b, Mapping):
+                out += [f"{sec}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k) and k != "steps"]  # more steps is what a resume is for
+            elif a != b:
+                out.append(f"{sec} {a!r} -> {b!r}")
+        return f"; changed since the checkpoint: {', '.join(out)}" if out else ""
+
+    def _model_mismatch(self, state: Mapping[str, Any]) -> str:
+        have, got = self.model.state_dict(), state["model"]
+        missing = [k for k in have if k not in got]
+        extra = [k for k in got if k not in have]
+        shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(have[k].shape)}" for k in have
+                  if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(have[k].shape)]
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in
+                 (("tensors missing from it", missing), ("tensors this model lacks", extra),
+                  ("shapes differ, checkpoint vs this model", shapes)) if v]
+        return (f"its model does not fit this run's model: {'; '.join(parts) or 'the state dicts differ'}"
+                f"{self._config_changes(state, ('model',))}; resume with the model.* keys of the run that wrote it, "
+                "or start a new run (another --run-name)")
+
+    def _position_mismatch(self, e: DataPositionMismatch, state: Mapping[str, Any]) -> str:
+        if e.key == "batch_size":
+            return (f"it was trained with {self.stage}.batch_size={e.saved} and this run has {e.current}, so its data "
+                    f"position means nothing here; pass --set {self.stage}.batch_size={e.saved}, or start a new run "
+                    "(another --run-name)")
+        if e.key == "seed":
+            return (f"its data order was drawn with seed={e.saved} and this run has seed={e.current}; pass --set "
+                    f"seed={e.saved}, or start a new run (another --run-name)")
+        return (f"its training data had {e.saved} examples and this run's has {e.current} (data.* keys, "
+                f"{self.stage}.seq_len or the data files changed){self._config_changes(state, ('data', self.stage))}; "
+                "resume with the settings of the run that wrote it, or start a new run (another --run-name)")
+
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current state (all ranks call it; rank 0 writes)."""
         if self.ckpt_dir is None:
@@ -549,15 +595,35 @@ class Trainer:
         return path or ckpt.latest_checkpoint(self.ckpt_dir)
 
     def resume(self, path: Optional[str | Path] = None) -> bool:
-        """Load ``path`` or the stage's latest checkpoint; False when there is none."""
+        """Load ``path`` or the stage's latest checkpoint; False when there is none. A checkpoint that cannot
+        continue this run (unreadable, another model, batch size, seed or data, or past ``steps``) raises
+        ``CheckpointError`` naming the file, the config keys involved and the way out."""
+        latest = path is None
         if path is None:
             if self.ckpt_dir is None:
                 return False
             path = ckpt.latest_checkpoint(self.ckpt_dir)
             if path is None:
                 return False
-        state = ckpt.load_checkpoint(path, map_location="cpu")
-        self.load_state_dict(state)
+        try:
+            state = ckpt.load_checkpoint(path, map_location="cpu")
+        except ckpt.CheckpointError as e:
+            older = [p for p in ckpt.list_checkpoints(Path(path).parent) if p.name != Path(path).name]
+            if not latest or not older:
+                raise
+            # not read past automatically: the user decides whether the damaged file is to be given up
+            raise ckpt.CheckpointError(f"{str(e).rstrip('.')}. The file is damaged: move it out of {Path(path).parent} and --resume "
+                                       f"continues from {older[-1].name}, the newest other checkpoint") from e
+        try:
+            self.load_state_dict(state)
+        except DataPositionMismatch as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {self._position_mismatch(e, state)}") from e
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from e
+        if self.step > self.stage_cfg.steps:  # fit() would otherwise call step 8 of 6 "final"
+            raise ckpt.CheckpointError(f"cannot resume from {path}: it is at step {self.step}, past "
+                                       f"{self.stage}.steps={self.stage_cfg.steps}; pass --set {self.stage}.steps="
+                                       f"{self.step} or more, or start a new run (another --run-name)")
         dropped = self.metrics.truncate_after(self.stage, self.step)
         self.info(f"resumed from {path} at step {self.step}"
                   + (f" ({dropped} metrics records after it dropped)" if dropped else ""))
