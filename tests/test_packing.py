@@ -476,6 +476,11 @@ def test_iter_batches_cover_all_rows_in_order():
                                 loss_masks=[np.array([1, 0, 2, 0])]), r"loss_masks\[0\] must be a bool"),
     (lambda: P.materialize_rows(P.pack([4], 8), [np.array([1, 2, 3, 4])], pad_id=0, loss_masks=[]),
      "loss_masks has 0 entries"),
+    # a -100 id silently turned the label predicting it into ignore_index; a uint64 id wrapped to -1
+    (lambda: P.build_packed_rows([np.array([1, -100, 3])], 8, 0), r"docs\[0\] holds a negative token id \(-100\)"),
+    (lambda: P.build_unpacked_rows([np.array([5]), np.array([-5, 7])], 8, 0), r"docs\[1\] holds a negative"),
+    (lambda: P.build_rows([np.array([2**64 - 1], dtype=np.uint64)], 8, 0), r"docs\[0\] holds token id 1844.*int64"),
+    (lambda: P.materialize_rows(P.pack([2], 8), [np.array([4, -1])], pad_id=0), r"docs\[0\] holds a negative"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([0, 1])), "2-D"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([[1, 0]])), "row start"),
 ])

@@ -116,6 +116,9 @@ def test_checkpoint_error_line_names_the_stage_that_makes_the_file():
     e = ckpt.CheckpointError("stage 'dpo' needs ... checkpoints/sft/final does not exist:\n run `--stage sft` first")
     assert checkpoint_error_line(e) == "error: stage 'dpo' needs ... checkpoints/sft/final does not exist: run " \
                                        "`--stage sft` first"
+    # a damaged or unfit checkpoint exists: "run --stage pretrain first" was wrong advice (it refuses to overwrite)
+    e = ckpt.CheckpointError("cannot read checkpoint runs/x/checkpoints/pretrain/step_00000008.pt: RuntimeError: bad zip")
+    assert checkpoint_error_line(e) == f"error: {e}"
 
 
 def test_all_end_to_end_then_resume_interrupted_stage(data_dir, tmp_path, capsys):

@@ -275,6 +275,19 @@ def test_config_errors(tmp_path):
     check_batch_sizes(cfg, "all", 1)
 
 
+def test_config_error_is_printed_by_rank_0_only(capsys, monkeypatch):
+    """Under torchrun a config error comes before the process group: each rank used to print it."""
+    from mllm.training.runner import main
+
+    bad = ["--stage", "pretrain", "--set", "pretrain.nosuch=1"]
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == 2
+    assert "pretrain.nosuch" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert main(bad) == 2
+    assert "error: " in capsys.readouterr().err
+
+
 def test_cli_takes_an_existing_runs_own_config(tmp_path, capsys, monkeypatch):
     """Without --config, ``--run-name R`` of an existing run uses R's config.json (the local-smoke preset would
     evaluate a gpu-full run at smoke sizes on the CPU, and overwrite its config.json); missing data files are one

@@ -358,6 +358,15 @@ def cu_seqlens_from_position_ids(position_ids) -> np.ndarray:
     return np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
 
 
+def _check_ids(i: int, a: np.ndarray) -> None:
+    """A negative id would become a label equal to ignore_index (-100: silently unlearned) or index the embedding
+    from its end; a uint64 id past int64 wraps negative in the int64 rows."""
+    if a.size and a.dtype.kind == "i" and int(a.min()) < 0:
+        raise ValueError(f"docs[{i}] holds a negative token id ({int(a.min())}); token ids are >= 0")
+    if a.size and a.dtype.kind == "u" and a.dtype.itemsize == 8 and int(a.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"docs[{i}] holds token id {int(a.max())}, beyond int64")
+
+
 def _check_docs(docs, loss_masks, eot_id) -> None:
     for i, d in enumerate(docs):
         a = np.asarray(d)
@@ -366,6 +375,7 @@ def _check_docs(docs, loss_masks, eot_id) -> None:
                              f"shape {a.shape}")
         if a.size == 0 and eot_id is None:
             raise ValueError(f"docs[{i}] is empty (drop empty documents, or pass eot_id)")
+        _check_ids(i, a)
     if loss_masks is not None:
         if len(loss_masks) != len(docs):
             raise ValueError(f"loss_masks has {len(loss_masks)} entries for {len(docs)} docs")
@@ -416,6 +426,7 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
             if tok.ndim != 1 or (tok.size and tok.dtype.kind not in "iu"):
                 raise ValueError(f"docs[{d}] must be a 1-D integer array of token ids, got dtype {tok.dtype}, "
                                  f"shape {tok.shape}")
+            _check_ids(d, tok)
             if loss_masks is not None:
                 m = np.asarray(loss_masks[d])
                 if m.dtype != np.bool_ or m.shape != tok.shape:

@@ -218,6 +218,14 @@ def check_batch_sizes(cfg: PipelineConfig, stage: str, world_size: int) -> None:
         accumulation_steps(getattr(cfg, st), world_size, st)
 
 
+def _prints(ctx: Optional[DistContext]) -> bool:
+    """Whether this process reports an error: rank 0. Before the process group exists (a config error) torchrun's
+    RANK says which one, so the message is printed once, not once per rank."""
+    if ctx is not None:
+        return ctx.is_main
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mllm.data.datasets import DatasetError
     from mllm.data.tokenizer import TokenizerError
@@ -275,19 +283,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(outputs_line(args.stage, run_dir, summary, path))
         return 0
     except ConfigError as e:  # includes unknown stage / bad key: a message, not a traceback
-        if ctx is None or ctx.is_main:
+        if _prints(ctx):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except (DatasetError, TokenizerError) as e:  # data or tokenizer files missing offline: the message says where
-        if ctx is None or ctx.is_main:
+        if _prints(ctx):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except ckpt.CheckpointError as e:  # a missing input checkpoint: which file, which stage makes it
-        if ctx is None or ctx.is_main:
+        if _prints(ctx):
             print(checkpoint_error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: where the work stands and the command that continues it, not a traceback
-        if ctx is None or ctx.is_main:
+        if _prints(ctx):
             print(interrupted_line(run_dir, args.stage), file=sys.stderr)
         return 130
     finally:
