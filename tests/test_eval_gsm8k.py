@@ -120,6 +120,9 @@ def test_best_of_n():
     assert idx == 1 and scores == [0.1, 0.9, 0.9]  # tie 0.9/0.9: earliest sample
     with pytest.raises(ValueError):
         best_of_n("q", [], lambda q, s: 0.0)
+    nan = {"a": float("nan"), "b": 2.0, "c": 1.0}  # a NaN first score used to win (max() never moved past it)
+    assert best_of_n("q", ["a", "b", "c"], lambda q, s: nan[s])[0] == 1
+    assert best_of_n("q", ["a", "b"], lambda q, s: float("nan"))[0] == 0  # all NaN: the earliest
 
 
 def test_truncate_completion():

@@ -27,6 +27,7 @@ Error taxonomy of a wrong answer (:func:`classify_error`):
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from collections import Counter
@@ -132,11 +133,12 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 
 def best_of_n(question: str, solutions: Sequence[str], score: ScoreFn) -> Tuple[int, List[float]]:
-    """Index of the highest-scoring solution (ties → earliest) and all scores."""
+    """Index of the highest-scoring solution (ties → earliest; a NaN score ranks below every number) and all scores."""
     if not solutions:
         raise ValueError("best_of_n needs at least one solution")
     scores = [float(score(question, s)) for s in solutions]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    # max() never moves past a NaN first element (NaN compares False): a broken score would win by position
+    best = max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
     return best, scores
 
 
