@@ -158,6 +158,13 @@ def test_load_detects_corruption(tmp_path, name, edit, msg):
     with pytest.raises(ValueError, match=msg) as e:
         load_shard(path)
     assert "to rebuild" in str(e.value)
+    # build_shard meets the damaged cache: it warns and rebuilds it (it used to stop the stage with a traceback)
+    with pytest.warns(UserWarning, match="token cache is damaged, rebuilding it: .*" + msg):
+        again = build_shard(TEXTS, ByteTokenizer(), tmp_path / name, "toy", progress=False)
+    assert again.path == path and not again.cache_hit
+    fresh = build_shard(TEXTS, ByteTokenizer(), tmp_path / "fresh", "toy", progress=False)
+    assert [again.doc(i).tolist() for i in range(again.n_docs)] == [fresh.doc(i).tolist() for i in range(fresh.n_docs)]
+    assert build_shard(TEXTS, ByteTokenizer(), tmp_path / name, "toy", progress=False).cache_hit
 
 
 def test_gpt2_roundtrip_on_real_text(data_dir, tmp_path):

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence, Union
@@ -191,9 +192,14 @@ def build_shard(texts: Sequence[str], tokenizer, cache_dir: Union[str, os.PathLi
     digest = texts_digest(texts)
     final = cache_dir / shard_dirname(key, tokenizer, digest)
     if final.is_dir() and not rebuild:
-        shard = load_shard(final)
-        shard.cache_hit = True
-        return shard
+        try:
+            shard = load_shard(final)
+        except ValueError as e:  # a cache is derived data: rebuild it rather than stop the run with a traceback
+            warnings.warn(f"the token cache is damaged, rebuilding it: {e}")
+            rebuild = True
+        else:
+            shard.cache_hit = True
+            return shard
 
     dtype = shard_dtype(int(tokenizer.vocab_size))
     eot = int(tokenizer.eot_id)
