@@ -1,5 +1,7 @@
 """GSM8K: answer extraction, arithmetic checking, error taxonomy, majority-vote ties, verifier best-of-N, and the
 evaluation loop with a scripted generator and with our Transformer + generate."""
+import math
+
 import pytest
 import torch
 
@@ -123,6 +125,13 @@ def test_best_of_n():
     nan = {"a": float("nan"), "b": 2.0, "c": 1.0}  # a NaN first score used to win (max() never moved past it)
     assert best_of_n("q", ["a", "b", "c"], lambda q, s: nan[s])[0] == 1
     assert best_of_n("q", ["a", "b"], lambda q, s: float("nan"))[0] == 0  # all NaN: the earliest
+    seen = []
+
+    def untrained(q, s):  # an empty sample used to be scored at a position the value head never trained on
+        seen.append(s)
+        return 5.0 if not s.strip() else 0.5
+
+    assert best_of_n("q", ["", " 4", " \n"], untrained) == (1, [-math.inf, 0.5, -math.inf]) and seen == [" 4"]
 
 
 def test_truncate_completion():

@@ -133,10 +133,13 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 
 def best_of_n(question: str, solutions: Sequence[str], score: ScoreFn) -> Tuple[int, List[float]]:
-    """Index of the highest-scoring solution (ties → earliest; a NaN score ranks below every number) and all scores."""
+    """Index of the highest-scoring solution (ties → earliest; a NaN score ranks below every number) and all scores.
+
+    An empty (all-whitespace) solution is not scored: it gets −inf. The verifier never trained on one (its stage skips
+    them), so its value there would be arbitrary, and an empty solution is never correct."""
     if not solutions:
         raise ValueError("best_of_n needs at least one solution")
-    scores = [float(score(question, s)) for s in solutions]
+    scores = [float(score(question, s)) if s.strip() else -math.inf for s in solutions]
     # max() never moves past a NaN first element (NaN compares False): a broken score would win by position
     best = max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
     return best, scores

@@ -307,7 +307,8 @@ def classification_report(scores: Sequence[float], labels: Sequence[int]) -> Dic
 def heldout_report(generator, scorer: VerifierScorer, tok, dev_rows: Sequence[Dict], cfg: PipelineConfig,
                    progress: bool = True) -> Dict[str, Any]:
     """Greedy / majority / verifier best-of-N / oracle on ``dev_rows``; the verifier as a classifier of the
-    sampled solutions; the reference solutions' rank among the samples (module docstring)."""
+    sampled solutions (the non-empty ones, which ``best_of_n`` scores: empty ones are skipped as in training); the
+    reference solutions' rank among the samples (module docstring)."""
     ec = cfg.eval
     calls: List[Tuple[str, str, float]] = []
 
