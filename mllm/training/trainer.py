@@ -498,8 +498,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict()``. Another stage's state or a data-position mismatch raises before anything
+        changes; a model or optimizer that does not fit raises ``CheckpointError`` with this trainer partly loaded
+        (build a new one)."""
         if state.get("stage", self.stage) != self.stage:
             raise ckpt.CheckpointError(f"checkpoint is from stage '{state.get('stage')}', not '{self.stage}'")
+        # the data position first: its checks (DataPositionMismatch) raise before anything of this trainer changes
+        rank, world = self.dist.rank, self.dist.world_size
+        datas = state["data"]
+        if len(datas) == world:
+            self.train_data.load_state_dict(datas[rank])
+        elif all(d == datas[0] for d in datas):
+            self.train_data.load_state_dict(datas[0])  # a global position: valid for any world size
+        else:
+            raise ckpt.CheckpointError(f"checkpoint holds per-rank data positions for {len(datas)} ranks; "
+                                       f"cannot resume them on {world} ranks")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:  # torch's multi-line key/shape listing: summarised, with the config keys to blame
@@ -523,15 +536,6 @@ class Trainer:
         self.first_eval = dict(t.get("first_eval", {}) or {})
         self.last_eval = dict(t.get("last_eval", {}) or {})
         self.last_train = dict(t.get("last_train", {}) or {})
-        rank, world = self.dist.rank, self.dist.world_size
-        datas = state["data"]
-        if len(datas) == world:
-            self.train_data.load_state_dict(datas[rank])
-        elif all(d == datas[0] for d in datas):
-            self.train_data.load_state_dict(datas[0])  # a global position: valid for any world size
-        else:
-            raise ckpt.CheckpointError(f"checkpoint holds per-rank data positions for {len(datas)} ranks; "
-                                       f"cannot resume them on {world} ranks")
         rngs = state["rng"]
         if len(rngs) == world:
             set_rng_state(rngs[rank], self.device)
@@ -612,8 +616,8 @@ class Trainer:
             if not latest or not older:
                 raise
             # not read past automatically: the user decides whether the damaged file is to be given up
-            raise ckpt.CheckpointError(f"{str(e).rstrip('.')}. The file is damaged: move it out of {Path(path).parent} and --resume "
-                                       f"continues from {older[-1].name}, the newest other checkpoint") from e
+            raise ckpt.CheckpointError(f"{str(e).rstrip('.')}. The file is damaged: move it out of {Path(path).parent} "
+                                       f"and --resume continues from {older[-1].name}, the newest other checkpoint") from e
         try:
             self.load_state_dict(state)
         except DataPositionMismatch as e:
