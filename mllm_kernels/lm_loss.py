@@ -211,8 +211,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     vocab_size V ≤ V_rows (default V_rows). Differentiable in hidden and weight (the gradient is computed in the
     forward when either requires grad). Labels outside [0, V) other than ``ignore_index`` raise ValueError; the
     check costs a host sync, so it is skipped with ``check_labels=False`` and inside a ``torch.compile`` graph,
-    where the caller guarantees the range (an out-of-range label's loss is then undefined: currently 0). Dispatch: CUDA -> cuBLAS + Triton, CPU with
-    TRITON_INTERPRET=1 -> the same under the interpreter, CPU otherwise -> ``reference.linear_cross_entropy``."""
+    where the caller guarantees the range (an out-of-range label's loss is then undefined: currently 0).
+    Dispatch: CUDA -> cuBLAS + Triton, CPU with TRITON_INTERPRET=1 -> the same under the interpreter, CPU
+    otherwise -> ``reference.linear_cross_entropy``."""
     V = _validate(hidden, weight, labels, vocab_size, ignore_index)
     if check_labels and labels.numel() and not torch.compiler.is_compiling():  # a host sync: not in a traced graph
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))

@@ -490,9 +490,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.head_dim % 2 == 0, "model.d_model", f"head_dim={m.head_dim} must be even for RoPE")
     need(math.isfinite(m.rope_theta) and m.rope_theta > 0, "model.rope_theta",
          f"must be a positive finite number, got {m.rope_theta}")
-    need(math.isfinite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps", f"must be a positive finite number, got {m.norm_eps}")
+    need(math.isfinite(m.norm_eps) and m.norm_eps > 0, "model.norm_eps",
+         f"must be a positive finite number, got {m.norm_eps}")
     # a negative or NaN std only fails inside the initialiser (torch's "normal expects std >= 0.0")
-    need(math.isfinite(m.init_std) and m.init_std > 0, "model.init_std", f"must be a positive finite number, got {m.init_std}")
+    need(math.isfinite(m.init_std) and m.init_std > 0, "model.init_std",
+         f"must be a positive finite number, got {m.init_std}")
     # torch, numpy and Python's random all take seeds in [0, 2**63): -1 failed after the first evaluation
     need(0 <= cfg.seed < 2**63, "seed", f"must be an integer in [0, 2**63), got {cfg.seed}")
     need(m.n_sink_tokens >= 0, "model.n_sink_tokens", "must be >= 0")

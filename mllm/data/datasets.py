@@ -688,8 +688,8 @@ def _load_text(name: str, source, split: str, max_rows: Optional[int], raw: bool
         texts = (t for t in texts if t)  # an empty story is not a document
     out = [{"text": t} for t in itertools.islice(texts, max_rows)]
     if not out and res.kind == "local":  # an empty file used to load as 0 documents without a word
-        raise DatasetError(f"{res.paths[0]}: no {name} {'lines' if granularity == 'lines' and is_wiki else 'documents'} "
-                           f"in the {split} split's file (is it empty?)")
+        what = "lines" if granularity == "lines" and is_wiki else "documents"
+        raise DatasetError(f"{res.paths[0]}: no {name} {what} in the {split} split's file (is it empty?)")
     return out
 
 
