@@ -220,3 +220,14 @@ def test_saved_configs_with_removed_keys_still_load(tmp_path):
         assert load_config(str(f)) == load_config("gpu-full")
     with pytest.raises(ConfigError, match="'data.num_workers' was removed"):
         load_config("local-smoke", overrides=["data.num_workers=2"])
+
+
+def test_config_changes_flattens_sections():
+    """One diff of two config dicts, shared by the run's config-change warning and the trainer's resume errors."""
+    from mllm.config.pipeline_config import config_changes
+    from mllm.training.runner import config_diff
+
+    old = {"seed": 1, "model": {"n_layers": 2, "d_model": 64}, "data": {"max_docs": 400}}
+    new = {"seed": 1, "model": {"n_layers": 3, "d_model": 64}, "data": {}, "compile": True}
+    assert config_changes(old, new) == [("compile", None, True), ("data.max_docs", 400, None), ("model.n_layers", 2, 3)]
+    assert config_diff(old, new) == ["compile: None -> True", "data.max_docs: 400 -> None", "model.n_layers: 2 -> 3"]

@@ -16,7 +16,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -373,6 +373,22 @@ def apply_dict(cfg: PipelineConfig, data: Dict[str, Any], prefix: str = "") -> P
     for k, v in data.items():
         _set_key(cfg, f"{prefix}{k}", v)
     return cfg
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key whose value differs between two config dicts, sorted."""
+    a, b = _flat(old), _flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 class _DuplicateKey(Exception):

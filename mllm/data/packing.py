@@ -426,7 +426,7 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
             if tok.ndim != 1 or (tok.size and tok.dtype.kind not in "iu"):
                 raise ValueError(f"docs[{d}] must be a 1-D integer array of token ids, got dtype {tok.dtype}, "
                                  f"shape {tok.shape}")
-            _check_ids(d, tok)
+            _check_ids(d, tok[s:s + n + 1])  # the ids and targets this piece uses: O(piece), not O(doc) per piece
             if loss_masks is not None:
                 m = np.asarray(loss_masks[d])
                 if m.dtype != np.bool_ or m.shape != tok.shape:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from mllm.config.pipeline_config import ConfigError, PipelineConfig, load_config
+from mllm.config.pipeline_config import ConfigError, PipelineConfig, config_changes, load_config
 from mllm.training import checkpoint as ckpt
 from mllm.training.distributed import DistContext, init_distributed, shutdown_distributed
 
@@ -88,24 +88,11 @@ def outputs_line(stage: str, run_dir: Path, summary: Dict[str, Any], summary_pat
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    ckpt.atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def config_diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(old, new)]
 
 
 def newest_run(run_root: Path, config_name: str) -> Optional[str]:

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig, validate_optim
+from mllm.config.pipeline_config import ConfigError, OptimConfig, StageConfig, config_changes, validate_optim
 from mllm.training import checkpoint as ckpt
 from mllm.training.batches import DataPositionMismatch, batch_to_device
 from mllm.training.distributed import DistContext
@@ -549,14 +549,9 @@ class Trainer:
         saved, mine = state.get("config"), self.config
         if not isinstance(saved, Mapping) or not isinstance(mine, Mapping):
             return ""
-        out = []
-        for sec in sections:
-            a, b = saved.get(sec), mine.get(sec)
-            if isinstance(a, Mapping) and isinstance(b, Mapping):
-                out += [f"{sec}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                        if a.get(k) != b.get(k) and k != "steps"]  # more steps is what a resume is for
-            elif a != b:
-                out.append(f"{sec} {a!r} -> {b!r}")
+        prefixes = tuple(f"{sec}." for sec in sections)
+        out = [f"{k} {a!r} -> {b!r}" for k, a, b in config_changes(dict(saved), dict(mine))
+               if (k.startswith(prefixes) or k in sections) and not k.endswith(".steps")]  # more steps: a resume's aim
         return f"; changed since the checkpoint: {', '.join(out)}" if out else ""
 
     def _model_mismatch(self, state: Mapping[str, Any]) -> str:
