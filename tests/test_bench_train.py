@@ -115,6 +115,10 @@ def test_pretraining_projection(bt):
     assert math.isclose(proj["hours"]["triton"], 40_000 * 128 * 1024 / 250_596 / 3600)  # 5.81 h
     line = bt.projection_line(proj, "gpu-full")
     assert "40,000 steps × 128 × 1,024 = 5.24 B tokens" in line and "triton 5.8 h" in line
+    # gpu-full pretrains packed rows: a one-document-per-row rate is only a lower bound on the hours
+    assert proj["packed_mismatch"] is True and "lower bound" in line
+    packed = bt.pretrain_projection(res, cfg, 1024, docs_per_row=4)
+    assert packed["packed_mismatch"] is False and "lower bound" not in bt.projection_line(packed, "gpu-full")
     # a smoke config's projection is minutes and a count, not "0.00 B tokens ... 0.0 h"
     small = {"steps": 60, "batch_size": 16, "seq_len": 128, "tokens": 60 * 16 * 128,
              "hours": {"eager": 60 * 16 * 128 / 1_174 / 3600, "triton": 3 / 3600}}
