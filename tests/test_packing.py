@@ -7,6 +7,7 @@ at every boundary, labels never cross one, cu_seqlens valid and consistent with 
 error paths of both implementations; the one-time fallback warning; the CMake build + ctest.
 Budget: ~20 s on 2 cores (the CMake build is most of it)."""
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -252,6 +253,40 @@ def test_cpp_concurrent_calls_agree_with_serial():
         assert_same(a, b)
 
 
+_WRITER_SCRIPT = """
+import sys, threading
+import numpy as np
+from mllm import _C
+lengths = np.ones(4_000_000, dtype=np.int64)
+stop = False
+def writer():
+    while not stop:
+        lengths[:] = 1
+        lengths[:] = 100_000  # 49 pieces per document at row_len 2048 instead of 1
+threading.Thread(target=writer, daemon=True).start()
+for _ in range(int(sys.argv[1])):
+    try:
+        _C.pack(lengths, 2048, "bfd", "split", 0)
+    except ValueError:  # a length read mid-write may be rejected; only a crash is a failure
+        pass
+stop = True
+print("ok")
+"""
+
+
+@needs_ext
+def test_cpp_survives_a_concurrent_writer(tmp_path):
+    # The packer reads every length twice (count, then place) with the GIL released; when it read the caller's
+    # buffer in place, a Python thread writing into it between the passes overflowed the arrays sized by the
+    # first pass (SIGSEGV within the first call). The extension now copies the lengths under the GIL.
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), "2"], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
 # ----------------------------------------------------------------------------------------------- errors
 BAD_PLANS = [
     (dict(lengths=np.ones((2, 3), dtype=np.int64)), "1-D"),
@@ -312,7 +347,9 @@ def test_fallback_warns_once(monkeypatch):
     expected = P.pack_reference(lengths, 8, "ffd", "split", 3)
     monkeypatch.setattr(P, "_C", None)
     monkeypatch.setattr(P, "_warned_fallback", False)
-    with pytest.warns(RuntimeWarning, match="not built"):
+    # a broken build (wrong ABI, truncated .so) must show its import error, not read as "not built"
+    monkeypatch.setattr(P, "_C_IMPORT_ERROR", "ImportError: invalid ELF header")
+    with pytest.warns(RuntimeWarning, match="could not be imported .ImportError: invalid ELF header."):
         first = P.pack(lengths, 8, "ffd", "split", 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -481,12 +518,27 @@ def test_iter_batches_cover_all_rows_in_order():
     (lambda: P.build_unpacked_rows([np.array([5]), np.array([-5, 7])], 8, 0), r"docs\[1\] holds a negative"),
     (lambda: P.build_rows([np.array([2**64 - 1], dtype=np.uint64)], 8, 0), r"docs\[0\] holds token id 1844.*int64"),
     (lambda: P.materialize_rows(P.pack([2], 8), [np.array([4, -1])], pad_id=0), r"docs\[0\] holds a negative"),
+    # eot_id is appended as an always-learned target: -100 (= ignore_index) was never learned and left -100 in
+    # input_ids, a float was truncated, 2**63 wrapped negative, True passed as 1
+    (lambda: P.build_packed_rows([np.array([1, 2])], 8, 0, eot_id=-100), r"eot_id must be in \[0, "),
+    (lambda: P.build_unpacked_rows([np.array([1, 2])], 8, 0, eot_id=50256.9), "eot_id must be an int"),
+    (lambda: P.build_rows([np.array([1, 2])], 8, 0, eot_id=2**63), r"eot_id must be in \[0, "),
+    (lambda: P.build_rows([np.array([1, 2])], 8, 0, eot_id=True), "eot_id must be an int"),
+    (lambda: P.materialize_rows(P.pack([3], 8), [np.array([1, 2])], pad_id=0, eot_id=-1), "eot_id must be in"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([0, 1])), "2-D"),
     (lambda: P.cu_seqlens_from_position_ids(np.array([[1, 0]])), "row start"),
 ])
 def test_row_builder_errors(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
+
+
+@pytest.mark.parametrize("empty", [[], np.array([]), np.array([], dtype=np.uint16), torch.empty(0)],
+                         ids=["list", "float64-array", "uint16-array", "float-tensor"])
+def test_empty_lengths_of_any_dtype_plan_nothing(empty):
+    # np.array([]) is float64 like [] is: it was rejected while [] and an empty float tensor passed
+    plan = P.pack(empty, 8)
+    assert plan.n_rows == 0 and plan.n_segments == 0 and plan.doc_lengths.dtype == np.int64
 
 
 def test_empty_corpus_gives_no_rows():
@@ -527,3 +579,27 @@ def test_cmake_build_and_ctest(tmp_path):
     ref = P.pack_reference(lengths, 64, "bfd", "split", 9)
     for f in FIELDS:
         np.testing.assert_array_equal(out[f], getattr(ref, f))
+
+
+@pytest.mark.slow
+def test_setup_py_builds_from_another_directory(tmp_path):
+    # setuptools resolves csrc/ and --inplace against the working directory: `python /path/setup.py build_ext
+    # --inplace` from elsewhere used to find no csrc/packing.cpp, build nothing and exit 0 (the package then ran
+    # the ~50x slower Python fallback). setup.py now changes to its own directory.
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        pytest.skip("pybind11 not installed")
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("csrc", "mllm", "mllm_kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, str(src / "setup.py"), "-q", "build_ext", "--inplace"], cwd=elsewhere,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((src / "mllm").glob("_C*.so")), f"no extension built under {src / 'mllm'}: {r.stderr[-2000:]}"

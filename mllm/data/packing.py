@@ -67,8 +67,12 @@ _MASK64 = (1 << 64) - 1
 
 try:  # the extension is optional: without it the pure-Python reference is used (one warning)
     from mllm import _C
-except ImportError:  # pragma: no cover - depends on the build
+    _C_IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - depends on the build
     _C = None
+    # "No module named" is the usual unbuilt tree; anything else (a .so for another Python, a truncated file) is
+    # a broken build, and the warning must say which
+    _C_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 _warned_fallback = False
 
 
@@ -110,12 +114,9 @@ class PackResult:
 # ----------------------------------------------------------------------------------------------- validation
 def _check_lengths(lengths) -> np.ndarray:
     """Any 1-D integer array (or list) of lengths >= 1 -> int64 ndarray; anything else -> ValueError."""
-    if isinstance(lengths, np.ndarray):
-        arr = lengths
-    else:
-        arr = np.asarray(lengths)
-        if arr.size == 0:  # an empty list has dtype float64 in numpy; it is a valid (empty) length list
-            arr = arr.astype(np.int64)
+    arr = lengths if isinstance(lengths, np.ndarray) else np.asarray(lengths)
+    if arr.size == 0 and arr.ndim == 1:  # `[]` and np.array([]) are float64 in numpy: a valid (empty) length list
+        arr = arr.astype(np.int64)
     if arr.ndim != 1:
         raise ValueError(f"lengths must be 1-D, got {arr.ndim} dimensions (shape {arr.shape})")
     if arr.dtype.kind not in "iu":
@@ -309,9 +310,9 @@ def pack(lengths, row_len: int, algorithm: str = "bfd", overflow: str = "split",
     L, seed = _check_args(row_len, algorithm, overflow, seed)
     if _C is None:
         if not _warned_fallback:
-            warnings.warn("mllm._C (the C++ packing extension) is not built: using the pure-Python reference, "
-                          "~30-70x slower. Build it with `python setup.py build_ext --inplace`.", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn("mllm._C (the C++ packing extension) could not be imported "
+                          f"({_C_IMPORT_ERROR}): using the pure-Python reference, ~30-70x slower. Build it with "
+                          "`python setup.py build_ext --inplace`.", RuntimeWarning, stacklevel=2)
             _warned_fallback = True
         return pack_reference(lengths, L, algorithm, overflow, seed)
     out = _C.pack(np.ascontiguousarray(lengths), L, algorithm, overflow, seed)
@@ -367,7 +368,14 @@ def _check_ids(i: int, a: np.ndarray) -> None:
         raise ValueError(f"docs[{i}] holds token id {int(a.max())}, beyond int64")
 
 
+def _check_eot(eot_id) -> Optional[int]:
+    """eot_id is appended as a token and is always a target: -100 would equal ignore_index (never learned), a
+    float would be truncated, 2**63 would wrap negative in the int64 rows."""
+    return None if eot_id is None else _check_int("eot_id", eot_id, 0, np.iinfo(np.int64).max)
+
+
 def _check_docs(docs, loss_masks, eot_id) -> None:
+    _check_eot(eot_id)
     for i, d in enumerate(docs):
         a = np.asarray(d)
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
@@ -401,6 +409,7 @@ def materialize_rows(plan: PackResult, docs: Sequence, rows=None, *, pad_id: int
     int32 ``cu_seqlens`` [S+1] over the R·L flat tokens, and floats ``efficiency`` (of the whole plan) and
     ``batch_efficiency`` (of these rows). Conventions: see the module docstring."""
     pad_id = _check_int("pad_id", pad_id, np.iinfo(np.int64).min)
+    eot_id = _check_eot(eot_id)
     ignore_index = _check_int("ignore_index", ignore_index, np.iinfo(np.int64).min)
     if len(docs) != plan.doc_lengths.size:
         raise ValueError(f"the plan is for {plan.doc_lengths.size} documents, got {len(docs)} docs")
