@@ -1125,7 +1125,8 @@ def attention(
     repeats of B·T are padding: they keep the length fixed across batches, as CUDA graphs need; its values are
     checked with one host sync per tensor in eager calls, but not inside a ``torch.compile`` graph, where the
     caller guarantees them: ``cu_seqlens_to_device`` checks a CPU copy before the upload);
-    window/n_sink_tokens: sliding window with StreamingLLM sink tokens; sinks: [Hq] learned sink logits;
+    window/n_sink_tokens: sliding window with StreamingLLM sink tokens; sinks: [Hq] learned sink logits, finite
+    (not value-checked, which would cost a host sync per call: a +inf or NaN sink makes its head's rows NaN);
     rope_theta=None disables RoPE; softmax_scale defaults to 1/sqrt(D).
     Returns out [B, T, Hq, D] (q.dtype), plus lse [B, Hq, T] fp32 if return_lse. Differentiable in q, k, v
     and sinks (and through lse). ``return_probs=True`` runs the eager reference (debug/visualisation path)

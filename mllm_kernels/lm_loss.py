@@ -50,17 +50,21 @@ def _ce_rows_kernel(Z, Y, LOSS, V, V_ROWS, stride_z, ignore_index,
     y = tl.load(Y + row)
     valid = (y != ignore_index) & (y >= 0) & (y < V)
     offs = tl.arange(0, BLOCK_V)
-    # per-lane running max / sum; a finite floor keeps never-filled lanes free of (−inf) − (−inf)
-    m = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    # per-lane running max / sum from −inf, with a 0 stand-in while a lane has seen only −inf (no (−inf) − (−inf)).
+    # A finite floor such as −1e30 would be wrong for rows whose logits all lie below it (fp32 reaches −3.4e38):
+    # every exp underflowed to 0, lse = −inf and the gradient exp(z − lse) = inf
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.exp(z - m_safe)
         m = m_new
     m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+    lse = m_row_safe + tl.log(tl.sum(s * tl.exp(m - m_row_safe), axis=0))
     z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - z_y, 0.0))
     if WRITE_GRAD:

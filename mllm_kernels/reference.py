@@ -244,7 +244,8 @@ def attention(
     else:
         s_all = s
     lse = torch.logsumexp(s_all, dim=-1)  # [B, H, T]
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    # a row with no allowed key and no sink has lse = -inf: 0 in its place keeps p = exp(-inf) = 0, not NaN
+    safe_lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)
     p = torch.exp(s - safe_lse[..., None])  # masked entries: exp(-inf) = 0
     out = torch.einsum("bhij,bjhd->bihd", p, vf).to(q.dtype)
     res = (out,)

@@ -516,6 +516,16 @@ def test_module_with_learned_sinks():
     torch.testing.assert_close(m.sinks.grad, sinks.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_reference_with_an_infinite_sink_gives_the_limit():
+    # sink logit -> +inf takes all the probability mass, so out -> 0. The reference once replaced any infinite lse
+    # by 0 (meant for fully masked rows, lse = -inf) and returned exp(s) unnormalised for a +inf sink.
+    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64) for _ in range(3))
+    out, lse = R.attention(q, k, v, sinks=torch.tensor([float("inf"), 0.0], dtype=torch.float64), return_lse=True)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])) and torch.isinf(lse[:, 0]).all()
+    ref = R.attention(q, k, v, sinks=torch.tensor([0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(out[:, :, 1], ref[:, :, 1], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU only: realistic lengths
 # ----------------------------------------------------------------------------------------------------

@@ -123,6 +123,22 @@ def test_all_ignored_and_no_grad():
     assert out[1].numel() == 0 and out[2].numel() == 0
 
 
+def test_rows_whose_logits_all_lie_below_minus_1e30():
+    # fp32 logits reach -3.4e38; the running max once started at a finite floor of -1e30, so a row with every
+    # logit below it summed exp(z - floor) = 0: loss -inf and an inf gradient where the reference is finite.
+    # Rows 0 and 2 have every logit in [-4e34, -1e31]; row 1 is an ordinary row (logits 0 and 1).
+    w = torch.zeros(8, 2)
+    w[:7, 0] = 1e34 * (1 + torch.arange(7.0) / 7)
+    w[7, 1] = 1.0
+    h = torch.tensor([[-1.0, -1e31], [0.0, 1.0], [-2.0, -5e31]])
+    y = torch.tensor([0, 7, 7])
+    kern = _run(lambda a, b: K.linear_cross_entropy(a, b, y), h, w, 1.0)
+    eager = _run(lambda a, b: R.linear_cross_entropy(a, b, y), h.double(), w.double(), 1.0)
+    for name, k, e in zip(("loss", "dh", "dW"), kern, eager):
+        assert torch.isfinite(k).all(), f"{name}: {k}"
+        torch.testing.assert_close(k.double(), e, rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 def test_gradient_of_the_weight_only():
     h, w, y, _ = _inputs((9,), 16, 64, 60, torch.float32, _seed())
     ww = w.clone().requires_grad_()
