@@ -171,12 +171,13 @@ for s in $SECTIONS; do
         --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;
-    stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes)
+    stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes);
+      # one head of 64 (and one kv head): the kernel's head dims are 64 and 128, local-smoke's 4 heads give 16
       if [ -z "${MLLM_DATA_DIR:-}" ]; then summary "stages skipped: MLLM_DATA_DIR unset"; continue; fi
       for st in pretrain sft dpo verifier; do
         section "stage_$st" "${T_STAGE:-60}" $PY scripts/run_pipeline.py --config local-smoke --stage $st --no-progress \
-          --set device=cuda --set model.kernel_backend=triton --set run_root="$OUT/runs" --run-name gpu-smoke \
-          ${STAGE_SET:-}
+          --set device=cuda --set model.kernel_backend=triton --set model.n_heads=1 --set model.n_kv_heads=1 \
+          --set run_root="$OUT/runs" --run-name gpu-smoke ${STAGE_SET:-}
       done ;;
     profile)  # where ncu is installed it profiles every kernel launch of one step (minutes); NCU_COUNT=N caps it
       section profile "${T_PROFILE:-120}" bash scripts/profile.sh --backend triton --steps 3 --warmup 2 \

@@ -116,6 +116,15 @@ def test_bad_overrides_raise_config_error_naming_the_key(override, key):
     assert isinstance(e.value, ValueError)
 
 
+def test_triton_backend_needs_a_head_dim_its_attention_kernel_has():
+    # local-smoke's head dim is 64 / 4 = 16: the model built, and the first forward on a GPU failed in the kernel
+    with pytest.raises(ConfigError, match=r"'model.kernel_backend'.*head dims 64 and 128.*64 / 4 = 16"):
+        load_config("local-smoke", overrides=["model.kernel_backend=triton"])
+    c = load_config("local-smoke", overrides=["model.kernel_backend=triton", "model.n_heads=1", "model.n_kv_heads=1"])
+    assert c.model.head_dim == 64
+    assert load_config("gpu-full", overrides=["model.kernel_backend=triton"]).model.head_dim == 64
+
+
 def test_override_syntax_and_unknown_preset():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("local-smoke", overrides=["model.n_layers"])

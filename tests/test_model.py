@@ -79,6 +79,10 @@ def test_tied_and_untied_heads():
     assert untied.num_params() == tied.num_params() + 64 * 32
     # the untied input embedding does no matmul, so FLOPs are the same as with tying
     assert untied.flops_per_token(16) == tied.flops_per_token(16)
+    # also with padded tables: the untied head once counted its padding rows (6 · 56 · d FLOPs more here)
+    tied = tiny_model(vocab_size=200, vocab_pad_multiple=128, max_seq_len=16)
+    untied = tiny_model(vocab_size=200, vocab_pad_multiple=128, max_seq_len=16, tie_embeddings=False)
+    assert untied.padded_vocab == 256 and untied.flops_per_token(16) == tied.flops_per_token(16)
 
 
 def test_init_std_and_scaled_residual_projections():

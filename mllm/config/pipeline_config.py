@@ -517,6 +517,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.window is None or m.window > 0, "model.window", "must be positive or None")
     need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
          f"must be 'eager' or 'triton', got {m.kernel_backend!r}")
+    if m.kernel_backend == "triton":  # else the first forward fails, on a GPU after the stage has loaded its data
+        from mllm_kernels.attention import SUPPORTED_HEAD_DIMS
+
+        need(m.head_dim in SUPPORTED_HEAD_DIMS, "model.kernel_backend",
+             f"'triton' runs an attention kernel for head dims {' and '.join(map(str, SUPPORTED_HEAD_DIMS))}, but "
+             f"model.d_model / model.n_heads = {m.d_model} / {m.n_heads} = {m.head_dim}: change model.d_model or "
+             "model.n_heads, or use model.kernel_backend=eager")
     need(isinstance(m.vocab_pad_multiple, int) and m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple",
          f"must be a positive integer, got {m.vocab_pad_multiple!r}")
     need(isinstance(m.fused_lm_loss, bool), "model.fused_lm_loss", f"must be true or false, got {m.fused_lm_loss!r}")

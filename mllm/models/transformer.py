@@ -211,9 +211,10 @@ class Transformer(nn.Module):
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         c = self.cfg
-        n = self.num_params(exclude_embeddings=True) + c.vocab_size * c.d_model  # the head's matmul
-        if not c.tie_embeddings:
-            n -= c.vocab_size * c.d_model  # ... already counted as lm_head
+        n = self.num_params(exclude_embeddings=True)
+        if self.lm_head is not None:  # counted over its V real rows below, like the tied head, not its padded ones
+            n -= self.lm_head.weight.numel()
+        n += c.vocab_size * c.d_model  # the head's matmul
         return 6 * n + 12 * c.n_layers * c.n_heads * (c.d_model // c.n_heads) * seq_len
 
     # ------------------------------------------------------------------------------------------------
