@@ -530,7 +530,7 @@ def write_results(out_dir, rows, env: dict, command: str = ""):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", default=None,
                     help="folder for bench_attention_<UTC date-time>_<card>.json / .md (or the --tune sweep's)")
     ap.add_argument("--quick", action="store_true")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session from the source tree (no installs, no network): kernel tests compiled for the card,
 # the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
-#   bash benchmarks/gpu_check.sh OUT_DIR            # every section, each under its own time limit
+#   bash benchmarks/gpu_check.sh OUT_DIR            # the default sections: env dpo_tests bench_dpo bench_train kernel_tests
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs

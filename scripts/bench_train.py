@@ -59,7 +59,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a source checkout without install
 import torch  # noqa: E402
 
 from benchmarks.run import describe_exception, device_tag, environment, jsonable, resolve_device  # noqa: E402
-from mllm.config.pipeline_config import ConfigError, load_config  # noqa: E402
+from mllm.config.pipeline_config import COMPILE_MODES, ConfigError, load_config  # noqa: E402
 from mllm.training.batches import batch_to_device  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
 from mllm.training.profiling import StepProfiler, trace_range  # noqa: E402
@@ -109,7 +109,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for MFU (default: from the card name; H100 SXM 989.4)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode (default: torch's default)")
     p.add_argument("--compiled-autograd", action="store_true",
                    help="+compile backends: run each backward under compiled autograd (the whole backward, gradient "
                         "accumulation included, as one inductor graph with --compile-mode; benchmarks/NOTES.md, "
@@ -184,6 +185,11 @@ def resolve_args(args: argparse.Namespace):
             raise ValueError(f"--backends: unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
     if not backends:
         raise ValueError("--backends: empty list")
+    if any(BACKENDS[b][0] == "triton" for b in backends):  # the config's own check, for the backend swapped in later
+        try:
+            load_config(name, overrides=[*args.overrides, "model.kernel_backend=triton"])
+        except ConfigError as e:
+            raise ValueError(f"--backends triton: {e}") from None
     args.steps = args.steps if args.steps is not None else (10 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     # `is None`, not `or`: an explicit 0 must reach the range checks below instead of becoming the default

@@ -135,7 +135,9 @@ def test_failing_backend_is_recorded_and_others_run(bt, tmp_path, monkeypatch):
         return real(cfg, kernel_backend, device, seed)
 
     monkeypatch.setattr(bt, "build_model", build)
-    rc = bt.main(TINY + ["--backends", "triton,eager", "--steps", "2", "--warmup", "0", "--out", str(tmp_path)])
+    head64 = ["--set", "model.d_model=128", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1"]
+    rc = bt.main(TINY + head64 + ["--backends", "triton,eager", "--steps", "2", "--warmup", "0", "--out",
+                                  str(tmp_path)])
     assert rc == 1
     rep, md = _report(tmp_path)
     tri, eag = rep["results"]
@@ -211,6 +213,12 @@ def test_packed_bench_loss_is_the_per_document_loss(bt, tmp_path, monkeypatch):
             count += int((labels[s:e] != -100).sum())
     assert r["loss_first"] == pytest.approx(total / count, rel=1e-5)
 
+def test_unknown_compile_mode_is_refused(bt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's choices: exit 2 with the valid modes listed
+        bt.main(TINY + ["--compile-mode", "bogus", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "reduce-overhead" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--backends", "eager,flash"], "unknown backend 'flash'"),
     (["--seq-len", "4096"], "model.max_seq_len=128"),
@@ -221,6 +229,8 @@ def test_packed_bench_loss_is_the_per_document_loss(bt, tmp_path, monkeypatch):
     # an explicit 0 is an error, not "use the config's default"
     (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
     (["--seq-len", "0"], "--seq-len 0 must be in [2,"),
+    # the triton backend is swapped into the config after its check: local-smoke's head dim 16 has no kernel
+    (["--backends", "eager,triton"], "--backends triton: config key 'model.kernel_backend'"),
 ])
 def test_bad_arguments_name_the_problem(bt, tmp_path, capsys, extra, msg):
     assert bt.main(TINY + extra + ["--out", str(tmp_path)]) == 2

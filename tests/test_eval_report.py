@@ -288,6 +288,16 @@ def test_out_folder_means_report_md_inside_it(fake, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "figures"]  # no temp file left behind
 
 
+def test_default_out_is_the_runs_report_folder(fake, tmp_path, monkeypatch, capsys):
+    """Without --out the report goes where the eval stage puts it, RUN/report/REPORT.md: the old default,
+    report/REPORT.md under the working directory, overwrote the committed sample when run from the repo root."""
+    monkeypatch.chdir(tmp_path)
+    rep = _script("make_report", "scripts/make_report.py")
+    assert rep.main(["--run", str(fake)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {fake / 'report' / 'REPORT.md'}"
+    assert (fake / "report" / "REPORT.md").is_file() and not (tmp_path / "report").exists()
+
+
 def test_training_source_names_the_commands_of_the_start_records(fake, tmp_path):
     """The trainer records its command (with its --set overrides) in each start record; the report names those
     commands, one per start or resume, before any reconstruction."""

@@ -490,6 +490,10 @@ def _file_config(path) -> Dict[str, Any]:
     return kept
 
 
+# torch.compile's modes (torch._inductor.list_mode_options)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     m = cfg.model
 
@@ -540,9 +544,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     need(cfg.data.packing_algorithm in ("bfd", "ffd"), "data.packing_algorithm", "must be 'bfd' or 'ffd'")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    need(cfg.compile_mode is None or cfg.compile_mode in modes, "compile_mode",
-         f"must be null or one of {', '.join(modes)}, got {cfg.compile_mode!r}")
+    need(cfg.compile_mode is None or cfg.compile_mode in COMPILE_MODES, "compile_mode",
+         f"must be null or one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     need(cfg.compile_mode is None or cfg.compile, "compile_mode",
          f"{cfg.compile_mode!r} needs compile=true (the mode of torch.compile)")
     for stage in ("pretrain", "sft", "dpo", "verifier"):

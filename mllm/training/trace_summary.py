@@ -139,7 +139,7 @@ def summarize(path: str | Path, top: int = 15) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("trace", help="a torch.profiler Chrome trace (.json)")
     p.add_argument("--top", type=int, default=15, help="how many kernels to list")
     args = p.parse_args(argv)
