@@ -5,7 +5,8 @@ import warnings
 from setuptools import setup
 
 # setuptools resolves sources, packages and --inplace against the working directory: run from elsewhere
-# (`python /path/to/setup.py build_ext --inplace`) it found no csrc/ and built nothing, exit 0
+# (`python /path/to/setup.py build_ext --inplace`) it found no csrc/ and built nothing, exit 0. Relative paths given
+# on the command line (e.g. `-d dist`) are therefore taken from this folder too
 os.chdir(os.path.dirname(os.path.abspath(__file__)))
 
 ext_modules = []

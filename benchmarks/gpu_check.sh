@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session from the source tree (no installs, no network): kernel tests compiled for the card,
 # the DPO log-prob benchmark with its launch-config sweep, and the training-step benchmark for all backends.
-#   bash benchmarks/gpu_check.sh OUT_DIR            # the default sections: env dpo_tests bench_dpo bench_train kernel_tests
+#   bash benchmarks/gpu_check.sh OUT_DIR   # default sections: env dpo_tests bench_dpo bench_train kernel_tests
 #   SECTIONS="dpo_tests bench_train" bash benchmarks/gpu_check.sh OUT_DIR
 # Sections: env dpo_tests bench_dpo bench_lm_loss host_overhead bench_train train_triton_alone bench_train_ablation train_fused_qkv
 # train_cudagraphs kernel_tests kernel_tests_fast attention_tests rms_norm_sweep train_packed train_packed_cudagraphs
@@ -171,7 +171,7 @@ for s in $SECTIONS; do
         --compile-mode reduce-overhead --grad-accum "${ACCUM:-4}" --steps 6 --warmup 4 --out "$OUT/results" ;;
     kernel_tests) section kernel_tests "${T_KERNEL_TESTS:-180}" $PY -m pytest tests/kernels -q -p no:cacheprovider \
         --deselect tests/kernels/test_dpo_logprobs.py -x ;;
-    stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR: data is not on GPU boxes);
+    stages)  # the local-smoke stages on the GPU with the Triton kernels (needs MLLM_DATA_DIR, not on GPU boxes);
       # one head of 64 (and one kv head): the kernel's head dims are 64 and 128, local-smoke's 4 heads give 16
       if [ -z "${MLLM_DATA_DIR:-}" ]; then summary "stages skipped: MLLM_DATA_DIR unset"; continue; fi
       for st in pretrain sft dpo verifier; do

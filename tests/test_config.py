@@ -125,6 +125,14 @@ def test_triton_backend_needs_a_head_dim_its_attention_kernel_has():
     assert load_config("gpu-full", overrides=["model.kernel_backend=triton"]).model.head_dim == 64
 
 
+def test_triton_backend_without_triton_is_a_config_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mllm_kernels.attention", None)  # makes the import fail, as without triton
+    with pytest.raises(ConfigError, match=r"'model.kernel_backend': 'triton' needs the triton package"):
+        load_config("gpu-full", overrides=["model.kernel_backend=triton"])
+
+
 def test_override_syntax_and_unknown_preset():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("local-smoke", overrides=["model.n_layers"])

@@ -522,7 +522,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     need(m.kernel_backend in ("eager", "triton"), "model.kernel_backend",
          f"must be 'eager' or 'triton', got {m.kernel_backend!r}")
     if m.kernel_backend == "triton":  # else the first forward fails, on a GPU after the stage has loaded its data
-        from mllm_kernels.attention import SUPPORTED_HEAD_DIMS
+        try:
+            from mllm_kernels.attention import SUPPORTED_HEAD_DIMS
+        except ImportError as e:  # as ops.get_ops says it: a config error, not a traceback from the loader
+            raise ConfigError(f"config key 'model.kernel_backend': 'triton' needs the triton package "
+                              f"({type(e).__name__}: {e}); install triton or use model.kernel_backend=eager") from None
 
         need(m.head_dim in SUPPORTED_HEAD_DIMS, "model.kernel_backend",
              f"'triton' runs an attention kernel for head dims {' and '.join(map(str, SUPPORTED_HEAD_DIMS))}, but "
