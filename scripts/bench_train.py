@@ -59,7 +59,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a source checkout without install
 import torch  # noqa: E402
 
 from benchmarks.run import describe_exception, device_tag, environment, jsonable, resolve_device  # noqa: E402
-from mllm.config.pipeline_config import COMPILE_MODES, ConfigError, load_config  # noqa: E402
+from mllm.config.pipeline_config import COMPILE_MODES, ConfigError, load_config, validate  # noqa: E402
 from mllm.training.batches import batch_to_device  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
 from mllm.training.profiling import StepProfiler, trace_range  # noqa: E402
@@ -187,7 +187,7 @@ def resolve_args(args: argparse.Namespace):
         raise ValueError("--backends: empty list")
     if any(BACKENDS[b][0] == "triton" for b in backends):  # the config's own check, for the backend swapped in later
         try:
-            load_config(name, overrides=[*args.overrides, "model.kernel_backend=triton"])
+            validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernel_backend="triton")))
         except ConfigError as e:
             raise ValueError(f"--backends triton: {e}") from None
     args.steps = args.steps if args.steps is not None else (10 if cuda else 5)

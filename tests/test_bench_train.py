@@ -11,6 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "local-smoke", "--set", "model.vocab_size=512", "--micro-batch", "2", "--seq-len", "32",
         "--threads", "1", "--device", "cpu", "--grad-accum", "1"]
+HEAD64 = ["--set", "model.d_model=128", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1"]  # a kernel's D
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,7 @@ def test_failing_backend_is_recorded_and_others_run(bt, tmp_path, monkeypatch):
         return real(cfg, kernel_backend, device, seed)
 
     monkeypatch.setattr(bt, "build_model", build)
-    head64 = ["--set", "model.d_model=128", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1"]
-    rc = bt.main(TINY + head64 + ["--backends", "triton,eager", "--steps", "2", "--warmup", "0", "--out",
+    rc = bt.main(TINY + HEAD64 + ["--backends", "triton,eager", "--steps", "2", "--warmup", "0", "--out",
                                   str(tmp_path)])
     assert rc == 1
     rep, md = _report(tmp_path)
@@ -240,8 +240,7 @@ def test_bad_arguments_name_the_problem(bt, tmp_path, capsys, extra, msg):
 
 def test_isolate_runs_each_backend_in_its_own_process(bt, tmp_path):
     """--isolate: one child process per backend with the same arguments; the parent writes one report."""
-    head64 = ["--set", "model.d_model=128", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1"]
-    rc = bt.main(TINY + head64 + ["--backends", "eager,triton", "--steps", "2", "--warmup", "1", "--isolate",
+    rc = bt.main(TINY + HEAD64 + ["--backends", "eager,triton", "--steps", "2", "--warmup", "1", "--isolate",
                                   "--out", str(tmp_path)])
     assert rc == 0
     rep, md = _report(tmp_path)
