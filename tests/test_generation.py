@@ -161,9 +161,40 @@ def test_generation_argument_errors():
         generate(model, [[1]], 3, top_k=0)
 
 
+def test_malformed_arguments_get_a_named_error():
+    """A prompt that is not a 1-D id sequence (a [1, T] tensor, a nested list, a bare int) and an eos_id / top_k /
+    top_p / batch_size of the wrong type raise a ValueError naming the argument, instead of an unrelated TypeError
+    or RuntimeError deep inside, or (eos_id=1.5) silently never stopping."""
+    model = tiny_model()
+    for prompts in ([torch.tensor([[1, 2, 3]])], [[[1, 2]], [3]], [[1, 2], 5]):
+        with pytest.raises(ValueError, match=r"prompts\[\d\]"):
+            generate(model, prompts, 3)
+    for kw, name in ((dict(eos_id=1.5), "eos_id"), (dict(eos_id="1"), "eos_id"), (dict(eos_id=True), "eos_id"),
+                     (dict(temperature=1.0, top_k=True), "top_k"), (dict(temperature=1.0, top_p="0.9"), "top_p"),
+                     (dict(batch_size=1.5), "batch_size"), (dict(batch_size="2"), "batch_size")):
+        with pytest.raises(ValueError, match=name):
+            generate(model, PROMPTS, 3, **kw)
+
+
 def test_zero_new_tokens_and_train_mode_restored():
     model = tiny_model()
     model.train()
     assert generate(model, PROMPTS, 0) == [[], [], []]
     generate(model, PROMPTS, 2)
     assert model.training
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e-300, 1e300])
+def test_sample_next_extreme_temperatures_give_no_nan(temperature):
+    """A temperature that passes generate's check (finite, > 0) but under/overflows float32 (1e-46 -> 0,
+    1e300 -> inf) must still sample: tiny = greedy among the maxima, huge = uniform over the finite logits."""
+    logits = torch.tensor([[0.1, 2.0, 0.5, float("-inf")]]).expand(400, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature=temperature, generator=gen)
+    if temperature < 1:
+        assert torch.all(draws == 1)
+    else:
+        assert set(draws.tolist()) == {0, 1, 2}
+    model = tiny_model()
+    if temperature < 1:
+        assert generate(model, PROMPTS, 4, temperature=temperature, seed=0) == generate(model, PROMPTS, 4)

@@ -24,14 +24,25 @@ from tqdm.auto import tqdm
 PAD_ID = 0  # the value in padding slots; irrelevant, they are masked out
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, batch_size):
     V = model.cfg.vocab_size
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     for i, p in enumerate(prompts):
+        if not hasattr(p, "__len__") or isinstance(p, (str, bytes)):
+            raise ValueError(f"prompts[{i}] must be a sequence of token ids, got {type(p).__name__}")
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty: generation needs at least one prompt token")
-        ids = np.asarray(p.tolist() if isinstance(p, torch.Tensor) else p)
+        try:
+            ids = np.asarray(p.tolist() if isinstance(p, torch.Tensor) else p)
+        except ValueError:  # ragged nesting
+            raise ValueError(f"prompts[{i}] must be a flat sequence of token ids") from None
+        if ids.ndim != 1:
+            raise ValueError(f"prompts[{i}] must be a flat (1-D) sequence of token ids, got shape {ids.shape}")
         if ids.dtype.kind not in "iu":  # int() would truncate 1.9 to 1 without a word
             raise ValueError(f"prompts[{i}] holds non-integer token ids")
         bad = ids[(ids < 0) | (ids >= V)].tolist()
@@ -42,14 +53,15 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_i
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
             or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating))
+                              or not (0.0 < top_p <= 1.0)):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if eos_id is not None and not (0 <= eos_id < V):
-        raise ValueError(f"eos_id must be in [0, {V}), got {eos_id}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be positive or None, got {batch_size}")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < V):
+        raise ValueError(f"eos_id must be an int in [0, {V}), got {eos_id!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -81,10 +93,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
     """Next token per row from logits [N, V] -> [N] int64. temperature 0: argmax (top-k/top-p irrelevant);
     else sample from softmax(filter_logits(logits / temperature)) with ``generator``. The row maximum is
     subtracted before dividing (the same softmax): a tiny temperature then sends the other logits to -inf
-    instead of every logit to inf (NaN probabilities)."""
+    instead of every logit to inf (NaN probabilities). The temperature is clamped to float32's normal range: a
+    Python float below it (1e-46) would become 0 (0/0 = NaN at the maximum), one above it inf (-inf/inf = NaN)."""
     logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    fi = torch.finfo(torch.float32)
+    temperature = min(max(float(temperature), fi.tiny), fi.max)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
