@@ -336,3 +336,25 @@ def test_deltas_skip_a_stage_trained_from_an_older_input_checkpoint(fake, tmp_pa
     row = next(line for line in md.splitlines() if line.startswith("| pretrain → sft |"))
     assert f"not comparable: stage 'sft' in {fake} was trained from {step20}, but 'pretrain' has since finished at " \
            f"{step22}" in row and "-111.10" not in row
+
+
+def test_training_mfu_names_its_formula_and_peak(fake, tmp_path):
+    """The report's MFU line names the formula and, per stage, the peak it divides by (from the stage's start
+    record); the tokens/s sentence says what a token is (the start record's ``tokens``)."""
+    mpath = fake / "metrics.jsonl"
+    recs = [json.loads(line) for line in mpath.read_text().splitlines()]
+    peak = "NVIDIA H100 SXM bf16 dense 989.4 TFLOP/s per device (NVIDIA H100 80GB HBM3)"
+    for r in recs:
+        if r["kind"] == "start":
+            r.update(peak_flops_per_device=989.4e12, peak_flops_note=peak,
+                     mfu_formula="flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)",
+                     tokens="Tokens processed: elements of every tensor whose key ends in ``input_ids`` "
+                            "(padding included).")
+        if r["kind"] == "train":
+            r["mfu"] = 0.25
+    mpath.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = build_report(fake / "results", fake, tmp_path / "r" / "REPORT.md")
+    line = next(x for x in md.splitlines() if x.startswith("MFU"))
+    assert "pretrain 25.0%" in line and peak in line
+    assert "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)" in line
+    assert "(padding included)" in md

@@ -168,3 +168,53 @@ def test_samples_are_cached_for_a_resume(tmp_path):
     os.utime(gen, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert V.cached_samples(ctx, key(), sample("retrained"))[1] == "sampled"
     assert calls == ["first", "hot", "retrained"]
+
+
+def test_mfu_attention_term_uses_the_padded_batch_length(tmp_path):
+    """The verifier pads each micro-batch to its longest row, shorter than verifier.seq_len: the logged MFU counts
+    6N + 12·L·H·Q·T FLOPs per token with T = that padded length (token-weighted over the step's micro-batches),
+    not the config's seq_len."""
+    from mllm.training.batches import RowBatchSource
+    from mllm.training.metrics import read_metrics
+    from mllm.training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    ex = [V.verifier_example(list(rng.integers(0, 256, 4)), list(rng.integers(0, 256, int(rng.integers(2, 12)))),
+                             i % 2, 64) for i in range(16)]
+    vm = V.VerifierModel.from_lm(_model(T=64))
+    sc = StageConfig(steps=2, batch_size=8, micro_batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0, eval_every=100,
+                     eval_batches=1, save_every=100, log_every=1)
+    src = lambda: RowBatchSource(ex, batch_size=8, micro_batch_size=4, seed=0, collate=V.make_collate(0))  # noqa: E731
+    trainer = Trainer(vm, V.make_verifier_loss(1.0, 1.0), src(), sc, OptimConfig(), stage="verifier",
+                      run_dir=tmp_path, seed=0, progress=False)
+    trainer.peak_flops = 1e12  # CPU has no peak: pretend one, so that MFU is computed
+    trainer.fit()
+    recs = [r for r in read_metrics(tmp_path / "metrics.jsonl", "verifier") if r["kind"] == "train"]
+    shadow = src()
+    for rec in recs:
+        shapes = [tuple(shadow.next_batch()["input_ids"].shape) for _ in range(2)]  # the step's 2 micro-batches
+        assert all(T < sc.seq_len for _, T in shapes)
+        want = sum(B * T * vm.flops_per_token(T) for B, T in shapes) / sum(B * T for B, T in shapes)
+        assert rec["mfu"] * 1e12 / rec["tokens_per_s"] == pytest.approx(want, rel=1e-5)
+
+
+def test_mfu_flops_leave_out_the_lm_head_when_its_loss_weight_is_0():
+    """With verifier.lm_loss_weight = 0 the loss never runs the LM head: the stage's FLOPs per token drop its
+    6·V·d (measured: fwd+bwd FLOPs with the LM loss minus without it, per token, are exactly 6·V·d)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vm = V.VerifierModel.from_lm(_model())
+    items = [V.verifier_example([5, 6, 7, 8], [40, 41, 42], 1, 16), V.verifier_example([9, 10], [50, 51], 0, 16)]
+    batch = V.make_collate(0)(items)
+    B, T = batch["input_ids"].shape
+    measured = {}
+    for w in (1.0, 0.0):
+        with FlopCounterMode(display=False) as fc:
+            V.make_verifier_loss(w, 1.0)(vm, batch)[0].backward()
+        measured[w] = fc.get_total_flops() / (B * T)
+    head = 6 * vm.cfg.vocab_size * vm.cfg.d_model
+    assert measured[1.0] - measured[0.0] == head
+    # what the stage gives the Trainer for MFU (before this fix: the model's own flops_per_token, head included)
+    stage_flops = getattr(V, "verifier_flops_per_token", lambda model, lm_weight: model.flops_per_token)
+    assert stage_flops(vm, lm_weight=1.0)(T) == vm.flops_per_token(T)
+    assert vm.flops_per_token(T) - stage_flops(vm, lm_weight=0.0)(T) == head

@@ -624,3 +624,12 @@ def _train_eval_train(sc, cfg, mode, val):
     tr.close()
     assert all(math.isfinite(x) for x in losses)
     return losses
+
+
+def test_start_record_names_the_throughput_and_mfu_formulas(tmp_path):
+    t = make_trainer(stage(steps=1, batch_size=4), run_dir=tmp_path)
+    t.fit()
+    start = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "start")
+    assert start["tokens_per_s_formula"].startswith("tokens / seconds inside train_step")
+    assert start["mfu_formula"].startswith("flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)")
+    assert start["peak_flops_note"] and start["tokens"].startswith("Tokens processed")

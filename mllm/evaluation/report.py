@@ -189,7 +189,9 @@ def training_rows(records: List[Dict], stages: Sequence[str]) -> Dict[str, Dict]
             row["val_records"] = vals
         if starts:
             s = starts[-1]
-            row.update({"device": s.get("device"), "world_size": s.get("world_size"), "params": s.get("params")})
+            row.update({"device": s.get("device"), "world_size": s.get("world_size"), "params": s.get("params"),
+                        "peak_flops_note": s.get("peak_flops_note"), "mfu_formula": s.get("mfu_formula"),
+                        "tokens_counted": s.get("tokens")})
             # every command that started or resumed the stage, in order (None for runs of older trainers)
             cmds = [r["command"] for r in starts if r.get("command")]
             row["commands"] = list(dict.fromkeys(cmds)) if len(cmds) == len(starts) else None
@@ -249,9 +251,12 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     ev = _eval_times(R)
     if ev:
         parts.append(ev)
-    mf = [(st, t["mfu"]) for st, t in training.items() if t.get("mfu") is not None]
-    parts.append("MFU (mean over logged steps): " + (", ".join(f"{st} {fmt_pct(v)}" for st, v in mf) if mf else
-                 not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
+    mf = [(st, t) for st, t in training.items() if t.get("mfu") is not None]
+    formula = "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size), flops_per_token = 6N + 12*L*H*Q*T"
+    parts.append("MFU (mean over logged steps): " + ("; ".join(
+        f"{st} {fmt_pct(t['mfu'])} (MFU = {t.get('mfu_formula') or formula}; peak: "
+        f"{t.get('peak_flops_note') or 'not recorded'})" for st, t in mf) if mf else
+        not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
     if training:
         made_by = _training_commands(training, cfg_name, run_dir.name)
         whole = None if made_by else _pipeline_command(R, run_dir)
@@ -263,7 +268,13 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
                        + " (commands reconstructed from config.json and the run name, without the `--set` overrides "
                        "they may have had: config.json holds the resolved values; metrics.jsonl's start records of "
                        "this run do not name their commands)")
-        parts.append(f"tokens/s = tokens_seen / train_time_s of each stage's `end` record. Source: "
+        counted = {st: t["tokens_counted"] for st, t in training.items() if t.get("tokens_counted")}
+        what = ""
+        if counted:
+            what = (f" Tokens: {next(iter(counted.values()))}" if len(set(counted.values())) == 1 else
+                    " Tokens: " + "; ".join(f"{st}: {v}" for st, v in counted.items()))
+            what = what.rstrip(".") + "."
+        parts.append(f"tokens/s = tokens_seen / train_time_s of each stage's `end` record.{what} Source: "
                      f"[{R.rel(mpath)}]({R.rel(mpath)}), written by the trainer during {made_by}.")
     else:
         parts.append(f"Source: {R.rel(mpath)}, which holds no stage records"

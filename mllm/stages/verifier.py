@@ -152,6 +152,14 @@ def make_verifier_loss(lm_weight: float, value_weight: float):
     return loss_fn
 
 
+def verifier_flops_per_token(model: Transformer, lm_weight: float):
+    """FLOPs per token of a verifier training step as a function of the row length T, for MFU: the model's
+    ``flops_per_token(T)`` (6N + 12·L·H·Q·T, value head included), less the LM head's 6·V·d when ``lm_weight``
+    is 0 (``make_verifier_loss`` then never runs the head)."""
+    head = 6 * model.cfg.vocab_size * model.cfg.d_model if lm_weight <= 0 else 0
+    return lambda T: model.flops_per_token(T) - head
+
+
 # ----------------------------------------------------------------------------------------------------
 # sampling
 # ----------------------------------------------------------------------------------------------------
@@ -428,6 +436,7 @@ def run(cfg: PipelineConfig, ctx) -> Dict[str, Any]:
                       stage=STAGE, run_dir=ctx.run_dir, val_data=val_src, dist=dist, compile=cfg.compile,
                       compile_mode=cfg.compile_mode, seed=cfg.seed, profile=ctx.profile, progress=ctx.progress,
                       config=cfg.to_dict(), command=ctx.command,
+                      flops_per_token=verifier_flops_per_token(model, vc.lm_loss_weight),
                       perplexity=False)  # its loss is not a token cross-entropy
     del model
     try:

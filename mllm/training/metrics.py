@@ -5,6 +5,10 @@ MFU (PaLM appendix B / nanoGPT convention)::
     flops_per_token = 6·N + 12·L·H·Q·T          (N parameters, L layers, H heads, Q head dim, T sequence length)
     MFU             = flops_per_token · tokens_per_s / (peak_flops_per_device · world_size)
 
+T is the length of the rows the model ran on (the padded batch length, or the packed row length), not the stage's
+``seq_len`` when a stage pads each batch to its longest row; the trainer sums tokens · flops_per_token(T) per
+micro-batch, so a logged ``flops_per_token`` is the token-weighted mean over the logged steps.
+
 ``tokens_per_s`` counts the tokens of all ranks. The peak is the dense bf16 tensor-core number of the device from
 its datasheet (no sparsity; half the datasheet's "with sparsity" figure): H100 SXM 989.4 TFLOP/s, H200 (SXM)
 989.4 TFLOP/s (same compute die as the H100 SXM), H100 PCIe 756.5, H100 NVL and H200 NVL 835.5 (lower clocks and

@@ -141,6 +141,13 @@ def count_input_tokens(batch: Mapping[str, Any]) -> int:
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
 
 
+def batch_seq_len(batch: Mapping[str, Any]) -> int:
+    """Length T of the rows the model runs on: the last dimension of the ``input_ids`` tensors (the padded batch
+    length, or the packed row length); 0 when the batch has none."""
+    return max((int(v.shape[-1]) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor)
+                and v.dim() > 0), default=0)
+
+
 def accumulation_steps(stage_cfg: StageConfig, world_size: int, stage: str = "stage") -> int:
     """batch_size / (micro_batch_size · world_size), or a ConfigError naming the keys."""
     per_step = stage_cfg.micro_batch_size * world_size
@@ -201,7 +208,9 @@ class Trainer:
         compile: ``torch.compile`` the loss module (the model's forward and the loss together).
         compile_mode: torch.compile's ``mode`` (None: its default); the CUDA-graph modes are described above.
         seed: seeds python/numpy/torch RNGs with ``seed + rank`` (None leaves them alone).
-        flops_per_token: for MFU; default ``model.flops_per_token(stage_cfg.seq_len)`` when the model has it.
+        flops_per_token: for MFU: a number, or a function of the row length T; default ``model.flops_per_token``,
+            evaluated per micro-batch at the length of its rows (``batch_seq_len``: the padded batch length or the
+            packed row length, not ``stage_cfg.seq_len`` when batches are padded to their longest row).
         mfu_unavailable: a reason why the 6N + attention FLOP model does not describe this stage's step; MFU is then
             not reported (``null``) and the start record says why.
         eval_fn: ``eval_fn(trainer) -> dict`` run after the validation loss (samples, task metrics); all ranks call it.
@@ -219,7 +228,8 @@ class Trainer:
                  val_data: Optional[Iterable[Batch]] = None, dist: Optional[DistContext] = None,
                  device: Optional[torch.device | str] = None, compile: bool = False,
                  compile_mode: Optional[str] = None, seed: Optional[int] = None,
-                 flops_per_token: Optional[float] = None, eval_fn: Optional[Callable[["Trainer"], Dict]] = None,
+                 flops_per_token: Optional[Union[float, Callable[[int], float]]] = None,
+                 eval_fn: Optional[Callable[["Trainer"], Dict]] = None,
                  profile: bool = False, progress: bool = True, config: Optional[Dict[str, Any]] = None,
                  find_unused_parameters: bool = False,
                  count_tokens: Callable[[Mapping[str, Any]], int] = count_input_tokens,
@@ -282,8 +292,14 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if self.run_dir is not None else None,
                                      enabled=self.dist.is_main)
         if flops_per_token is None and hasattr(model, "flops_per_token") and mfu_unavailable is None:
-            flops_per_token = float(model.flops_per_token(getattr(stage_cfg, "seq_len", 0)))
-        self.flops_per_token = None if mfu_unavailable is not None else flops_per_token
+            flops_per_token = model.flops_per_token
+        # FLOPs per token as a function of the row length T (None: MFU not reported); flops_per_token: at the
+        # stage's seq_len, for the start record
+        self._flops_fn: Optional[Callable[[int], float]] = None
+        if mfu_unavailable is None and flops_per_token is not None:
+            self._flops_fn = flops_per_token if callable(flops_per_token) else (lambda T, f=float(flops_per_token): f)
+        seq_len = getattr(stage_cfg, "seq_len", 0)
+        self.flops_per_token = float(self._flops_fn(seq_len)) if self._flops_fn is not None and seq_len > 0 else None
         self.mfu_unavailable = mfu_unavailable
         self.command = command
         doc = (getattr(count_tokens, "__doc__", None) or "").strip()
@@ -342,11 +358,16 @@ class Trainer:
         n_sum = torch.zeros((), dtype=torch.float32, device=dev)
         metric_sums: Dict[str, torch.Tensor] = {}
         tokens = 0
+        flops = 0.0  # model FLOPs of this rank's micro-batches: tokens · flops_per_token(their row length)
         with trace_range("step"):
             for i in range(self.accum_steps):
                 with trace_range("data"):
                     batch = self.train_data.next_batch()
-                    tokens += self.count_tokens(batch)
+                    n_tok = self.count_tokens(batch)
+                    tokens += n_tok
+                    if self._flops_fn is not None:
+                        T = batch_seq_len(batch)
+                        flops += n_tok * (float(self._flops_fn(T)) if T > 0 else (self.flops_per_token or 0.0))
                     batch = batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs)
                     self._note_graph_shape(batch)
                 last = i == self.accum_steps - 1
@@ -366,11 +387,12 @@ class Trainer:
                     metric_sums[k] = metric_sums.get(k, 0.0) + v * n
             with trace_range("optimizer"):
                 keys = sorted(metric_sums)
-                stats = torch.stack([loss_sum, n_sum, torch.tensor(float(tokens), device=dev)]
+                stats = torch.stack([loss_sum, n_sum, torch.tensor(float(tokens), device=dev),
+                                     torch.tensor(flops, dtype=torch.float32, device=dev)]
                                     + [metric_sums[k] for k in keys])
                 self.dist.all_reduce_sum_(stats)
                 vals = stats.tolist()
-                g_loss_sum, g_n, g_tokens = vals[0], vals[1], int(vals[2])
+                g_loss_sum, g_n, g_tokens, g_flops = vals[0], vals[1], int(vals[2]), vals[3]
                 grads = [p.grad for p in self._params if p.grad is not None]
                 if g_n > 0 and grads:
                     # DDP averaged over ranks; turn Σ_i loss_i·n_i into the token-weighted mean over the step
@@ -388,8 +410,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
         self.step += 1
         self.tokens_seen += g_tokens
-        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": g_tokens, "n": g_n, "finite": finite}
-        out.update({k: vals[3 + j] / g_n if g_n > 0 else float("nan") for j, k in enumerate(keys)})
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": g_tokens, "n": g_n, "finite": finite,
+               "flops": g_flops}
+        out.update({k: vals[4 + j] / g_n if g_n > 0 else float("nan") for j, k in enumerate(keys)})
         self.last_train = out
         if not finite:
             self.log({"kind": "nonfinite", "loss": loss, "grad_norm": grad_norm,
@@ -639,8 +662,13 @@ class Trainer:
                "peak_flops_note": self.peak_flops_note, "nvtx": NVTX_BACKEND,
                "mfu_formula": ("not reported: " + self.mfu_unavailable) if self.mfu_unavailable else
                               "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size); "
-                              "flops_per_token = 6N + 12*L*H*Q*T",
-               "tokens": self.count_tokens_doc}
+                              "flops_per_token = 6N + 12*L*H*Q*T, T = each micro-batch's row length (padded batch "
+                              "length or packed row length), token-weighted over the logged steps (the start "
+                              "record's flops_per_token is at the stage's seq_len)",
+               "tokens": self.count_tokens_doc,
+               "tokens_per_s_formula": "tokens / seconds inside train_step: the tokens of all ranks over this "
+                                       "rank's time in train_step, for the steps since the previous train record "
+                                       "(end record: tokens_seen / train_time_s)"}
         if self.command is not None:
             rec["command"] = self.command
         self.log(rec)
@@ -674,7 +702,7 @@ class Trainer:
                               self.stage, self.dist.rank)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.is_main), file=sys.stderr)
-        win_tokens, win_time = 0, 0.0
+        win_tokens, win_time, win_flops = 0, 0.0, 0.0
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -682,21 +710,23 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.train_time_s += dt
                 win_tokens += res["tokens"]
+                win_flops += res["flops"]
                 win_time += dt
                 tok_s = win_tokens / win_time if win_time > 0 else 0.0
                 bar.update(1)
                 bar.set_postfix(loss=f"{res['loss']:.4f}", lr=f"{res['lr']:.2e}", tok_s=f"{tok_s:,.0f}",
                                 refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    rec = {"kind": "train", **{k: v for k, v in res.items() if k not in ("finite", "n")},
-                           "tokens_per_s": tok_s, "mfu": mfu(self.flops_per_token, tok_s, self.peak_flops,
-                                                             self.dist.world_size),
+                    fpt = win_flops / win_tokens if self._flops_fn is not None and win_tokens > 0 else None
+                    rec = {"kind": "train", **{k: v for k, v in res.items() if k not in ("finite", "n", "flops")},
+                           "tokens_per_s": tok_s, "flops_per_token": fpt,
+                           "mfu": mfu(fpt, tok_s, self.peak_flops, self.dist.world_size),
                            "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
                     mem = peak_memory_gib(self.device)
                     if mem is not None:
                         rec["peak_mem_gib"] = mem
                     self.log(rec)
-                    win_tokens, win_time = 0, 0.0
+                    win_tokens, win_time, win_flops = 0, 0.0, 0.0
                 if prof is not None:
                     prof.step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -738,7 +768,8 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
-        for name in ("optimizer", "_train_module", "_eval_module", "_ddp", "_loss_module", "model", "_params"):
+        for name in ("optimizer", "_train_module", "_eval_module", "_ddp", "_loss_module", "model", "_params",
+                     "_flops_fn"):  # _flops_fn: model.flops_per_token by default, a reference to the model
             setattr(self, name, None)
         gc.collect()
         if self.device.type == "cuda":
