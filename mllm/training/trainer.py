@@ -40,9 +40,9 @@ forward, and ``cu_seqlens`` is padded to B·T + 1 values (``batches.pad_cu_seqle
 different numbers of documents replay one graph. Costs: the fp32 gradients stay allocated through every forward
 (``set_to_none`` would free them between steps: one more copy of the parameters at peak), and, since gradients are
 never ``None``, AdamW also steps parameters that got no gradient in a step (momentum and weight decay move them).
-A graph is recorded per input shape: stages that pad each batch to its own longest row (SFT, DPO, the verifier)
-record one per length, which the trainer reports once it has seen ``MAX_GRAPH_SHAPES`` shapes; packed pretraining
-rows all have the stage's length.
+A graph is recorded per input shape: stages that pad each batch to its own longest row (DPO, the verifier) record
+one per length, which the trainer reports once it has seen ``MAX_GRAPH_SHAPES`` shapes; pretraining and SFT rows
+(packed or one padded example per row) all have the stage's length.
 """
 from __future__ import annotations
 
@@ -655,6 +655,8 @@ class Trainer:
     def _start_record(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
         tokens_per_step = self.stage_cfg.batch_size * getattr(self.stage_cfg, "seq_len", 0)
+        pairs = ", chosen + rejected rows" if self.stage == "dpo" else ""
+        rows_per_example = 2 if self.stage == "dpo" else 1
         rec = {"kind": "start", "world_size": self.dist.world_size, "device": str(self.device),
                "accum_steps": self.accum_steps, "batch_size": self.stage_cfg.batch_size,
                "micro_batch_size": self.stage_cfg.micro_batch_size, "params": n_params,
@@ -674,7 +676,7 @@ class Trainer:
         self.log(rec)
         self.info(f"{n_params / 1e6:.2f}M params | {self.dist.world_size} rank(s) on {self.device.type} | "
                   f"batch {self.stage_cfg.batch_size} = {self.stage_cfg.micro_batch_size} x {self.accum_steps} "
-                  f"accum x {self.dist.world_size} ranks (~{tokens_per_step} tokens/step) | "
+                  f"accum x {self.dist.world_size} ranks (at most {rows_per_example * tokens_per_step} tokens/step{pairs}) | "
                   f"steps {self.step}->{self.stage_cfg.steps} | MFU peak: {self.peak_flops_note}")
         if self.stage_cfg.warmup_steps > self.stage_cfg.steps:  # allowed (short debug runs), but say so
             self.info(f"note: {self.stage}.warmup_steps={self.stage_cfg.warmup_steps} > {self.stage}.steps="
