@@ -45,6 +45,8 @@ def test_eager_cpu_throughput_and_report(bt, tmp_path):
     assert r["tokens_per_s"] > 0
     # tokens/s is the timed tokens (steps x accumulation x B x T) over the timed wall time
     assert math.isclose(r["tokens_per_s"], 3 * 2 * 2 * 32 / r["wall_s"], rel_tol=1e-9)
+    # and over the median timed step (not moved by an unsettled first step)
+    assert math.isclose(r["tokens_per_s_median_step"], 2 * 2 * 32 / (r["step_ms_median"] / 1e3), rel_tol=1e-9)
     assert r["mfu"] is None and rep["peak_flops"] is None  # CPU: no peak, MFU n/a
     assert r["peak_mem_mb"] is None
     # the phases tile each step exactly (data/forward/backward summed over the 2 micro-batches)
@@ -92,6 +94,7 @@ def test_trainer_loop_times_the_real_train_step(bt, tmp_path):
     assert r["loop"] == "trainer" and r["cudagraphs"] is False
     assert math.isclose(r["tokens_per_s"], 2 * 2 * 2 * 32 / r["wall_s"], rel_tol=1e-9)
     assert len(r["phase_ms_all"]["step"]) == 2 and r["phase_ms_median"]["forward"] is None
+    assert math.isclose(r["tokens_per_s_median_step"], 2 * 2 * 32 / (r["step_ms_median"] / 1e3), rel_tol=1e-9)
     assert "Timed loop: `Trainer.train_step`" in md
     assert firsts["trainer"] == pytest.approx(firsts["bench"], rel=1e-5)
 

@@ -654,3 +654,38 @@ def test_trailing_padding_of_cu_seqlens_changes_nothing(causal):
     for bad in ([0, 40, 40, 80, 80], [0, 40, 80, 60, 80]):  # an empty document inside; a step back
         with pytest.raises(ValueError, match="strictly increasing"):
             A.attention(x, x[:, :, :HKV], x[:, :, :HKV], cu_seqlens=torch.tensor(bad, dtype=torch.int32))
+
+
+def test_host_cu_seqlens_check_matches_the_device_check():
+    """``check_cu_seqlens_values`` on a CPU tensor (the host check of ``cu_seqlens_to_device``, once per packed
+    micro-batch) runs in NumPy; it must accept and reject exactly what the torch version does, with the same message."""
+    from mllm_kernels import reference as R
+
+    B, T = 3, 8
+    cases = [
+        [0, 8, 16, 24], [0, 3, 8, 10, 16, 20, 24], [0, 8, 16, 24, 24, 24],  # valid (the last padded)
+        [0], [1, 8, 16, 24], [0, 8, 16, 23], [0, 8, 8, 16, 24], [0, 5, 3, 8, 16, 24],  # too short, start, end, empty, falling
+        [0, 8, 24], [0, 5, 12, 24], [0, 24, 24], [0, 8, 16, 24, 20, 24],  # missing row starts; padding then a drop
+    ]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # random bounds: valid and broken ones
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        cases.append(sorted(torch.randint(0, B * T + 1, (n,), generator=g).tolist()) + [B * T] * int(torch.randint(0, 3, (1,), generator=g)))
+        cases.append(torch.randint(0, B * T + 1, (n,), generator=g).tolist())
+
+    def outcome(fn, cu):
+        try:
+            fn(cu, B, T)
+            return None
+        except ValueError as e:
+            return str(e)
+
+    n_ok = 0
+    for c in cases:
+        for dt in (torch.int32, torch.int64):
+            cu = torch.tensor(c, dtype=dt)
+            want = outcome(R._check_cu_seqlens_values_torch, cu)
+            assert outcome(R.check_cu_seqlens_values, cu) == want, c
+            assert outcome(R._check_cu_seqlens_values_host, cu) == want, c
+            n_ok += want is None
+    assert n_ok >= 6  # the valid cases were exercised too
