@@ -308,27 +308,29 @@ def run(device=None, quick: bool = False, providers=None, seq_lens=None, head_di
     return rows
 
 
-CPU_SHAPE = (1, 256, 4, 64)  # B, T, H, D
+CPU_SHAPE = (1, 256, 4, 64)  # B, T, H, D (--quick)
+CPU_SHAPES = [CPU_SHAPE, (1, 64, 4, 64), (1, 1024, 4, 64)]  # a time-vs-T plot on CPU too
 
 
-def _cpu_inputs():
-    B, T, H, D = CPU_SHAPE
+def _cpu_inputs(shape=CPU_SHAPE):
+    B, T, H, D = shape
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
     return q, k, v, torch.randn(H, generator=g)
 
 
-def _eager_sinks_fwd():
-    q, k, v, s = _cpu_inputs()
+def _eager_sinks_fwd(shape=CPU_SHAPE):
+    q, k, v, s = _cpu_inputs(shape)
     return lambda: R.attention(q, k, v, sinks=s)
 
 
 def cpu_cases(quick: bool = False):
-    """The CPU row: the eager reference with sinks, forward, at ``CPU_SHAPE`` (fp32); FLOPs the causal count."""
-    B, T, H, D = CPU_SHAPE
+    """The CPU rows: the eager reference with sinks, forward, at ``CPU_SHAPES`` (``CPU_SHAPE`` alone with ``quick``;
+    fp32); FLOPs the causal count."""
     return [CpuCase(dict(op=f"attention_d{D}", shape=f"B{B}xT{T}xH{H}xD{D}", size=T, dtype="float32", mode="fwd",
                          provider="eager-sinks", peak_mem_mb=None),
-                    prepare=_eager_sinks_fwd, flops=_causal_flops(B, H, T, D))]
+                    prepare=lambda s=(B, T, H, D): _eager_sinks_fwd(s), flops=_causal_flops(B, H, T, D))
+            for B, T, H, D in ([CPU_SHAPE] if quick else CPU_SHAPES)]
 
 
 # ----------------------------------------------------------------------------------------------------

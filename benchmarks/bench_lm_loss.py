@@ -37,7 +37,7 @@ from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(8192, 1024, 50304, 50257), (16384, 1024, 50304, 50257)]
 QUICK_GPU_SHAPES = [(8192, 1024, 50304, 50257)]
-CPU_SHAPES = [(256, 64, 1024, 1000)]
+CPU_SHAPES = [(256, 64, 1024, 1000), (64, 64, 1024, 1000), (1024, 64, 1024, 1000)]  # the first: --quick
 
 
 TRITON_BWD_NOTE = ("gradients are computed in the forward under autograd (in the fwd+bwd row); this row times only "
@@ -90,7 +90,7 @@ def run(device=None, quick: bool = False, progress: bool = True):
 def cpu_cases(quick: bool = False):
     """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
     timed per mode, triton and compile skipped."""
-    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES[:1] if quick else CPU_SHAPES)
 
 
 if __name__ == "__main__":

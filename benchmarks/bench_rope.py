@@ -31,7 +31,7 @@ from mllm_kernels import reference as R  # noqa: E402
 THETA = 10000.0
 GPU_SHAPES = [(8, 1024, 16, 16, 64), (32, 1024, 16, 16, 64), (8, 2048, 32, 8, 128)]
 QUICK_GPU_SHAPES = [(8, 1024, 16, 16, 64)]
-CPU_SHAPES = [(2, 128, 4, 2, 64)]
+CPU_SHAPES = [(2, 128, 4, 2, 64), (2, 32, 4, 2, 64), (2, 512, 4, 2, 64)]  # the first: --quick
 
 
 def _cases(shape, dtype, device):
@@ -61,7 +61,7 @@ def run(device=None, quick: bool = False, progress: bool = True):
 def cpu_cases(quick: bool = False):
     """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
     timed per mode, triton and compile skipped."""
-    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES[:1] if quick else CPU_SHAPES)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from mllm_kernels import reference as R  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096), (32768, 4096), (32768, 11008)]
 QUICK_GPU_SHAPES = [(8192, 4096), (32768, 4096)]
-CPU_SHAPES = [(256, 1024)]
+CPU_SHAPES = [(256, 1024), (64, 1024), (1024, 1024)]  # the first: --quick
 
 
 def _cases(shape, dtype, device):
@@ -59,7 +59,7 @@ def run(device=None, quick: bool = False, progress: bool = True):
 def cpu_cases(quick: bool = False):
     """The CPU rows (``CPU_SHAPES``, fp32), timed by pytest-benchmark (``benchmarks/pytest_cpu.py``): eager
     timed per mode, triton and compile skipped."""
-    return shape_cpu_cases(_cases, _providers, CPU_SHAPES)
+    return shape_cpu_cases(_cases, _providers, CPU_SHAPES[:1] if quick else CPU_SHAPES)
 
 
 if __name__ == "__main__":

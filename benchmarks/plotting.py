@@ -11,7 +11,9 @@ an op with a single shape, which then sits in the middle of its panel).
 
 The time axis is logarithmic with labelled ticks at 1-2-5 steps (or finer ones when the times span less than a
 decade). A provider whose times were extrapolated is drawn dashed with "(extrapolated)" in the legend; one whose
-row is marked ``not_comparable`` (different work than the others at that mode) says so in the legend.
+row is marked ``not_comparable`` (different work than the others at that mode) says so in the legend. A provider keeps
+one colour in every panel, and the figure has one legend, to the right of the panels (a legend inside a panel hid
+data points); the bottom panels' x axes are labelled.
 """
 from __future__ import annotations
 
@@ -105,9 +107,16 @@ def make_figure(op: str, op_rows: Sequence[Dict[str, Any]], title_suffix: str = 
         panels.setdefault((str(r.get("mode", "")), str(r.get("dtype", ""))), []).append(r)
     tp = _throughput_key(op_rows)
     n_rows_fig = 2 if tp else 1
-    fig, axes = plt.subplots(n_rows_fig, len(panels), figsize=(5.2 * len(panels), 3.6 * n_rows_fig),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows_fig, len(panels), figsize=(5.2 * len(panels) + 1.8, 3.6 * n_rows_fig),
+                             squeeze=False, layout="constrained")
     xpos, log_x = x_positions(op_rows)
+    # one colour per provider across every panel, and one legend for the figure (outside the panels, where it
+    # cannot hide a line: a per-panel legend at loc="best" covered the eager-sinks line of the attention plots)
+    all_providers = sorted({str(r["provider"]) for r in op_rows})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = {p: cycle[i % len(cycle)] for i, p in enumerate(all_providers)}
+    handles: Dict[str, Any] = {}
+    xlabel = "shape (x: problem size, log\u2082 scale)" if log_x else "shape"
     for col, ((mode, dtype), prow) in enumerate(panels.items()):
         providers: Dict[str, List[Tuple[float, Dict[str, Any]]]] = {}
         ticks: Dict[float, str] = {}
@@ -126,8 +135,9 @@ def make_figure(op: str, op_rows: Sequence[Dict[str, Any]], title_suffix: str = 
                 if not pts:
                     continue
                 name = prov + (" (extrapolated)" if extrap else "") + (" (not comparable)" if other else "")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
-                        linestyle="--" if extrap else "-", markerfacecolor="none" if extrap else None)
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=colors[prov],
+                                  linestyle="--" if extrap else "-", markerfacecolor="none" if extrap else None)
+                handles.setdefault(name, line)
                 ys += [p[1] for p in pts]
             if log_x:
                 ax.set_xscale("log", base=2)
@@ -151,13 +161,19 @@ def make_figure(op: str, op_rows: Sequence[Dict[str, Any]], title_suffix: str = 
                 ax.yaxis.set_minor_locator(NullLocator())
                 ax.set_ylim(lo, hi)
             ax.set_ylabel(ylabel)
+            if ax_row == n_rows_fig - 1:
+                ax.set_xlabel(xlabel)
             ax.grid(True, alpha=0.3)
             if ax_row == 0:
                 ax.set_title(" ".join(s for s in (mode, dtype) if s and s != "None") or op, fontsize=10)
-            if ys:
-                ax.legend(fontsize=8)
+    if handles:
+        names = sorted(handles)
+        try:  # "outside" legend locations need matplotlib >= 3.7 (the GPU image's version is not pinned)
+            fig.legend([handles[n] for n in names], names, loc="outside right upper", fontsize=8, title="provider")
+        except ValueError:
+            fig.legend([handles[n] for n in names], names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                       title="provider")
     fig.suptitle(f"{op}" + (f" — {title_suffix}" if title_suffix else ""))
-    fig.tight_layout()
     return fig
 
 
@@ -178,7 +194,7 @@ def plot_rows(rows: Sequence[Dict[str, Any]], out_dir: Path, title_suffix: str =
         fig = make_figure(op, op_rows, title_suffix)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{_safe_name(op)}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps a legend placed right of the figure
         plt.close(fig)
         written[op] = path
     return written

@@ -1,6 +1,7 @@
 """Run every ``benchmarks/bench_*.py`` on the current device and write JSON + Markdown + plots.
 
     python -m benchmarks.run [--only NAME ...] [--out benchmarks/results/] [--quick] [--device auto|cpu|cuda]
+                             [--threads N]
 
 Per run this writes, under ``--out``:
   * ``<stem>.json``: ``{"environment": {card, driver, CUDA, torch, triton, git commit, date, host, ...},
@@ -54,8 +55,9 @@ TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "gbps", "tflo
 COLUMN_TITLES = {"ms": "ms (median)", "gbps": "GB/s", "tflops": "TFLOP/s", "pct_copy_bw": "% copy BW", "peak_mem_mb": "peak MiB"}
 # A row's speed-up is reported against the first of these providers present for the same (op, shape,
 # dtype, mode): the eager PyTorch path is the baseline every kernel has to beat ("dispatcher": the custom-op
-# launch path that bench_host_overhead compares the autograd.Function path with).
-BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch", "dispatcher")
+# launch path that bench_host_overhead compares the autograd.Function path with; "sdpa-flash": PyTorch's attention,
+# bench_attention's baseline at every shape, where its eager reference is skipped at long T).
+BASELINE_PROVIDERS = ("eager", "torch", "reference", "pytorch", "dispatcher", "sdpa-flash")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -626,7 +628,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     p.add_argument("--list", action="store_true", help="list the bench modules and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch here and in the pytest-benchmark process (default: torch's); 1 avoids "
+                        "OpenMP stalls on a shared CPU, which quantise CPU medians to the scheduler's time slice")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
 
     try:
         modules = discover(Path(args.bench_dir), args.only)
@@ -640,7 +647,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not modules:
         p.error(f"no bench_*.py modules in {args.bench_dir}")
 
-    env = environment(device)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the pytest-benchmark subprocess
+            os.environ[var] = str(args.threads)
+    env = environment(device)  # records torch_threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(out, env)  # chosen first: pytest-benchmark's JSON is kept under it while the modules run

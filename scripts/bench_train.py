@@ -24,7 +24,8 @@ Reported per backend:
   * MFU = flops_per_token · tokens/s / peak, flops_per_token = 6N + 12·L·H·Q·T (PaLM/nanoGPT, N = parameters,
     L layers, H heads, Q head dim, T sequence length); the peak is the card's dense bf16 number
     (H100 SXM 989.4 TFLOP/s; ``--peak-tflops`` overrides); on CPU MFU is n/a;
-  * peak memory (``torch.cuda.max_memory_allocated``, warm-up included, so optimizer state counts);
+  * peak memory (``torch.cuda.max_memory_allocated``, warm-up included, so optimizer state counts; on the CPU the
+    process's peak resident set since the backend started, ``peak_rss_mb``, marked "(RSS)" in the table);
   * median per-range times, measured with CUDA events on the GPU (no extra synchronisation inside the
     step) and ``time.perf_counter`` on the CPU, and the first step's time (compilation for +compile).
 ``--loop trainer`` times ``mllm.training.trainer.Trainer.train_step`` instead of this script's own step (same model,
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as _dt
 import gc
 import json
 import math
@@ -58,7 +58,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a source checkout without install
 
 import torch  # noqa: E402
 
-from benchmarks.run import describe_exception, device_tag, environment, jsonable, resolve_device  # noqa: E402
+from benchmarks.run import describe_exception, environment, jsonable, resolve_device, result_stem  # noqa: E402
 from mllm.config.pipeline_config import COMPILE_MODES, ConfigError, load_config, validate  # noqa: E402
 from mllm.training.batches import batch_to_device  # noqa: E402
 from mllm.training.metrics import device_peak_flops, mfu  # noqa: E402
@@ -304,6 +304,31 @@ class PhaseTimer:
         return out
 
 
+def reset_rss_peak() -> None:
+    """Restart the process's resident-set high-water mark (Linux: ``/proc/self/clear_refs`` 5); a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_peak_mb() -> Optional[float]:
+    """The process's peak resident set in MiB: VmHWM (since the last ``reset_rss_peak``), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -411,6 +436,8 @@ def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batch
     del model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_rss_peak()
     losses, step_ms, first_step_s = [], [], None
     from tqdm import tqdm
 
@@ -459,6 +486,8 @@ def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optio
         "n_params": sum(p.numel() for p in model.parameters()),
         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
+        # CPU: the process's resident-set high-water mark since this backend started (Linux VmHWM, reset per backend)
+        "peak_rss_mb": rss_peak_mb() if device.type != "cuda" else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "kernel_paths": paths,
@@ -561,6 +590,8 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_rss_peak()
     losses = []
     first_step_s = None
     from tqdm import tqdm
@@ -629,6 +660,13 @@ def _f(x, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _peak_text(r: Dict[str, Any]) -> str:
+    """The device's peak allocated MiB on CUDA; on the CPU the process's peak resident set, marked (RSS)."""
+    if r.get("peak_mem_mb") is not None:
+        return _f(r["peak_mem_mb"], ",.0f")
+    return f"{r['peak_rss_mb']:,.0f} (RSS)" if r.get("peak_rss_mb") is not None else "n/a"
+
+
 def markdown(report: Dict[str, Any]) -> str:
     a, env = report["args"], report["environment"]
     lines = [
@@ -670,7 +708,7 @@ def markdown(report: Dict[str, Any]) -> str:
             f"| {r['backend']}{' (error)' if 'error' in r else ''} | {r['tokens_per_s']:,.0f} | {spd} | {mfu_s} | "
             f"{r['model_tflops_per_s']:.3g} | {r['step_ms_median']:.2f} | {_f(ph['data'], '.2f')} | "
             f"{_f(ph['forward'], '.2f')} | {_f(ph['backward'], '.2f')} | {_f(ph['optimizer'], '.2f')} | "
-            f"{_f(r['peak_mem_mb'], ',.0f')} | {r['first_step_s']:.2f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")
+            f"{_peak_text(r)} | {r['first_step_s']:.2f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")
     lines.append("")
     goal = report.get("goal")
     if goal:
@@ -800,8 +838,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["pretrain_projection"] = pretrain_projection(results, cfg, args.seq_len, args.docs_per_row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    stem = f"bench_train_{stamp}_{device_tag(env)}"
+    # the runner's naming (date of the run's start, card), with -2, -3, ... when taken: no run overwrites another
+    stem = result_stem(out, env, prefix="bench_train")
     md = markdown(report)
     (out / f"{stem}.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
     (out / f"{stem}.md").write_text(md)

@@ -47,8 +47,12 @@ def test_out_writes_a_timestamped_file_with_the_runner_environment(tmp_path):
     env = data["environment"]
     for key in ("card", "driver", "cuda_runtime", "torch", "triton", "git_commit", "git_dirty", "date_utc", "host"):
         assert key in env, key
-    (row,) = data["rows"]
-    assert row["provider"] == "eager-sinks" and row["ms"] > 0 and row["timer"] == "pytest-benchmark"
+    rows = data["rows"]
+    from benchmarks import bench_attention as A
+
+    assert [r["size"] for r in rows] == [T for _, T, _, _ in A.CPU_SHAPES]  # a time-vs-T plot on CPU too
+    for row in rows:
+        assert row["provider"] == "eager-sinks" and row["ms"] > 0 and row["timer"] == "pytest-benchmark"
     md = path.with_suffix(".md").read_text()
     assert env["date_utc"] in md and "commit" in md and "| eager-sinks |" in md
 

@@ -163,3 +163,28 @@ def test_time_module_inside_a_pytest_xdist_worker(tmp_path, monkeypatch):
     path.write_text(GOOD_ONLY)
     (row,), info = P.time_module("fake", path, quick=True)
     assert info["returncode"] == 0 and row["ms"] > 0 and "error" not in row
+
+
+def test_cpu_cases_span_sizes_so_the_plots_show_speed_against_size():
+    """A CPU run plots time against size per kernel: with one CPU shape per module every plot was a single point.
+    The full case list has at least 3 sizes per (op, mode, provider) on a log size axis; --quick keeps one."""
+    from benchmarks.plotting import x_positions
+    from benchmarks.run import discover, load_module
+
+    checked = 0
+    for name, path in discover():
+        module = load_module(name, path)
+        if not callable(getattr(module, "cpu_cases", None)):
+            continue
+        groups = {}
+        for case in module.cpu_cases(quick=False):
+            if case.skipped is None:
+                groups.setdefault((case.row["op"], case.row.get("mode"), case.row["provider"]), []).append(case.row)
+        assert groups, name
+        for key, rows in groups.items():
+            pos, log_axis = x_positions(rows)
+            assert len(pos) >= 3 and log_axis, (name, key, sorted(pos))
+        quick = {str(c.row.get("shape")) for c in module.cpu_cases(quick=True) if c.skipped is None}
+        assert len(quick) == 1, (name, quick)
+        checked += 1
+    assert checked >= 6

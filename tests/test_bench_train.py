@@ -49,6 +49,8 @@ def test_eager_cpu_throughput_and_report(bt, tmp_path):
     assert math.isclose(r["tokens_per_s_median_step"], 2 * 2 * 32 / (r["step_ms_median"] / 1e3), rel_tol=1e-9)
     assert r["mfu"] is None and rep["peak_flops"] is None  # CPU: no peak, MFU n/a
     assert r["peak_mem_mb"] is None
+    # the CPU's peak memory: the process's resident-set high-water mark, not "n/a" (the issue asks for peak memory)
+    assert r["peak_rss_mb"] > 10 and f"{r['peak_rss_mb']:,.0f} (RSS)" in md
     # the phases tile each step exactly (data/forward/backward summed over the 2 micro-batches)
     ph = r["phase_ms_all"]
     assert len(ph["step"]) == 3
@@ -296,3 +298,26 @@ def test_weight_cache_run_trains_like_the_plain_run(bt, tmp_path):
         assert "error" not in r
         losses.append((r["loss_first"], r["loss_last"]))
     assert losses[0] == losses[1]
+
+
+def test_two_runs_in_the_same_second_keep_both_reports(bt, tmp_path, monkeypatch):
+    """The report is named by the run's UTC second and card: a second run within that second (a quick failing run, two
+    runs side by side) used to overwrite the first one's JSON and Markdown; it gets a ``-2`` suffix instead."""
+    import datetime as dt
+
+    fixed = dt.datetime(2026, 11, 27, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+    class _Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return fixed
+
+    env = bt.environment
+    monkeypatch.setattr(bt, "environment", lambda device: {**env(device), "date_utc": fixed.isoformat()})
+    if hasattr(bt, "_dt"):
+        monkeypatch.setattr(bt._dt, "datetime", _Frozen)
+    for _ in range(2):
+        assert bt.main(TINY + ["--backends", "eager", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("bench_train_*.json")) == [
+        "bench_train_20261127-120000_cpu-2.json", "bench_train_20261127-120000_cpu.json"]
+    assert len(list(tmp_path.glob("bench_train_*.md"))) == 2

@@ -84,7 +84,30 @@ def test_extrapolated_and_not_comparable_rows_are_marked():
             dict(op="pack", shape={"docs": 10}, provider="fused", ms=0.1, not_comparable="other work")]
     fig = P.make_figure("pack", rows)
     try:
-        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
         assert legend == ["cpp", "fused (not comparable)", "python (extrapolated)"]
+    finally:
+        plt.close(fig)
+
+
+def test_legend_outside_the_panels_colours_per_provider_and_labelled_x_axis():
+    """The attention plot's per-panel legend (loc="best") covered the eager-sinks line; the x axis had no label."""
+    rows = _rows([(4, 256), (4, 1024), (4, 4096)])
+    rows += [dict(r, mode="bwd") for r in rows if r["provider"] == "triton"]  # eager missing from the bwd panels
+    rows += [dict(op="apply_rope", shape=(4, 256), dtype="bfloat16", mode="bwd", provider="eager", ms=1.0)]  # no GB/s
+    fig = P.make_figure("apply_rope", rows)
+    try:
+        fig.canvas.draw()
+        assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+        legend_box = fig.legends[0].get_window_extent()
+        assert not any(legend_box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+        assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["eager", "triton"]
+        colours = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+        assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 2, colours
+        bottom = fig.axes[len(fig.axes) // 2:]
+        assert all(ax.get_xlabel() for ax in bottom), [ax.get_xlabel() for ax in bottom]
     finally:
         plt.close(fig)
