@@ -1,5 +1,6 @@
 """Generation tests (CPU, tiny model): the KV cache equals full recompute (with sinks and windows too), left
 padding is invisible, eos stops a row, seeded sampling reproduces, top-k / top-p restrict the support."""
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,11 @@ def test_sample_next_extreme_temperatures_give_no_nan(temperature):
     model = tiny_model()
     if temperature < 1:
         assert generate(model, PROMPTS, 4, temperature=temperature, seed=0) == generate(model, PROMPTS, 4)
+
+
+@pytest.mark.parametrize("prompt", [torch.tensor(5), np.array(5), np.int64(5)])
+def test_a_scalar_prompt_gets_a_named_error(prompt):
+    """A 0-d tensor or array (e.g. ``ids[0, 0]`` where ``ids[0]`` was meant) has ``__len__`` but no length: it is
+    rejected with the same named ValueError as a bare int, not len()'s TypeError."""
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be a sequence of token ids"):
+        generate(tiny_model(), [prompt], 3)

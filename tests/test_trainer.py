@@ -633,3 +633,22 @@ def test_start_record_names_the_throughput_and_mfu_formulas(tmp_path):
     assert start["tokens_per_s_formula"].startswith("tokens / seconds inside train_step")
     assert start["mfu_formula"].startswith("flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)")
     assert start["peak_flops_note"] and start["tokens"].startswith("Tokens processed")
+
+
+def test_flops_per_token_is_evaluated_once_per_row_length():
+    """MFU's FLOPs per token are a function of the row length only: the trainer evaluates ``model.flops_per_token``
+    once per distinct length, not on every micro-batch (it sums the model's parameter sizes: 0.1-0.5 ms of host time
+    per call for the gpu-full model, inside the timed training step)."""
+    model = tiny_model()
+    calls = []
+    real = model.flops_per_token
+
+    def counting(T):
+        calls.append(T)
+        return real(T)
+
+    model.flops_per_token = counting
+    t = make_trainer(stage(steps=3), model=model)  # 3 steps x 2 micro-batches of 16-token rows
+    t.fit()
+    assert calls == [16]
+    assert t.last_train["flops"] == pytest.approx(2 * 4 * 16 * real(16))

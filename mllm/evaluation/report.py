@@ -252,11 +252,21 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
     if ev:
         parts.append(ev)
     mf = [(st, t) for st, t in training.items() if t.get("mfu") is not None]
-    formula = "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size), flops_per_token = 6N + 12*L*H*Q*T"
-    parts.append("MFU (mean over logged steps): " + ("; ".join(
-        f"{st} {fmt_pct(t['mfu'])} (MFU = {t.get('mfu_formula') or formula}; peak: "
-        f"{t.get('peak_flops_note') or 'not recorded'})" for st, t in mf) if mf else
-        not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)")))
+    if mf:
+        formula = "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size), flops_per_token = 6N + 12*L*H*Q*T"
+        # the formula and the peak once when every stage shares them (they do within one run), else per stage
+        formulas = {st: t.get("mfu_formula") or formula for st, t in mf}
+        peaks = {st: t.get("peak_flops_note") or "not recorded" for st, t in mf}
+        line = "MFU (mean over logged steps): " + ", ".join(f"{st} {fmt_pct(t['mfu'])}" for st, t in mf) + "."
+        for label, per in (("MFU", formulas), ("Peak", peaks)):
+            vals = list(dict.fromkeys(per.values()))
+            line += (f" {label} = {vals[0]}." if label == "MFU" and len(vals) == 1 else
+                     f" {label}: {vals[0]}." if len(vals) == 1 else
+                     f" {label}: " + "; ".join(f"{st}: {v}" for st, v in per.items()) + ".")
+        parts.append(line)
+    else:
+        parts.append("MFU (mean over logged steps): "
+                     + not_run("no MFU in metrics.jsonl (CPU runs, or a GPU without a peak-FLOP/s entry)"))
     if training:
         made_by = _training_commands(training, cfg_name, run_dir.name)
         whole = None if made_by else _pipeline_command(R, run_dir)

@@ -33,9 +33,14 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_i
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     for i, p in enumerate(prompts):
-        if not hasattr(p, "__len__") or isinstance(p, (str, bytes)):
-            raise ValueError(f"prompts[{i}] must be a sequence of token ids, got {type(p).__name__}")
-        if len(p) == 0:
+        try:  # a 0-d tensor or array has __len__ but len() raises TypeError
+            n = None if isinstance(p, (str, bytes)) else len(p)
+        except TypeError:
+            n = None
+        if n is None:
+            shape = f" of shape {tuple(p.shape)}" if isinstance(p, (torch.Tensor, np.ndarray)) else ""
+            raise ValueError(f"prompts[{i}] must be a sequence of token ids, got {type(p).__name__}{shape}")
+        if n == 0:
             raise ValueError(f"prompts[{i}] is empty: generation needs at least one prompt token")
         try:
             ids = np.asarray(p.tolist() if isinstance(p, torch.Tensor) else p)
