@@ -600,16 +600,24 @@ def write_results(out_dir: Path, env: Dict[str, Any], rows: List[Dict[str, Any]]
         if kept:
             msum["cpu_timing"]["json"] = os.path.relpath(kept, out_dir)
     plot_paths: Dict[str, Path] = {}
+    plot_error = None
     if make_plots:
-        from benchmarks.plotting import plot_rows
+        try:  # a plotting failure (an old matplotlib on a GPU image) must not lose the measured rows
+            from benchmarks.plotting import plot_rows
 
-        plot_paths = plot_rows(rows, out_dir / f"{stem}_plots", title_suffix=str(env.get("card")))
+            plot_paths = plot_rows(rows, out_dir / f"{stem}_plots", title_suffix=str(env.get("card")))
+        except Exception as e:  # noqa: BLE001 - reported in the JSON, the Markdown and on stderr
+            plot_error = describe_exception(e)
+            print(f"benchmarks.run: plots not written: {plot_error}", file=sys.stderr)
     rel_plots = {op: os.path.relpath(p, out_dir) for op, p in plot_paths.items()}
     payload = {"environment": env, "args": args, "modules": summary, "plots": rel_plots, "rows": rows}
+    if plot_error is not None:
+        payload["plot_error"] = plot_error
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text(markdown_report(env, rows, summary, rel_plots))
+    md = markdown_report(env, rows, summary, rel_plots)
+    md_path.write_text(md + (f"\nPlots not written: {plot_error}\n" if plot_error is not None else ""))
     return {"json": json_path, "markdown": md_path, "plots": plot_paths}
 
 

@@ -25,7 +25,8 @@ Reported per backend:
     L layers, H heads, Q head dim, T sequence length); the peak is the card's dense bf16 number
     (H100 SXM 989.4 TFLOP/s; ``--peak-tflops`` overrides); on CPU MFU is n/a;
   * peak memory (``torch.cuda.max_memory_allocated``, warm-up included, so optimizer state counts; on the CPU the
-    process's peak resident set since the backend started, ``peak_rss_mb``, marked "(RSS)" in the table);
+    process's peak resident set since the backend started, ``peak_rss_mb``, marked "(RSS)" in the table, or
+    "(RSS, process peak)" where the high-water mark cannot be reset, ``peak_rss_scope`` "process");
   * median per-range times, measured with CUDA events on the GPU (no extra synchronisation inside the
     step) and ``time.perf_counter`` on the CPU, and the first step's time (compilation for +compile).
 ``--loop trainer`` times ``mllm.training.trainer.Trainer.train_step`` instead of this script's own step (same model,
@@ -304,29 +305,49 @@ class PhaseTimer:
         return out
 
 
-def reset_rss_peak() -> None:
-    """Restart the process's resident-set high-water mark (Linux: ``/proc/self/clear_refs`` 5); a no-op elsewhere."""
+CLEAR_REFS = "/proc/self/clear_refs"
+PROC_STATUS = "/proc/self/status"
+
+
+def reset_rss_peak() -> bool:
+    """Restart the process's resident-set high-water mark (Linux: ``/proc/self/clear_refs`` 5). False where that
+    is refused or absent (a container or sandbox without it, another OS): the peak is then the process's own."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(CLEAR_REFS, "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
-def rss_peak_mb() -> Optional[float]:
-    """The process's peak resident set in MiB: VmHWM (since the last ``reset_rss_peak``), else ru_maxrss."""
+def _vmhwm_mb() -> Optional[float]:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(PROC_STATUS).read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def rss_peak_mb() -> Optional[float]:
+    """The process's peak resident set in MiB: VmHWM (since the last ``reset_rss_peak``), else ru_maxrss (KiB on
+    Linux, bytes on macOS; never reset)."""
+    hwm = _vmhwm_mb()
+    if hwm is not None:
+        return hwm
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     except (ImportError, OSError):
         return None
+
+
+def rss_peak_scope(reset: bool) -> str:
+    """What ``peak_rss_mb`` covers: "backend" when the high-water mark was reset as the backend started and is read
+    from VmHWM, else "process" (the whole process so far: earlier backends and set-up included)."""
+    return "backend" if reset and _vmhwm_mb() is not None else "process"
 
 
 def _sync(device: torch.device) -> None:
@@ -436,8 +457,7 @@ def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batch
     del model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_rss_peak()
+    rss_reset = device.type != "cuda" and reset_rss_peak()
     losses, step_ms, first_step_s = [], [], None
     from tqdm import tqdm
 
@@ -461,7 +481,7 @@ def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batch
         first_step_s = step_ms[0] / 1e3
     tokens = args.steps * accum * args.micro_batch * args.seq_len
     tps = tokens / wall
-    res = _result(name, tr.model, cfg, args, device, peak_flops, tps, losses, paths)
+    res = _result(name, tr.model, cfg, args, device, peak_flops, tps, losses, paths, rss_reset)
     res.update(loop="trainer", cudagraphs=tr.cudagraphs, step_ms_median=_median(step_ms), wall_s=wall,
                tokens_per_s_median_step=_median_step_rate(accum * args.micro_batch * args.seq_len, step_ms),
                phase_ms_median=dict.fromkeys(PHASES), phase_ms_all={"step": step_ms}, first_step_s=first_step_s,
@@ -471,7 +491,7 @@ def bench_trainer_backend(name: str, cfg, args, device: torch.device, host_batch
 
 
 def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optional[float], tps: float,
-            losses: Sequence[float], paths: Dict[str, str]) -> Dict[str, Any]:
+            losses: Sequence[float], paths: Dict[str, str], rss_reset: bool = False) -> Dict[str, Any]:
     """The fields both loops report: rate, MFU, memory, losses, kernel paths (and an error on a non-finite loss)."""
     kernel_backend, compiled = BACKENDS[name]
     fpt = flops_per_token(model, cfg, args.seq_len)
@@ -487,7 +507,9 @@ def _result(name: str, model, cfg, args, device: torch.device, peak_flops: Optio
         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         # CPU: the process's resident-set high-water mark since this backend started (Linux VmHWM, reset per backend)
+        # or, where the reset is unavailable, over the whole process so far: peak_rss_scope says which
         "peak_rss_mb": rss_peak_mb() if device.type != "cuda" else None,
+        "peak_rss_scope": rss_peak_scope(rss_reset) if device.type != "cuda" else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "kernel_paths": paths,
@@ -590,8 +612,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_rss_peak()
+    rss_reset = device.type != "cuda" and reset_rss_peak()
     losses = []
     first_step_s = None
     from tqdm import tqdm
@@ -625,7 +646,7 @@ def bench_backend(name: str, cfg, args, device: torch.device, host_batches, peak
     tokens = args.steps * accum * args.micro_batch * args.seq_len
     tps = tokens / wall
     loss_vals = [float(x) for x in torch.stack(losses).float().cpu()]
-    res = _result(name, model, cfg, args, device, peak_flops, tps, loss_vals, paths)
+    res = _result(name, model, cfg, args, device, peak_flops, tps, loss_vals, paths, rss_reset)
     res.update(step_ms_median=_median(phases["step"]), wall_s=wall,
                tokens_per_s_median_step=_median_step_rate(accum * args.micro_batch * args.seq_len, phases["step"]),
                phase_ms_median={p: _median(phases[p]) for p in PHASES}, phase_ms_all=phases,
@@ -664,7 +685,9 @@ def _peak_text(r: Dict[str, Any]) -> str:
     """The device's peak allocated MiB on CUDA; on the CPU the process's peak resident set, marked (RSS)."""
     if r.get("peak_mem_mb") is not None:
         return _f(r["peak_mem_mb"], ",.0f")
-    return f"{r['peak_rss_mb']:,.0f} (RSS)" if r.get("peak_rss_mb") is not None else "n/a"
+    if r.get("peak_rss_mb") is None:
+        return "n/a"
+    return f"{r['peak_rss_mb']:,.0f} (RSS{', process peak' if r.get('peak_rss_scope') == 'process' else ''})"
 
 
 def markdown(report: Dict[str, Any]) -> str:

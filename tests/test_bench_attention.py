@@ -67,3 +67,26 @@ def test_dpo_error_rows_are_reported_not_fatal():
     md = D.to_markdown(rows)
     assert "| triton | RuntimeError: Triton Error [CUDA]: an illegal memory access |" in md and "| 38.500 |" in md
     assert D.goals(rows) == {}
+
+
+def test_masked_providers_get_no_speedup_against_sdpa_flash(monkeypatch):
+    """The runner's speed-up baseline for attention is sdpa-flash (full causal). mllm-all and flex-all skip most of the
+    causal triangle (window T/4 + packed documents): a ratio of theirs against sdpa-flash reads as a kernel speed-up
+    but is mostly less work, so their rows carry ``not_comparable`` and get no ``× base``. Timing is faked (no GPU)."""
+    from benchmarks import bench_attention as A
+    from benchmarks import run as R
+
+    names = ["sdpa-flash", "mllm", "mllm-all", "flex-all"]
+    monkeypatch.setattr(A, "PROVIDERS", {n: (lambda B, H, T, D, device, g: ((), None)) for n in names})
+    monkeypatch.setattr(A, "_measure", lambda fn, inputs, mode: (1.0, None))
+    monkeypatch.setattr(A, "_max_diff", lambda *a: 0.0)
+    import torch
+
+    cpu_generator = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: cpu_generator())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = A.run(device="cuda", providers=names, seq_lens=[1024], head_dims=[64])
+    spd = dict(((r["provider"], r["mode"]), s) for r, s in zip(rows, R.speedups(rows)))
+    for mode in A.MODES:
+        assert spd[("mllm", mode)] == pytest.approx(1.0)
+        assert spd[("mllm-all", mode)] is None and spd[("flex-all", mode)] is None, spd

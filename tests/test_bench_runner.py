@@ -12,6 +12,19 @@ import pytest
 
 from benchmarks import run as R
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _thread_env_unchanged():
+    """``main(["--threads", N])`` exports OMP/MKL_NUM_THREADS for its subprocess: a test must leave them as it found
+    them (torn down after ``monkeypatch``'s undo), or every later test's subprocesses run with that thread count."""
+    import os
+
+    before = {v: os.environ.get(v) for v in THREAD_VARS}
+    yield
+    assert {v: os.environ.get(v) for v in THREAD_VARS} == before
+
 REPO = Path(__file__).resolve().parents[1]
 
 GOOD = textwrap.dedent('''
@@ -144,11 +157,11 @@ def test_bad_device_is_a_clear_error():
 def test_cli_module_entry_point(bench_dir, tmp_path):
     """`python -m benchmarks.run` from the repo root: --list works without running anything."""
     res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--bench-dir", str(bench_dir), "--list"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                         cwd=REPO, capture_output=True, text=True, timeout=300)  # torch import on a loaded 2-core machine
     assert res.returncode == 0, res.stderr
     assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["broken", "good", "second"]
     res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--bench-dir", str(bench_dir), "--only", "zzz"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                         cwd=REPO, capture_output=True, text=True, timeout=300)  # torch import on a loaded 2-core machine
     assert res.returncode == 2 and "available: broken, good, second" in res.stderr
 
 
@@ -285,7 +298,10 @@ def test_threads_reach_the_pytest_benchmark_process(tmp_path, monkeypatch):
     import torch
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)
+        # set first, so that monkeypatch records the variable even when it was absent: delenv alone records nothing
+        # then, and the OMP_NUM_THREADS=1 that main() exports for its subprocess stayed set for every later test
+        monkeypatch.setenv(var, "1")
+        monkeypatch.delenv(var)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its threads
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     d = tmp_path / "b"
@@ -310,3 +326,20 @@ def test_threads_reach_the_pytest_benchmark_process(tmp_path, monkeypatch):
     data = json.loads(js.read_text())
     assert rc == 0, data["rows"]
     assert data["environment"]["torch_threads"] == 1 and data["args"]["threads"] == 1
+
+
+def test_a_plotting_failure_keeps_the_json_and_markdown(tmp_path, monkeypatch, capsys):
+    """Plots are drawn before the JSON is written: a matplotlib that fails (too old on a GPU image) used to lose the
+    run's measured rows; now the rows are written and the failure is named in the JSON, the Markdown and on stderr."""
+    import benchmarks.plotting as P
+
+    def broken(*a, **k):
+        raise TypeError("subplots() got an unexpected keyword argument 'layout'")
+
+    monkeypatch.setattr(P, "plot_rows", broken)
+    rows = [dict(op="x", shape="4", size=4, dtype="float32", mode="fwd", provider="eager", ms=1.0)]
+    out = R.write_results(tmp_path, {"card": "cpu", "date_utc": "2026-11-27T00:00:00+00:00"}, rows, {}, {})
+    data = json.loads(out["json"].read_text())
+    assert data["rows"][0]["ms"] == 1.0 and "unexpected keyword argument 'layout'" in data["plot_error"]
+    assert "Plots not written" in out["markdown"].read_text() and out["plots"] == {}
+    assert "plots not written" in capsys.readouterr().err

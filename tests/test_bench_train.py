@@ -321,3 +321,43 @@ def test_two_runs_in_the_same_second_keep_both_reports(bt, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.glob("bench_train_*.json")) == [
         "bench_train_20261127-120000_cpu-2.json", "bench_train_20261127-120000_cpu.json"]
     assert len(list(tmp_path.glob("bench_train_*.md"))) == 2
+
+
+@pytest.mark.parametrize("clear_refs", ["refused", "works"])
+def test_cpu_peak_rss_says_what_it_covers(bt, tmp_path, monkeypatch, clear_refs):
+    """peak_rss_mb is "since this backend started" only when /proc/self/clear_refs reset the high-water mark. Where
+    the write is refused (a container or sandbox without it) the value is the process's lifetime peak (set-up and
+    earlier backends included): the result and the table say so instead of claiming a per-backend peak."""
+    import builtins
+
+    if clear_refs == "refused":
+        real_open = builtins.open
+
+        def guarded(file, *a, **k):
+            if str(file).endswith("clear_refs"):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", guarded)
+    elif not bt.reset_rss_peak():
+        pytest.skip("this machine refuses /proc/self/clear_refs")
+    assert bt.main(TINY + ["--backends", "eager", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    rep, md = _report(tmp_path)
+    (r,) = rep["results"]
+    assert r["peak_rss_mb"] > 10
+    if clear_refs == "refused":
+        assert r["peak_rss_scope"] == "process" and f"{r['peak_rss_mb']:,.0f} (RSS, process peak)" in md
+    else:
+        assert r["peak_rss_scope"] == "backend" and f"{r['peak_rss_mb']:,.0f} (RSS)" in md
+
+
+def test_ru_maxrss_fallback_is_in_mib_on_macos(bt, monkeypatch):
+    """Without /proc (macOS), ru_maxrss is the fallback; macOS reports it in bytes, Linux in KiB."""
+    import resource
+    import sys
+    import types
+
+    monkeypatch.setattr(bt, "Path", lambda p: Path("/nonexistent/status") if str(p) == "/proc/self/status" else Path(p))
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=512 * 2**20))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert bt.rss_peak_mb() == pytest.approx(512)
