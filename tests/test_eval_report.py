@@ -357,4 +357,4 @@ def test_training_mfu_names_its_formula_and_peak(fake, tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("MFU"))
     assert "pretrain 25.0%" in line and peak in line
     assert "flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)" in line
-    assert "(padding included)" in md
+    assert "record. Tokens processed: elements of every tensor" in md and "Tokens: Tokens" not in md

@@ -281,8 +281,11 @@ def section_training(R: Results, training: Dict[str, Dict], run_dir: Optional[Pa
         counted = {st: t["tokens_counted"] for st, t in training.items() if t.get("tokens_counted")}
         what = ""
         if counted:
-            what = (f" Tokens: {next(iter(counted.values()))}" if len(set(counted.values())) == 1 else
-                    " Tokens: " + "; ".join(f"{st}: {v}" for st, v in counted.items()))
+            one = next(iter(counted.values()))
+            # the trainer's text already starts "Tokens processed: ..."; others get the label
+            what = ((" " + one if one.lower().startswith("tokens") else f" Tokens: {one}")
+                    if len(set(counted.values())) == 1 else
+                    " Tokens counted: " + "; ".join(f"{st}: {v}" for st, v in counted.items()))
             what = what.rstrip(".") + "."
         parts.append(f"tokens/s = tokens_seen / train_time_s of each stage's `end` record.{what} Source: "
                      f"[{R.rel(mpath)}]({R.rel(mpath)}), written by the trainer during {made_by}.")
