@@ -135,42 +135,12 @@ def doc_start_from_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, se
 
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> None:
     """Raise ValueError unless ``cu_seqlens`` is valid for ``batch`` rows of ``seqlen`` tokens (see
-    ``doc_start_from_cu_seqlens``). Reads the values: on a GPU that is a device-to-host sync."""
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _check_cu_seqlens_values_host(cu_seqlens, batch, seqlen)
-    return _check_cu_seqlens_values_torch(cu_seqlens, batch, seqlen)
-
-
-def _check_cu_seqlens_values_torch(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
-    """``check_cu_seqlens_values`` in torch ops on ``cu_seqlens``' device (one host read of four flags)."""
-    cu = cu_seqlens.to(torch.int64)
-    if cu.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu.numel()} value(s)")
-    rows = torch.arange(B + 1, device=cu.device, dtype=torch.int64) * T
-    # a bound may repeat only once the end B·T is reached: the trailing padding that gives cu_seqlens a fixed length
-    # (one CUDA graph for every batch); an empty document anywhere else is a data bug
-    rising = (cu[1:] > cu[:-1]) | ((cu[1:] == cu[:-1]) & (cu[:-1] == B * T))
-    first_ok, last_ok, inc_ok, rows_ok = torch.stack([
-        cu[0] == 0, cu[-1] == B * T, rising.all(), torch.isin(rows, cu).all(),
-    ]).tolist()
-    if not first_ok:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-    if not last_ok:
-        raise ValueError(f"cu_seqlens must end at B*T = {B}*{T} = {B * T}, got {int(cu[-1])}")
-    if not inc_ok:
-        raise ValueError("cu_seqlens must be strictly increasing (no empty documents; only trailing padding may "
-                         f"repeat the end B*T = {B * T})")
-    if not rows_ok:
-        missing = [r for r in rows.tolist() if r not in set(cu.tolist())]
-        raise ValueError(f"cu_seqlens must contain every row start b*T (documents cannot cross rows); missing {missing}")
-
-
-def _check_cu_seqlens_values_host(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
-    """``check_cu_seqlens_values`` for a CPU tensor, in NumPy: the same checks in the same order and the same errors,
-    without ~15 torch op dispatches (0.15-0.4 ms per call on a 2-core CPU for a 33-value cu_seqlens, 0.45-0.9 ms
-    padded to B*T + 1 values; NumPy: tens of µs). It runs once per packed micro-batch on the host side of the training
-    loop (``cu_seqlens_to_device``), which is on the critical path of a host-bound step."""
-    cu = cu_seqlens.detach().numpy().astype(np.int64, copy=False)
+    ``doc_start_from_cu_seqlens``). Reads the values: on a GPU that is a device-to-host sync (callers skip it while
+    torch.compile traces). The checks run in NumPy on a host copy: it runs once per packed micro-batch on the host
+    side of the training loop (``cu_seqlens_to_device``), where ~15 torch op dispatches took 0.15-0.4 ms on a 2-core
+    CPU (0.45-0.9 ms padded to B*T + 1 values) against tens of µs."""
+    B, T = batch, seqlen
+    cu = cu_seqlens.detach().cpu().numpy().astype(np.int64, copy=False)
     if cu.size < 2:
         raise ValueError(f"cu_seqlens must hold at least [0, B*T] = [0, {B * T}], got {cu.size} value(s)")
     total = B * T
@@ -178,6 +148,8 @@ def _check_cu_seqlens_values_host(cu_seqlens: torch.Tensor, B: int, T: int) -> N
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
     if cu[-1] != total:
         raise ValueError(f"cu_seqlens must end at B*T = {B}*{T} = {total}, got {int(cu[-1])}")
+    # a bound may repeat only once the end B·T is reached: the trailing padding that gives cu_seqlens a fixed length
+    # (one CUDA graph for every batch); an empty document anywhere else is a data bug
     prev, nxt = cu[:-1], cu[1:]
     if not bool(np.all((nxt > prev) | ((nxt == prev) & (prev == total)))):
         raise ValueError("cu_seqlens must be strictly increasing (no empty documents; only trailing padding may "

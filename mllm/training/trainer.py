@@ -303,7 +303,7 @@ class Trainer:
             fn = flops_per_token if callable(flops_per_token) else (lambda T, f=float(flops_per_token): f)
             self._flops_fn = functools.lru_cache(maxsize=None)(lambda T, fn=fn: float(fn(T)))
         seq_len = getattr(stage_cfg, "seq_len", 0)
-        self.flops_per_token = float(self._flops_fn(seq_len)) if self._flops_fn is not None and seq_len > 0 else None
+        self.flops_per_token = self._flops_fn(seq_len) if self._flops_fn is not None and seq_len > 0 else None
         self.mfu_unavailable = mfu_unavailable
         self.command = command
         doc = (getattr(count_tokens, "__doc__", None) or "").strip()
@@ -371,7 +371,7 @@ class Trainer:
                     tokens += n_tok
                     if self._flops_fn is not None:
                         T = batch_seq_len(batch)
-                        flops += n_tok * (float(self._flops_fn(T)) if T > 0 else (self.flops_per_token or 0.0))
+                        flops += n_tok * (self._flops_fn(T) if T > 0 else (self.flops_per_token or 0.0))
                     batch = batch_to_device(batch, dev, fixed_cu_seqlens=self.cudagraphs)
                     self._note_graph_shape(batch)
                 last = i == self.accum_steps - 1
